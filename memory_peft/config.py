@@ -1,0 +1,80 @@
+"""MemoryTokenConfig: what one memory adapter (one task) is made of."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+MODES = ("full", "masked")
+
+
+@dataclass
+class MemoryTokenConfig(PeftConfig):
+    """Learnable memory tokens (Sandler et al., CVPR 2022, arXiv 2203.15243) for a ViT.
+
+    Each adapted layer gets ``m`` memory vectors that the layer's attention reads as extra keys/values; the task owns
+    its own class token and classification head.
+
+    Args:
+        m: memory tokens per adapted layer (0 gives the "head" / "head + class token" settings of the paper).
+        layers: indices of the layers that get memory (default: all).
+        mode: ``"full"`` — every token attends to the memory and the class token sits at position 0, so the backbone's
+            outputs change (one such adapter at a time); ``"masked"`` — the task's class token is appended after the
+            patches and is the only token that reads the memory, so the base model's outputs stay exactly the same and
+            any number of masked adapters run together in one forward pass.
+        num_labels: classes of this task's head.
+        train_class_token: train the task's class token (initialised from the pretrained class token plus its
+            position embedding); ``False`` keeps it at that value.
+        init_std: standard deviation of the memory's normal initialisation.
+        memory_layernorm: pass the memory through the layer's pre-attention LayerNorm, as the paper concatenates
+            memory to the layer input before the norm. ``False`` uses the raw memory as normalised input.
+        target_modules: filled in by the tuner with the names of the adapted layers; not to be set by hand.
+    """
+
+    m: int = field(default=5, metadata={"help": "memory tokens per adapted layer"})
+    layers: Optional[list[int]] = field(default=None, metadata={"help": "layer indices with memory (None: all)"})
+    mode: str = field(default="full", metadata={"help": "'full' or 'masked' attention"})
+    num_labels: int = field(default=2, metadata={"help": "classes of the task head"})
+    train_class_token: bool = field(default=True, metadata={"help": "train the task's class token"})
+    init_std: float = field(default=0.02, metadata={"help": "std of the memory initialisation"})
+    memory_layernorm: bool = field(default=True, metadata={"help": "memory goes through the pre-attention LN"})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "set by the tuner"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        from .registration import MEMORY_TOKENS
+
+        self.peft_type = MEMORY_TOKENS
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ValueError that names the bad field; called on creation and before injection."""
+        if isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 0:
+            raise ValueError(f"MemoryTokenConfig.m must be an int >= 0 (memory tokens per layer), got {self.m!r}.")
+        if self.mode not in MODES:
+            raise ValueError(f"MemoryTokenConfig.mode must be one of {MODES}, got {self.mode!r}.")
+        if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 1:
+            raise ValueError(f"MemoryTokenConfig.num_labels must be an int >= 1, got {self.num_labels!r}.")
+        if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
+            raise ValueError(f"MemoryTokenConfig.init_std must be a number >= 0, got {self.init_std!r}.")
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.layers
+            ):
+                raise ValueError(f"MemoryTokenConfig.layers must be a list of layer indices, got {self.layers!r}.")
+            self.layers = sorted(set(self.layers))
+
+    def memory_layers(self, num_layers: int) -> list[int]:
+        """The layer indices that hold memory, checked against the backbone's depth."""
+        if self.m == 0:
+            return []
+        if self.layers is None:
+            return list(range(num_layers))
+        bad = [i for i in self.layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"MemoryTokenConfig.layers {bad} out of range: the backbone has {num_layers} layers (0..{num_layers - 1})."
+            )
+        return list(self.layers)

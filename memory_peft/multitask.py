@@ -1,0 +1,30 @@
+"""Concatenation: several masked adapters on one backbone, one forward pass, one output per task."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from peft import PeftModel
+from torch import nn
+
+
+def activate(model: PeftModel, adapter_names: Iterable[str]) -> PeftModel:
+    """Make these adapters run together: their class tokens are appended and their memories placed side by side.
+
+    The forward then returns ``{adapter name: ImageClassifierOutput}``. Only ``mode='masked'`` adapters combine.
+    """
+    names = list(adapter_names)
+    model.base_model.set_adapter(names if len(names) > 1 else names[0], inference_mode=not model.training)
+    return model
+
+
+def load_adapters(base_model: nn.Module, adapters: Mapping[str, str], is_trainable: bool = False) -> PeftModel:
+    """Load ``{name: local folder or Hub id}`` onto one base model and activate them all together."""
+    if not adapters:
+        raise ValueError("load_adapters needs at least one adapter {name: path or Hub id}.")
+    items = list(adapters.items())
+    first_name, first_path = items[0]
+    model = PeftModel.from_pretrained(base_model, first_path, adapter_name=first_name, is_trainable=is_trainable)
+    for name, path in items[1:]:
+        model.load_adapter(path, adapter_name=name, is_trainable=is_trainable)
+    return activate(model, [name for name, _ in items])

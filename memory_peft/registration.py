@@ -1,0 +1,44 @@
+"""The one place where memory tokens become a PEFT method of the installed ``peft`` package.
+
+peft's ``register_peft_method`` requires ``name.upper()`` to be a member of ``PeftType`` already, and an outside
+package cannot edit that enum's source; so we add the member the way ``enum`` itself builds members, once.
+"""
+
+from __future__ import annotations
+
+from peft.utils import PeftType, register_peft_method
+
+PEFT_TYPE_NAME = "MEMORY_TOKENS"
+PREFIX = "memory_"
+
+
+def _add_peft_type_member(name: str) -> PeftType:
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    member.__init__(name)
+    type.__setattr__(PeftType, name, member)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    return member
+
+
+MEMORY_TOKENS = _add_peft_type_member(PEFT_TYPE_NAME)
+
+
+def register() -> None:
+    """Register config and tuner with peft (idempotent)."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    from .config import MemoryTokenConfig
+    from .model import MemoryTokenModel
+
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(MEMORY_TOKENS) is MemoryTokenModel:
+        return
+    register_peft_method(
+        name=PEFT_TYPE_NAME.lower(), config_cls=MemoryTokenConfig, model_cls=MemoryTokenModel, prefix=PREFIX
+    )

@@ -1,0 +1,23 @@
+"""The README's quickstart runs as written."""
+
+import os
+import re
+
+import torch
+
+from conftest import ROOT
+
+
+def test_readme_quickstart_runs(tmp_path, monkeypatch, capsys):
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python block"
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert sorted(namespace["both"]) == ["default", "fashion"]
+    assert namespace["both"]["fashion"].logits.shape == (2, 10)
+    assert namespace["out"].loss.item() == torch.log(torch.tensor(10.0)).item() or abs(
+        namespace["out"].loss.item() - 2.302585) < 1e-5
+    saved = sorted(os.listdir(tmp_path / "outputs" / "quickstart"))
+    assert "adapter_model.safetensors" in saved and "fashion" in saved
