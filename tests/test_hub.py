@@ -1,0 +1,69 @@
+"""push_to_hub and from_pretrained("<user>/<repo>") over real HTTP against a local Hub-compatible endpoint."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import REAL_VIT, ROOT
+from hub_server import TOKEN, USER, start_hub
+from test_save_load import make_trained_model
+
+ROUND_TRIP = """
+import os, sys, torch, memory_peft
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import ViTModel
+vit = ViTModel.from_pretrained(sys.argv[1], add_pooling_layer=False).eval()
+model = PeftModel.from_pretrained(vit, sys.argv[2])
+with torch.no_grad():
+    logits = model(pixel_values=load_file(sys.argv[3])["pixels"], interpolate_pos_encoding=True).logits
+save_file({"logits": logits.contiguous()}, sys.argv[4])
+"""
+
+
+@pytest.fixture
+def hub(tmp_path):
+    server, state, url = start_hub()
+    yield state, url
+    server.shutdown()
+
+
+def hub_env(url, tmp_path, token=TOKEN):
+    env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_DISABLE_XET": "1"}
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def test_push_to_hub_and_load_by_repo_id(real_vit_cached, images, hub, tmp_path):
+    state, url = hub
+    pixels = images[0][:4].contiguous()
+    model = make_trained_model(copy.deepcopy(real_vit_cached), m=4, num_labels=6, mode="masked")
+    with torch.no_grad():
+        logits = model(pixel_values=pixels, interpolate_pos_encoding=True).logits
+    # push in a subprocess so that HF_ENDPOINT is read at import time, as for a user
+    env = hub_env(url, tmp_path)
+    save_dir = tmp_path / "adapter"
+    model.save_pretrained(save_dir)
+    push = ("import sys, memory_peft, copy\nfrom peft import PeftModel\nfrom transformers import ViTModel\n"
+            "vit = ViTModel.from_pretrained(sys.argv[1], add_pooling_layer=False)\n"
+            "model = PeftModel.from_pretrained(vit, sys.argv[2])\n"
+            "model.push_to_hub(sys.argv[3], private=True)\n")
+    subprocess.run([sys.executable, "-c", push, str(REAL_VIT), str(save_dir), f"{USER}/memory-adapter"],
+                   check=True, cwd=ROOT, env={**os.environ, **env}, timeout=300)
+    files = state.repos[f"{USER}/memory-adapter"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert files["adapter_model.safetensors"] == (save_dir / "adapter_model.safetensors").read_bytes()
+
+    save_file({"pixels": pixels}, tmp_path / "pixels.safetensors")
+    env_reader = hub_env(url, tmp_path / "reader", token=None)  # a fresh cache, anonymous download
+    subprocess.run([sys.executable, "-c", ROUND_TRIP, str(REAL_VIT), f"{USER}/memory-adapter",
+                    str(tmp_path / "pixels.safetensors"), str(tmp_path / "logits.safetensors")],
+                   check=True, cwd=ROOT, env={**os.environ, **env_reader}, timeout=300)
+    torch.testing.assert_close(load_file(tmp_path / "logits.safetensors")["logits"], logits, atol=1e-6, rtol=0)
