@@ -1,0 +1,209 @@
+"""Train a memory adapter (or any of the paper's fine-tune settings) with accelerate.
+
+    accelerate launch examples/train.py --mode memory --m 5          # GPU(s), CPU, mixed precision via accelerate
+    python examples/train.py --mode head --max_steps 100              # the same, single process
+
+Defaults: the bundled backbone and CIFAR-10 from ../shared (MEMORY_PEFT_SHARED), else the paper's Hub ids; the
+paper's recipe: SGD momentum 0.9, cosine schedule with linear warmup, gradient clipping 1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, ViTModel, get_cosine_schedule_with_warmup
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
+from memory_peft.data import collate, image_transform, load_image_data  # noqa: E402
+from memory_peft.metrics import load_top_k_accuracy  # noqa: E402
+from memory_peft.reporting import JSONLinesTracker, model_card, plot_curves, read_log  # noqa: E402
+from memory_peft.settings import SETTINGS, apply_setting  # noqa: E402
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default=None, help="Hub id or local folder of a ViT (default: bundled ViT-S/14)")
+    p.add_argument("--dataset", default=None, help="Hub id or local folder in Hub layout (default: CIFAR-10)")
+    p.add_argument("--image_column", default=None)
+    p.add_argument("--label_column", default=None)
+    p.add_argument("--train_size", type=int, default=2000, help="train subset (0: all)")
+    p.add_argument("--eval_size", type=int, default=1000, help="eval subset (0: all)")
+    p.add_argument("--image_size", type=int, default=98, help="square input size; multiple of the patch size")
+    p.add_argument("--mode", default="memory", choices=sorted(SETTINGS))
+    p.add_argument("--m", type=int, default=5, help="memory tokens per layer")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch_size", type=int, default=32, help="per process")
+    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max_steps", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
+    p.add_argument("--warmup_steps", type=int, default=10)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--augment", action="store_true", help="random horizontal flips")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval_every", type=int, default=0, help="steps between evaluations (0: only at the end)")
+    p.add_argument("--checkpoint_every", type=int, default=0, help="steps between checkpoints (0: none)")
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's")
+    p.add_argument("--output_dir", default="outputs/train")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
+    p.add_argument("--private", action="store_true")
+    return p.parse_args(argv)
+
+
+def evaluate_model(model, loader, accelerator, k=5) -> dict[str, float]:
+    metric = load_top_k_accuracy(num_process=accelerator.num_processes, process_id=accelerator.process_index)
+    model.eval()
+    for batch in loader:
+        with torch.no_grad():
+            logits = model(pixel_values=batch["pixel_values"], interpolate_pos_encoding=True).logits
+        ranked = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+        ranked, labels = accelerator.gather_for_metrics((ranked, batch["labels"]))
+        metric.add_batch(predictions=ranked.tolist(), references=labels.tolist())
+    model.train()
+    scores = metric.compute(k=k)
+    return {name: float(value) for name, value in (scores or {}).items()}
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    found = [p for p in (output_dir / "checkpoints").glob("step_*") if (p / "progress.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.backbone = args.backbone or default_backbone()
+    args.dataset = args.dataset or default_dataset("cifar10")
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum,
+        log_with=[JSONLinesTracker("memory-peft", output_dir)],
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+
+    data = load_image_data(args.dataset, args.image_column, args.label_column, args.train_size or None,
+                           args.eval_size or None, args.seed)
+    processor = AutoImageProcessor.from_pretrained(args.backbone)
+    processor.size = {"height": args.image_size, "width": args.image_size}
+    train = data.train.with_transform(image_transform(processor, data.image_column, data.label_column, args.augment))
+    evaluation = data.eval.with_transform(image_transform(processor, data.image_column, data.label_column))
+    loader_args = dict(batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
+    train_loader = DataLoader(train, shuffle=True, drop_last=True, **loader_args)
+    eval_loader = DataLoader(evaluation, **loader_args)
+
+    vit = ViTModel.from_pretrained(args.backbone, add_pooling_layer=False)
+    model = apply_setting(vit, args.mode, num_labels=data.num_labels, m=args.m)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
+    steps_per_epoch = len(train_loader) // (args.grad_accum * accelerator.num_processes)
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler
+    )
+    accelerator.init_trackers("memory-peft", config={k: v for k, v in vars(args).items()})
+
+    step, epoch, batches_done = 0, 0, 0
+    if args.resume:
+        checkpoints = checkpoint_dirs(output_dir)
+        if not checkpoints:
+            raise SystemExit(f"--resume: no checkpoint under {output_dir / 'checkpoints'}; start without --resume.")
+        accelerator.load_state(str(checkpoints[-1]))
+        progress = json.loads((checkpoints[-1] / "progress.json").read_text())
+        step, epoch, batches_done = progress["step"], progress["epoch"], progress["batches_done"]
+        accelerator.print(f"resumed from {checkpoints[-1]} at step {step}")
+
+    started = time.time()
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc=args.mode)
+    model.train()
+    while step < total_steps:
+        train_loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"],
+                             interpolate_pos_encoding=True).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.grad_clip > 0:
+                    accelerator.clip_grad_norm_(trainable, args.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            batches_done += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            loss_value = accelerator.reduce(loss.detach(), "mean").item()
+            accelerator.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step=step)
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            if args.eval_every and step % args.eval_every == 0 and step < total_steps:
+                accelerator.log({f"eval/{k}": v for k, v in evaluate_model(model, eval_loader, accelerator).items()},
+                                step=step)
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save_checkpoint(accelerator, output_dir, step, epoch, batches_done)
+            if step >= total_steps:
+                break
+        else:
+            epoch, batches_done = epoch + 1, 0
+    bar.close()
+    train_seconds = time.time() - started
+
+    scores = evaluate_model(model, eval_loader, accelerator)
+    accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        finish(accelerator.unwrap_model(model), args, data, scores, step, train_seconds, output_dir)
+    accelerator.wait_for_everyone()
+    return scores
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, epoch: int, batches_done: int) -> None:
+    path = output_dir / "checkpoints" / f"step_{step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:  # written last: a checkpoint without it is incomplete and never resumed from
+        (path / "progress.json").write_text(json.dumps({"step": step, "epoch": epoch, "batches_done": batches_done}))
+    accelerator.wait_for_everyone()
+
+
+def finish(model, args, data, scores, step, train_seconds, output_dir: Path) -> None:
+    adapter_dir = output_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    command = "accelerate launch examples/train.py " + shlex.join(sys.argv[1:])
+    results = {"mode": args.mode, "m": args.m, "lr": args.lr, "steps": step, "train_seconds": round(train_seconds, 1),
+               "train_examples": len(data.train), "eval_examples": len(data.eval), "metrics": scores,
+               "backbone": args.backbone, "dataset": args.dataset, "command": command}
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    title = f"memory-peft {args.mode} adapter on {Path(args.dataset).name}"
+    plot_curves(read_log(output_dir / "metrics.jsonl"), output_dir / "curves.png", title)
+    card = model_card(TEMPLATE, dict(title=title, base_model=args.backbone, dataset=args.dataset, mode=args.mode,
+                                     m=args.m if "memory" in args.mode else 0, num_labels=data.num_labels,
+                                     image_size=args.image_size, steps=step, eval_examples=len(data.eval),
+                                     metrics=scores, command=command))
+    card.save(adapter_dir / "README.md")
+    summary = ", ".join(f"{k} {100 * v:.2f}%" for k, v in scores.items())
+    print(f"[{args.mode}] final accuracy after {step} steps ({train_seconds:.0f} s): {summary}")
+    if args.push_to_hub:
+        model.push_to_hub(args.push_to_hub, private=args.private)
+        card.push_to_hub(args.push_to_hub)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Image-classification data through `datasets`: a Hub id or a local folder in Hub layout, any column names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import datasets
+import torch
+
+EVAL_SPLITS = ("test", "validation", "valid", "val")
+
+
+@dataclass
+class ImageData:
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    image_column: str
+    label_column: str
+    label_names: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def _find_column(split: datasets.Dataset, wanted: Optional[str], kind: type, fallbacks: tuple[str, ...], what: str):
+    columns = split.column_names
+    if wanted is not None:
+        if wanted not in columns:
+            raise ValueError(f"The dataset has no {what} column {wanted!r}; its columns are {columns}.")
+        return wanted
+    for name, feature in split.features.items():
+        if isinstance(feature, kind):
+            return name
+    for name in fallbacks:
+        if name in columns:
+            return name
+    raise ValueError(f"Could not find the {what} column among {columns}; name it with --{what}_column.")
+
+
+def load_image_data(
+    dataset: str,
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    train_size: Optional[int] = None,
+    eval_size: Optional[int] = None,
+    seed: int = 0,
+) -> ImageData:
+    """Load train and eval splits (eval: test, else validation); subsets are a seeded shuffle of each split."""
+    splits = datasets.load_dataset(dataset)
+    if "train" not in splits:
+        raise ValueError(f"Dataset {dataset!r} has no 'train' split; its splits are {list(splits)}.")
+    eval_name = next((name for name in EVAL_SPLITS if name in splits), None)
+    if eval_name is None:
+        raise ValueError(f"Dataset {dataset!r} has no evaluation split (one of {EVAL_SPLITS}); found {list(splits)}.")
+    train, evaluation = splits["train"], splits[eval_name]
+    image_column = _find_column(train, image_column, datasets.Image, ("image", "img", "pixel_values"), "image")
+    label_column = _find_column(train, label_column, datasets.ClassLabel, ("label", "labels", "fine_label"), "label")
+    for name, split in (("train", train), (eval_name, evaluation)):
+        if len(split) == 0:
+            raise ValueError(f"The {name!r} split of {dataset!r} is empty.")
+    feature = train.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        label_names = list(feature.names)
+    else:
+        label_names = [str(i) for i in range(int(max(train[label_column])) + 1)]
+    if train_size:
+        train = train.shuffle(seed=seed).select(range(min(train_size, len(train))))
+    if eval_size:
+        evaluation = evaluation.shuffle(seed=seed).select(range(min(eval_size, len(evaluation))))
+    return ImageData(train, evaluation, image_column, label_column, label_names)
+
+
+def image_transform(processor, image_column: str, label_column: str, augment: bool = False):
+    """A `with_transform` function: RGB (grayscale converted), the backbone's processor, optional flip."""
+
+    def transform(batch):
+        images = [image.convert("RGB") for image in batch[image_column]]
+        if augment:  # light augmentation: horizontal flip of half the images
+            flips = torch.rand(len(images)) < 0.5
+            images = [im.transpose(0) if flip else im for im, flip in zip(images, flips.tolist())]
+        pixels = processor(images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels, "labels": torch.tensor(batch[label_column])}
+
+    return transform
+
+
+def collate(examples) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.stack([e["labels"] for e in examples]),
+    }
