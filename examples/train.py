@@ -56,10 +56,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval_every", type=int, default=0, help="steps between evaluations (0: only at the end)")
     p.add_argument("--checkpoint_every", type=int, default=0, help="steps between checkpoints (0: none)")
-    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--num_workers", type=int, default=-1,
+                   help="DataLoader workers; -1: 4 on GPU, 0 on CPU (workers would take cores from the model)")
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's")
     p.add_argument("--output_dir", default="outputs/train")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--stop_after", type=int, default=0,
+                   help="leave after this many optimizer steps in this session (time-sliced jobs; resume later)")
     p.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
     p.add_argument("--private", action="store_true")
     return p.parse_args(argv)
@@ -104,7 +107,8 @@ def main(argv=None):
     processor.size = {"height": args.image_size, "width": args.image_size}
     train = data.train.with_transform(image_transform(processor, data.image_column, data.label_column, args.augment))
     evaluation = data.eval.with_transform(image_transform(processor, data.image_column, data.label_column))
-    loader_args = dict(batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
+    workers = args.num_workers if args.num_workers >= 0 else (4 if accelerator.device.type != "cpu" else 0)
+    loader_args = dict(batch_size=args.batch_size, collate_fn=collate, num_workers=workers)
     train_loader = DataLoader(train, shuffle=True, drop_last=True, **loader_args)
     eval_loader = DataLoader(evaluation, **loader_args)
 
@@ -159,10 +163,15 @@ def main(argv=None):
                                 step=step)
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 save_checkpoint(accelerator, output_dir, step, epoch, batches_done)
-            if step >= total_steps:
+            if step >= total_steps or step == args.stop_after:
                 break
         else:
             epoch, batches_done = epoch + 1, 0
+        if step == args.stop_after and step < total_steps:
+            save_checkpoint(accelerator, output_dir, step, epoch, batches_done)
+            accelerator.print(f"stopped after step {step}; continue with --resume")
+            accelerator.end_training()
+            return None
     bar.close()
     train_seconds = time.time() - started
 

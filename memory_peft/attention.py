@@ -1,4 +1,4 @@
-"""Attention through transformers' registry (eager, sdpa, ...), and the task-row mask of masked mode."""
+"""Attention through transformers' registry (eager, sdpa, ...), the task-row mask of masked mode, and top-K."""
 
 from __future__ import annotations
 
@@ -15,13 +15,15 @@ def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 def attend(attention: torch.nn.Module, query, key, value, mask=None) -> torch.Tensor:
     """Scaled dot-product attention of a ViTAttention module with its configured implementation.
 
-    query (B, Lq, D), key/value (B, Lk, D), mask additive float (Lq, Lk) or None -> (B, Lq, D) before o_proj.
+    query (B, Lq, D), key/value (B, Lk, D), additive float mask (Lq, Lk) or (B, H, Lq, Lk) or None -> (B, Lq, D),
+    before o_proj.
     """
     head_dim = attention.head_dim
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
     q, k, v = (split_heads(t, head_dim) for t in (query, key, value))
     if mask is not None:
-        mask = mask.to(q.dtype)[None, None]  # (1, 1, Lq, Lk) broadcasts over batch and heads
+        mask = mask.to(q.dtype)
+        mask = mask[None, None] if mask.dim() == 2 else mask
     out, _ = interface(
         attention,
         q,
@@ -34,14 +36,13 @@ def attend(attention: torch.nn.Module, query, key, value, mask=None) -> torch.Te
     return out.reshape(*query.shape[:2], -1)
 
 
-def task_row_mask(num_base: int, memory_sizes: list[int], reads: list[list[int]], dtype, device) -> torch.Tensor:
-    """Additive mask for the T task query rows of masked mode.
+def task_row_mask(num_base: int, num_tasks: int, memory_sizes: list[int], reads: list[list[int]], dtype, device):
+    """Additive mask (T, Lk) for the T task query rows of masked mode.
 
-    Columns: [base tokens (num_base); task class tokens (T); memories of the T tasks side by side].
-    Row t sees the base tokens, its own class token, and the memories of the tasks listed in ``reads[t]``
-    (itself, plus earlier tasks in extension mode). Everything else is -inf (finfo.min).
+    Columns: [base tokens (num_base); task class tokens (T); memory blocks side by side (sizes ``memory_sizes``)].
+    Row t sees the base tokens, its own class token, and the memory blocks listed in ``reads[t]`` (its own, plus
+    earlier tasks' in extension mode). Everything else gets finfo.min.
     """
-    num_tasks = len(memory_sizes)
     offsets = [num_base + num_tasks]
     for size in memory_sizes:
         offsets.append(offsets[-1] + size)
@@ -49,7 +50,34 @@ def task_row_mask(num_base: int, memory_sizes: list[int], reads: list[list[int]]
     allowed[:, :num_base] = True
     for t in range(num_tasks):
         allowed[t, num_base + t] = True
-        for s in reads[t]:
-            allowed[t, offsets[s] : offsets[s + 1]] = True
+        for block in reads[t]:
+            allowed[t, offsets[block] : offsets[block + 1]] = True
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def top_k_memory(attention, query, memory_key, k: int) -> torch.Tensor:
+    """Which memory entries each query reads under top-K: bool (B, H, Lq, m), True for its k best-scoring entries."""
+    head_dim = attention.head_dim
+    q = split_heads(query, head_dim)
+    keys = split_heads(memory_key.expand(query.shape[0], -1, -1), head_dim)
+    scores = q @ keys.transpose(-1, -2)
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return keep.scatter_(-1, scores.topk(min(k, scores.shape[-1]), dim=-1).indices, True)
+
+
+def restrict_to_top_k(mask, attention, query, memory_blocks) -> torch.Tensor:
+    """Add top-K restrictions to an additive (Lq, Lk) mask (or None) -> (B, H, Lq, Lk).
+
+    ``memory_blocks``: (column offset, memory keys (m, D), k) for each memory read under top-K.
+    """
+    batch, rows = query.shape[:2]
+    dtype, num_heads = query.dtype, attention.config.num_attention_heads
+    total = max(offset + keys.shape[0] for offset, keys, _ in memory_blocks)
+    if mask is None:
+        mask = torch.zeros(rows, total, dtype=dtype, device=query.device)
+    mask = mask.to(dtype).expand(batch, num_heads, rows, mask.shape[-1]).clone()
+    for offset, keys, k in memory_blocks:
+        dropped = ~top_k_memory(attention, query, keys, k)
+        mask[..., offset : offset + keys.shape[0]].masked_fill_(dropped, torch.finfo(dtype).min)
+    return mask

@@ -21,6 +21,12 @@ class Backbone:
     final_norm: nn.Module  # LayerNorm read by the heads
     hidden_size: int
     num_layers: int
+    patch_size: int
+
+    @property
+    def signature(self) -> dict:
+        """What an adapter must match to load onto this backbone."""
+        return {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "patch_size": self.patch_size}
 
 
 def describe_backbone(model: nn.Module) -> Backbone:
@@ -41,4 +47,19 @@ def describe_backbone(model: nn.Module) -> Backbone:
         final_norm=encoder.layernorm,
         hidden_size=encoder.config.hidden_size,
         num_layers=len(layers),
+        patch_size=encoder.config.patch_size,
     )
+
+
+def check_signature(recorded: dict | None, backbone: Backbone, what: str = "This adapter") -> None:
+    """Raise a ValueError naming each mismatch between a recorded backbone signature and this backbone."""
+    if not recorded:
+        return
+    actual = backbone.signature
+    wrong = [f"{key} {recorded[key]} (this base model: {actual[key]})" for key in actual
+             if key in recorded and recorded[key] != actual[key]]
+    if wrong:
+        raise ValueError(
+            f"{what} was trained on a different backbone: {', '.join(wrong)}. Load it onto the base model it was "
+            "trained with (see base_model_name_or_path in its adapter_config.json)."
+        )

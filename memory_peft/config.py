@@ -30,7 +30,13 @@ class MemoryTokenConfig(PeftConfig):
         init_std: standard deviation of the memory's normal initialisation.
         memory_layernorm: pass the memory through the layer's pre-attention LayerNorm, as the paper concatenates
             memory to the layer input before the norm. ``False`` uses the raw memory as normalised input.
+        extends: extension mode (the paper's future work): names of earlier masked adapters whose memory this
+            task's class token also reads; their own outputs stay unchanged. They must be loaded alongside.
+        top_k: top-K memory attention for large memories: each query reads only its ``top_k`` highest-scoring
+            memory entries of each memory it reads (None: all ``m``).
         target_modules: filled in by the tuner with the names of the adapted layers; not to be set by hand.
+        backbone: recorded by the tuner (hidden size, depth, patch size of the base model it was created on); an
+            adapter refuses to load onto a base model of another shape.
     """
 
     m: int = field(default=5, metadata={"help": "memory tokens per adapted layer"})
@@ -41,6 +47,13 @@ class MemoryTokenConfig(PeftConfig):
     init_std: float = field(default=0.02, metadata={"help": "std of the memory initialisation"})
     memory_layernorm: bool = field(default=True, metadata={"help": "memory goes through the pre-attention LN"})
     target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "set by the tuner"})
+    extends: Optional[list[str]] = field(
+        default=None, metadata={"help": "masked mode: earlier adapters whose memory this task also reads"}
+    )
+    top_k: Optional[int] = field(default=None, metadata={"help": "each query reads only its k best memory entries"})
+    backbone: Optional[dict] = field(
+        default=None, metadata={"help": "set by the tuner: hidden_size, num_layers, patch_size of the trained-on base"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -59,6 +72,16 @@ class MemoryTokenConfig(PeftConfig):
             raise ValueError(f"MemoryTokenConfig.num_labels must be an int >= 1, got {self.num_labels!r}.")
         if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
             raise ValueError(f"MemoryTokenConfig.init_std must be a number >= 0, got {self.init_std!r}.")
+        if self.extends is not None:
+            if self.mode != "masked":
+                raise ValueError("MemoryTokenConfig.extends (extension mode) needs mode='masked'.")
+            if not isinstance(self.extends, (list, tuple)) or not all(isinstance(n, str) for n in self.extends):
+                raise ValueError(f"MemoryTokenConfig.extends must be a list of adapter names, got {self.extends!r}.")
+            self.extends = list(self.extends)
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k
+        ):
+            raise ValueError(f"MemoryTokenConfig.top_k must be None or an int >= 1, got {self.top_k!r}.")
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in self.layers

@@ -9,14 +9,14 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .attention import attend, task_row_mask
+from .attention import attend, restrict_to_top_k, task_row_mask
 
 
 class MemoryLayer(nn.Module, BaseTunerLayer):
     """Wraps a pre-LN ViT layer (``layernorm_before`` -> ``attention`` -> ``layernorm_after`` -> ``mlp``)."""
 
     adapter_layer_names = ("memory_tokens",)
-    other_param_names = ("memory_layernorm",)
+    other_param_names = ("memory_layernorm", "memory_top_k")
 
     def __init__(self, base_layer: nn.Module, layer_index: int) -> None:
         nn.Module.__init__(self)
@@ -24,12 +24,15 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         self.layer_index = layer_index
         self.memory_tokens = nn.ParameterDict()  # adapter -> (m, D)
         self.memory_layernorm: dict[str, bool] = {}  # adapter -> memory passes through layernorm_before
+        self.memory_top_k: dict[str, int | None] = {}  # adapter -> each query reads its k best memory entries
+        self._memory_cache: dict = {}  # adapter -> (weight versions, key, value); inference only
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = []
 
-    def update_layer(self, adapter_name: str, m: int, init_std: float, memory_layernorm: bool) -> None:
+    def update_layer(self, adapter_name: str, m: int, init_std: float, memory_layernorm: bool, top_k=None) -> None:
         self.memory_layernorm[adapter_name] = memory_layernorm
+        self.memory_top_k[adapter_name] = top_k
         if m > 0:
             reference = self.base_layer.layernorm_before.weight
             memory = torch.empty(m, reference.shape[0], device=reference.device, dtype=torch.float32)
@@ -51,44 +54,85 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         return x + layer.dropout(layer.mlp(layer.layernorm_after(x)))
 
     def memory_key_value(self, adapter_name: str, dtype: torch.dtype):
-        """Keys and values (m, D) of one adapter's memory in this layer, or None if it has none here."""
+        """Keys and values (m, D) of one adapter's memory in this layer, or None if it has none here.
+
+        At inference they are constants: computed once and cached, recomputed when any weight they depend on
+        changes (in-place updates bump a tensor's version; moves change its storage).
+        """
         if adapter_name not in self.memory_tokens:
             return None
-        memory = self.memory_tokens[adapter_name].to(dtype)
-        if self.memory_layernorm[adapter_name]:
+        memory = self.memory_tokens[adapter_name]
+        attention, norm = self.base_layer.attention, self.base_layer.layernorm_before
+        if torch.is_grad_enabled():
+            self._memory_cache.pop(adapter_name, None)
+            return self._project_memory(memory, dtype, self.memory_layernorm[adapter_name])
+        sources = (memory, norm.weight, norm.bias, attention.k_proj.weight, attention.k_proj.bias,
+                   attention.v_proj.weight, attention.v_proj.bias)
+        stamp = (dtype, self.memory_layernorm[adapter_name],
+                 *((t._version, t.data_ptr(), t.device) if t is not None else None for t in sources))
+        cached = self._memory_cache.get(adapter_name)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, *self._project_memory(memory, dtype, self.memory_layernorm[adapter_name]))
+            self._memory_cache[adapter_name] = cached
+        return cached[1], cached[2]
+
+    def _project_memory(self, memory, dtype, through_layernorm: bool):
+        memory = memory.to(dtype)
+        if through_layernorm:
             memory = self.base_layer.layernorm_before(memory)
         attention = self.base_layer.attention
         return attention.k_proj(memory), attention.v_proj(memory)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._memory_cache.pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
+
     # --- full attention: every token reads the memory ---------------------------------------------------------------
     def forward_full(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """x (B, n, D) with the task's class token at position 0 -> (B, n, D)."""
+        attention = self.base_layer.attention
         query, key, value = self._qkv(self.base_layer.layernorm_before(x))
         memory = self.memory_key_value(adapter_name, x.dtype)
+        mask = None
         if memory is not None:
-            batch = x.shape[0]
+            batch, n = x.shape[:2]
             key = torch.cat([key, memory[0].expand(batch, -1, -1)], dim=1)
             value = torch.cat([value, memory[1].expand(batch, -1, -1)], dim=1)
-        return self._residual_and_mlp(x, attend(self.base_layer.attention, query, key, value))
+            top_k = self.memory_top_k.get(adapter_name)
+            if top_k is not None and top_k < memory[0].shape[0]:
+                mask = restrict_to_top_k(None, attention, query, [(n, memory[0], top_k)])
+        return self._residual_and_mlp(x, attend(attention, query, key, value, mask))
 
-    # --- masked: base rows run the stock attention, task rows read [base; own class token; own memory] --------------
+    # --- masked: base rows run the stock attention, task rows read [base; own class token; readable memories] -------
     def forward_masked(
-        self, base: torch.Tensor, tasks: torch.Tensor, adapter_names: list[str], reads: list[list[int]]
+        self, base: torch.Tensor, tasks: torch.Tensor, memory_names: list[str], reads: list[list[int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """base (B, n, D), tasks (B, T, D) -> both updated. ``reads[t]``: tasks whose memory row t may read."""
+        """base (B, n, D), tasks (B, T, D) -> both updated.
+
+        ``memory_names``: the memory blocks placed side by side (the T tasks' own first, then memories read only by
+        extension); ``reads[t]``: indices into ``memory_names`` that task row t may read.
+        """
         attention = self.base_layer.attention
         base_q, base_k, base_v = self._qkv(self.base_layer.layernorm_before(base))
         new_base = self._residual_and_mlp(base, attend(attention, base_q, base_k, base_v))
 
         task_q, task_k, task_v = self._qkv(self.base_layer.layernorm_before(tasks))
-        keys, values, sizes = [base_k, task_k], [base_v, task_v], []
-        batch = base.shape[0]
-        for name in adapter_names:
+        keys, values, sizes, top_k_blocks = [base_k, task_k], [base_v, task_v], [], []
+        (batch, n), num_tasks = base.shape[:2], tasks.shape[1]
+        offset = n + num_tasks
+        for name in memory_names:
             memory = self.memory_key_value(name, base.dtype)
             sizes.append(0 if memory is None else memory[0].shape[0])
-            if memory is not None:
-                keys.append(memory[0].expand(batch, -1, -1))
-                values.append(memory[1].expand(batch, -1, -1))
-        mask = task_row_mask(base.shape[1], sizes, reads, base.dtype, base.device)
+            if memory is None:
+                continue
+            keys.append(memory[0].expand(batch, -1, -1))
+            values.append(memory[1].expand(batch, -1, -1))
+            top_k = self.memory_top_k.get(name)
+            if top_k is not None and top_k < sizes[-1]:
+                top_k_blocks.append((offset, memory[0], top_k))
+            offset += sizes[-1]
+        mask = task_row_mask(n, num_tasks, sizes, reads, base.dtype, base.device)
+        if top_k_blocks:
+            mask = restrict_to_top_k(mask, attention, task_q, top_k_blocks)
         attended = attend(attention, task_q, torch.cat(keys, 1), torch.cat(values, 1), mask)
         return new_base, self._residual_and_mlp(tasks, attended)

@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .backbone import Backbone, describe_backbone
+from .backbone import Backbone, check_signature, describe_backbone
 from .config import MemoryTokenConfig
 from .layer import MemoryLayer
 from .registration import PREFIX
@@ -31,7 +31,9 @@ class MemoryTokenModel(BaseTuner):
         backbone = describe_backbone(model)
         config: MemoryTokenConfig = self.peft_config[adapter_name]
         config.validate()
+        check_signature(config.backbone, backbone, f"Adapter '{adapter_name}'")
         config.memory_layers(backbone.num_layers)  # range check before anything is created
+        config.backbone = backbone.signature
         self._layer_index = {name: i for i, layer in enumerate(backbone.layers) for name in _names_of(model, layer)}
         if "memory_class_token" not in self._modules:
             self.memory_class_token = nn.ParameterDict()  # adapter -> (D,): embedding output at position 0
@@ -67,7 +69,7 @@ class MemoryTokenModel(BaseTuner):
         if not isinstance(target, MemoryLayer):
             target = MemoryLayer(target, index)
             self._replace_module(parent, target_name, target, None)
-        target.update_layer(adapter_name, m, peft_config.init_std, peft_config.memory_layernorm)
+        target.update_layer(adapter_name, m, peft_config.init_std, peft_config.memory_layernorm, peft_config.top_k)
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # peft's version copies .weight/.bias between Linear-like modules; a whole ViT layer is swapped as is.
@@ -170,11 +172,27 @@ class MemoryTokenModel(BaseTuner):
             for layer in backbone.layers:
                 x = layer.forward_full(x, adapter_names[0])
             return None, backbone.final_norm(x[:, :1])
+        memory_names, reads = self._memory_reads(adapter_names)
         base, tasks = embedded, class_tokens
-        reads = [[t] for t in range(len(adapter_names))]
         for layer in backbone.layers:
-            base, tasks = layer.forward_masked(base, tasks, adapter_names, reads)
+            base, tasks = layer.forward_masked(base, tasks, memory_names, reads)
         return backbone.final_norm(base), backbone.final_norm(tasks)
+
+    def _memory_reads(self, adapter_names: list[str]) -> tuple[list[str], list[list[int]]]:
+        """Memory blocks side by side (the tasks' own, then those read only through extension) and, per task, the
+        blocks it reads: its own plus those of the adapters it extends."""
+        memory_names = list(adapter_names)
+        reads = []
+        for name in adapter_names:
+            extends = self.peft_config[name].extends or []
+            missing = [s for s in extends if s not in self.peft_config]
+            if missing:
+                raise ValueError(
+                    f"Adapter '{name}' extends {missing}, which are not loaded: load them under these names first."
+                )
+            memory_names += [s for s in extends if s not in memory_names]
+            reads.append([memory_names.index(name)] + [memory_names.index(s) for s in extends])
+        return memory_names, reads
 
     def _classify(self, name: str, feature: torch.Tensor, labels: Optional[torch.Tensor]) -> ImageClassifierOutput:
         head = self.memory_head[name]

@@ -1,0 +1,85 @@
+"""examples/train.py end to end on tiny subsets of the bundled CIFAR-10 (subprocesses, as a user runs it)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import ViTModel
+
+from conftest import REAL_VIT, ROOT, SHARED
+
+TINY = ["--train_size", "48", "--eval_size", "32", "--image_size", "56", "--batch_size", "8", "--num_workers", "0",
+        "--warmup_steps", "1", "--lr", "0.05"]
+
+
+def train(output_dir, *args, launcher=(sys.executable,), timeout=600):
+    if not (SHARED / "data" / "cifar10").is_dir():
+        pytest.skip("bundled CIFAR-10 not found")
+    command = [*launcher, str(ROOT / "examples" / "train.py"), "--output_dir", str(output_dir), *TINY, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def adapter_tensors(output_dir):
+    return load_file(output_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_few_steps_write_everything_and_reload_to_same_accuracy(tmp_path):
+    out = tmp_path / "run"
+    result = train(out, "--mode", "memory", "--m", "2", "--max_steps", "4", "--eval_every", "2")
+    assert "final accuracy after 4 steps" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 4 and set(results["metrics"]) == {"top1", "top5"}
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    card = (out / "adapter" / "README.md").read_text()
+    assert "library_name: peft" in card and "memory" in card and f"{100 * results['metrics']['top1']:.2f}" in card
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "train/loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in log if "eval/top1" in r] == [2, 4]
+
+    # the saved adapter alone reproduces the accuracy
+    sys.path.insert(0, str(ROOT / "examples"))
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+    from transformers import AutoImageProcessor
+
+    from memory_peft.data import collate, image_transform, load_image_data
+    from train import evaluate_model
+
+    data = load_image_data(str(SHARED / "data" / "cifar10"), train_size=48, eval_size=32, seed=0)
+    processor = AutoImageProcessor.from_pretrained(REAL_VIT)
+    processor.size = {"height": 56, "width": 56}
+    loader = DataLoader(data.eval.with_transform(image_transform(processor, data.image_column, data.label_column)),
+                        batch_size=8, collate_fn=collate)
+    model = PeftModel.from_pretrained(ViTModel.from_pretrained(REAL_VIT, add_pooling_layer=False), out / "adapter")
+    assert evaluate_model(model, loader, Accelerator(cpu=True)) == results["metrics"]
+
+
+def test_stop_and_resume_equals_straight_run(tmp_path):
+    straight, sliced = tmp_path / "straight", tmp_path / "sliced"
+    common = ["--mode", "memory-masked", "--m", "2", "--max_steps", "6", "--seed", "3"]
+    train(straight, *common)
+    result = train(sliced, *common, "--stop_after", "3")
+    assert "continue with --resume" in result.stdout and not (sliced / "adapter").exists()
+    train(sliced, *common, "--resume")
+    a, b = adapter_tensors(straight), adapter_tensors(sliced)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    assert json.loads((sliced / "results.json").read_text())["metrics"] == \
+        json.loads((straight / "results.json").read_text())["metrics"]
+
+
+def test_bf16_mixed_precision_on_cpu(tmp_path):
+    out = tmp_path / "bf16"
+    train(out, "--mode", "memory", "--m", "2", "--max_steps", "2", "--mixed_precision", "bf16")
+    tensors = adapter_tensors(out)
+    assert all(t.dtype == torch.float32 for t in tensors.values())  # master weights stay fp32
+    assert tensors["base_model.memory_head.weight"].abs().sum() > 0  # it trained
