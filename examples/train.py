@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -92,7 +92,12 @@ def main(argv=None):
     args.backbone = args.backbone or default_backbone()
     args.dataset = args.dataset or default_dataset("cifar10")
     output_dir = Path(args.output_dir)
+    # Several processes without CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on CPUs): accelerate
+    # uses gloo only when told that the processes are CPU ones.
+    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    PartialState(cpu=cpu_processes)  # before the tracker, whose main-process check would set up the state first
     accelerator = Accelerator(
+        cpu=cpu_processes,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum,
         log_with=[JSONLinesTracker("memory-peft", output_dir)],
@@ -113,12 +118,15 @@ def main(argv=None):
     eval_loader = DataLoader(evaluation, **loader_args)
 
     vit = ViTModel.from_pretrained(args.backbone, add_pooling_layer=False)
-    model = apply_setting(vit, args.mode, num_labels=data.num_labels, m=args.m)
+    model = apply_setting(vit, args.mode, num_labels=data.num_labels, m=args.m, label_names=data.label_names,
+                          image_size=args.image_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
     steps_per_epoch = len(train_loader) // (args.grad_accum * accelerator.num_processes)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
+    # accelerate steps a prepared scheduler once per process at each optimizer step: count in those units
+    processes = accelerator.num_processes
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps * processes, total_steps * processes)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
@@ -177,10 +185,10 @@ def main(argv=None):
 
     scores = evaluate_model(model, eval_loader, accelerator)
     accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
-    accelerator.end_training()
     if accelerator.is_main_process:
         finish(accelerator.unwrap_model(model), args, data, scores, step, train_seconds, output_dir)
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return scores
 
 

@@ -35,6 +35,7 @@ class MemoryTokenConfig(PeftConfig):
         top_k: top-K memory attention for large memories: each query reads only its ``top_k`` highest-scoring
             memory entries of each memory it reads (None: all ``m``).
         target_modules: filled in by the tuner with the names of the adapted layers; not to be set by hand.
+        label_names, image_size: metadata recorded by the training script, read by ``examples/predict.py``.
         backbone: recorded by the tuner (hidden size, depth, patch size of the base model it was created on); an
             adapter refuses to load onto a base model of another shape.
     """
@@ -51,6 +52,8 @@ class MemoryTokenConfig(PeftConfig):
         default=None, metadata={"help": "masked mode: earlier adapters whose memory this task also reads"}
     )
     top_k: Optional[int] = field(default=None, metadata={"help": "each query reads only its k best memory entries"})
+    label_names: Optional[list[str]] = field(default=None, metadata={"help": "class names of the head, in order"})
+    image_size: Optional[int] = field(default=None, metadata={"help": "input size the adapter was trained at"})
     backbone: Optional[dict] = field(
         default=None, metadata={"help": "set by the tuner: hidden_size, num_layers, patch_size of the trained-on base"}
     )
@@ -82,6 +85,10 @@ class MemoryTokenConfig(PeftConfig):
             isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k
         ):
             raise ValueError(f"MemoryTokenConfig.top_k must be None or an int >= 1, got {self.top_k!r}.")
+        if self.label_names is not None and len(self.label_names) != self.num_labels:
+            raise ValueError(
+                f"MemoryTokenConfig.label_names has {len(self.label_names)} names for num_labels={self.num_labels}."
+            )
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in self.layers

@@ -104,24 +104,23 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         return self._residual_and_mlp(x, attend(attention, query, key, value, mask))
 
     # --- masked: base rows run the stock attention, task rows read [base; own class token; readable memories] -------
-    def forward_masked(
-        self, base: torch.Tensor, tasks: torch.Tensor, memory_names: list[str], reads: list[list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """base (B, n, D), tasks (B, T, D) -> both updated.
+    def forward_masked(self, x: torch.Tensor, num_base: int, memory_names: list[str], reads: list[list[int]]):
+        """x (B, n + T, D): the n base tokens, then the T task class tokens -> (B, n + T, D).
 
-        ``memory_names``: the memory blocks placed side by side (the T tasks' own first, then memories read only by
-        extension); ``reads[t]``: indices into ``memory_names`` that task row t may read.
+        LayerNorm, projections and MLP run once over all n + T rows (per-row ops); attention runs twice: the base rows
+        unmasked over base keys only (the stock computation), the T task rows over [all tokens; memory blocks] with a
+        mask. ``memory_names``: memory blocks side by side (the tasks' own first, then memories read only by extension);
+        ``reads[t]``: indices into ``memory_names`` that task row t may read.
         """
         attention = self.base_layer.attention
-        base_q, base_k, base_v = self._qkv(self.base_layer.layernorm_before(base))
-        new_base = self._residual_and_mlp(base, attend(attention, base_q, base_k, base_v))
+        n, batch = num_base, x.shape[0]
+        query, key, value = self._qkv(self.base_layer.layernorm_before(x))
+        base_out = attend(attention, query[:, :n], key[:, :n], value[:, :n])
 
-        task_q, task_k, task_v = self._qkv(self.base_layer.layernorm_before(tasks))
-        keys, values, sizes, top_k_blocks = [base_k, task_k], [base_v, task_v], [], []
-        (batch, n), num_tasks = base.shape[:2], tasks.shape[1]
-        offset = n + num_tasks
+        keys, values, sizes, top_k_blocks = [key], [value], [], []
+        offset = x.shape[1]
         for name in memory_names:
-            memory = self.memory_key_value(name, base.dtype)
+            memory = self.memory_key_value(name, x.dtype)
             sizes.append(0 if memory is None else memory[0].shape[0])
             if memory is None:
                 continue
@@ -131,8 +130,16 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
             if top_k is not None and top_k < sizes[-1]:
                 top_k_blocks.append((offset, memory[0], top_k))
             offset += sizes[-1]
-        mask = task_row_mask(n, num_tasks, sizes, reads, base.dtype, base.device)
+        mask = self._task_mask(n, x.shape[1] - n, sizes, reads, x.dtype, x.device)
+        task_query = query[:, n:]
         if top_k_blocks:
-            mask = restrict_to_top_k(mask, attention, task_q, top_k_blocks)
-        attended = attend(attention, task_q, torch.cat(keys, 1), torch.cat(values, 1), mask)
-        return new_base, self._residual_and_mlp(tasks, attended)
+            mask = restrict_to_top_k(mask, attention, task_query, top_k_blocks)
+        task_out = attend(attention, task_query, torch.cat(keys, 1), torch.cat(values, 1), mask)
+        return self._residual_and_mlp(x, torch.cat([base_out, task_out], 1))
+
+    def _task_mask(self, num_base, num_tasks, sizes, reads, dtype, device):
+        """task_row_mask, kept while the layout stays the same (it does across batches of one serving setup)."""
+        key = (num_base, num_tasks, tuple(sizes), tuple(map(tuple, reads)), dtype, device)
+        if getattr(self, "_mask_key", None) != key:
+            self._mask_key, self._mask = key, task_row_mask(num_base, num_tasks, sizes, reads, dtype, device)
+        return self._mask

@@ -173,10 +173,11 @@ class MemoryTokenModel(BaseTuner):
                 x = layer.forward_full(x, adapter_names[0])
             return None, backbone.final_norm(x[:, :1])
         memory_names, reads = self._memory_reads(adapter_names)
-        base, tasks = embedded, class_tokens
+        x, n = torch.cat([embedded, class_tokens], dim=1), embedded.shape[1]
         for layer in backbone.layers:
-            base, tasks = layer.forward_masked(base, tasks, memory_names, reads)
-        return backbone.final_norm(base), backbone.final_norm(tasks)
+            x = layer.forward_masked(x, n, memory_names, reads)
+        x = backbone.final_norm(x)
+        return x[:, :n], x[:, n:]
 
     def _memory_reads(self, adapter_names: list[str]) -> tuple[list[str], list[list[int]]]:
         """Memory blocks side by side (the tasks' own, then those read only through extension) and, per task, the

@@ -83,3 +83,46 @@ def test_bf16_mixed_precision_on_cpu(tmp_path):
     tensors = adapter_tensors(out)
     assert all(t.dtype == torch.float32 for t in tensors.values())  # master weights stay fp32
     assert tensors["base_model.memory_head.weight"].abs().sum() > 0  # it trained
+
+
+def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 on CPUs (gloo) == one process with twice the batch."""
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launcher = (accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no")
+    common = ["--mode", "memory", "--m", "2", "--max_steps", "3", "--seed", "1", "--lr", "0.1"]
+    train(tmp_path / "two", *common, "--batch_size", "4", launcher=launcher)
+    train(tmp_path / "one", *common, "--batch_size", "8")
+    two, one = adapter_tensors(tmp_path / "two"), adapter_tensors(tmp_path / "one")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=1e-5)
+    assert one["base_model.memory_head.weight"].abs().sum() > 0
+
+    def losses(folder):
+        return [json.loads(line)["train/loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()
+                if "train/loss" in line]
+
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+
+
+def test_predict_runs_all_tasks_in_one_forward(tmp_path):
+    import datasets
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import predict
+
+    common = ["--mode", "memory-masked", "--m", "2", "--max_steps", "2"]
+    train(tmp_path / "cifar", *common)
+    train(tmp_path / "fashion", *common, "--dataset", str(SHARED / "data" / "fashion_mnist"))
+    images = []
+    for i, example in enumerate(datasets.load_dataset(str(SHARED / "data" / "fashion_mnist"), split="test[:2]")):
+        images.append(str(tmp_path / f"image{i}.png"))
+        example["image"].save(images[-1])  # grayscale: converted to RGB on the way in
+    both = predict.main(["--adapter", f"cifar={tmp_path / 'cifar' / 'adapter'}",
+                         "--adapter", f"fashion={tmp_path / 'fashion' / 'adapter'}", "--images", *images])
+    alone = predict.main(["--adapter", f"fashion={tmp_path / 'fashion' / 'adapter'}", "--images", *images])
+    assert sorted(both) == ["cifar", "fashion"]
+    cifar_names = json.loads((tmp_path / "cifar" / "adapter" / "adapter_config.json").read_text())["label_names"]
+    assert "airplane" in cifar_names and all(label in cifar_names for label, _ in both["cifar"][0])
+    assert [label for label, _ in both["fashion"][0]] == [label for label, _ in alone["fashion"][0]]
+    assert [p for _, p in both["fashion"][1]] == pytest.approx([p for _, p in alone["fashion"][1]], abs=1e-6)

@@ -1,0 +1,217 @@
+"""Multi-task serving at the cost limit, measured side by side in one run.
+
+    python benchmarks/serving.py [--reps 5] [--batch 32] [--out benchmarks/results_serving.md]
+
+ViT-B/32-shaped random model (default ViTConfig, patch 32, 224 px, N = 49 patches), batch 32:
+1. inference with T merged masked tasks (m=5) relative to one plain base forward, next to T separate adapter
+   forwards and one forward over the fully concatenated sequence with a mask; the limit is 1 + T/(N+1);
+2. a full-attention memory adapter (m=5) relative to the base forward;
+3. a training step of masked memory vs full fine-tuning: time, and training memory (peak CUDA memory on a GPU; on
+   a CPU the bytes autograd saves for backward plus gradients and optimizer state);
+4. adapter and merged-artifact sizes on disk for T = 1, 10.
+Timing: configurations interleaved within each repetition, ratios taken against the base forward of the same
+repetition, medians reported; repetitions whose base forward ran > 1.5x the fastest (foreign load) are dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+from transformers import ViTConfig, ViTModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memory_peft import MemoryTokenConfig, activate  # noqa: E402
+from memory_peft.artifact import merge_adapters  # noqa: E402
+from memory_peft.attention import attend  # noqa: E402
+
+TASK_COUNTS = (1, 2, 5, 10, 20)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def big_masked_forward(tuner, pixels, names):
+    """The naive alternative: one sequence [c0; p; c_1..c_T; E_1..E_T] per layer with a (L, L) additive mask."""
+    vit = tuner.model
+    x = vit.embeddings(pixels)
+    batch, n, _ = x.shape
+    tokens = torch.stack([tuner.memory_class_token[t] for t in names]).to(x.dtype).expand(batch, -1, -1)
+    x = torch.cat([x, tokens], 1)
+    for layer in vit.layers:
+        base = layer.base_layer
+        memory = torch.cat([layer.memory_tokens[t] for t in names]).to(x.dtype)
+        T, M, m = len(names), memory.shape[0], memory.shape[0] // len(names)
+        length = n + T + M
+        allowed = torch.zeros(length, length, dtype=torch.bool, device=x.device)
+        allowed[:n, :n] = True
+        for t in range(T):
+            allowed[n + t, :n] = True
+            allowed[n + t, n + t] = True
+            allowed[n + t, n + T + t * m : n + T + (t + 1) * m] = True
+        allowed[n + T :] = True
+        mask = torch.zeros(length, length, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
+        z = base.layernorm_before(torch.cat([x, memory.expand(batch, -1, -1)], 1))
+        att = base.attention
+        out = attend(att, att.q_proj(z), att.k_proj(z), att.v_proj(z), mask)[:, : n + T]
+        x = x + att.o_proj(out)
+        x = x + base.mlp(base.layernorm_after(x))
+    return vit.layernorm(x)
+
+
+def masked_tasks_model(vit, count, device):
+    model = None
+    for t in range(count):
+        config = MemoryTokenConfig(m=5, num_labels=100, mode="masked")
+        if model is None:
+            model = get_peft_model(vit, config, adapter_name=f"task{t}")
+        else:
+            model.add_adapter(f"task{t}", config)
+    return model.to(device).eval()
+
+
+def inference(args, device, dtype):
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(patch_size=32), add_pooling_layer=False).eval()
+    stock = copy.deepcopy(vit).to(device, dtype)
+    full = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=5, num_labels=100, mode="full")).to(device, dtype)
+    merged = masked_tasks_model(copy.deepcopy(vit), max(TASK_COUNTS), device).to(dtype)
+    names = [f"task{t}" for t in range(max(TASK_COUNTS))]
+    pixels = torch.randn(args.batch, 3, 224, 224, device=device, dtype=dtype)
+
+    def run_merged(count):
+        activate(merged, names[:count])
+        return merged(pixel_values=pixels)
+
+    configs = {"base": lambda: stock(pixels), "full m=5": lambda: full(pixel_values=pixels),
+               "one masked adapter": lambda: run_merged(1)}
+    for count in TASK_COUNTS:
+        configs[f"merged T={count}"] = lambda c=count: run_merged(c)
+        configs[f"big mask T={count}"] = lambda c=count: big_masked_forward(merged.base_model, pixels, names[:c])
+    with torch.no_grad():
+        for fn in configs.values():  # warm-up; fills the memory K/V cache
+            fn()
+        reps = []
+        for _ in range(args.reps):
+            reps.append({name: timed(fn, device) for name, fn in configs.items()})
+    fastest = min(r["base"] for r in reps)
+    kept = [r for r in reps if r["base"] <= 1.5 * fastest]
+    ratio = {name: statistics.median(r[name] / r["base"] for r in kept) for name in configs}
+    return ratio, len(kept), len(reps), statistics.median(r["base"] for r in kept)
+
+
+def training_step_cost(model, pixels, labels, device):
+    """One SGD step: seconds, and training memory in bytes (see module docstring)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    saved = {}
+
+    def pack(tensor):
+        saved[(tensor.untyped_storage().data_ptr(), tensor.device)] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    def step():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(pixel_values=pixels, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up, creates momentum buffers
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_memory = torch.cuda.memory_allocated()
+    seconds = timed(step, device)
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated() - base_memory
+    else:
+        grads_and_state = sum(2 * p.numel() * p.element_size() for p in params)  # grad + momentum
+        memory = sum(saved.values()) + grads_and_state
+    return seconds, memory
+
+
+def training(args, device):
+    from memory_peft.settings import apply_setting
+
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(patch_size=32), add_pooling_layer=False)
+    pixels = torch.randn(args.batch, 3, 224, 224, device=device)
+    labels = torch.randint(0, 100, (args.batch,), device=device)
+    models = {name: apply_setting(copy.deepcopy(vit), name, 100, m=5).to(device).train()
+              for name in ("memory-masked", "full")}
+    reps = [{name: training_step_cost(model, pixels, labels, device) for name, model in models.items()}
+            for _ in range(max(2, args.reps // 2))]
+    time_ratio = statistics.median(r["memory-masked"][0] / r["full"][0] for r in reps)
+    memory_ratio = statistics.median(r["memory-masked"][1] / r["full"][1] for r in reps)
+    return time_ratio, memory_ratio, {k: statistics.median(r[k][1] for r in reps) for k in models}
+
+
+def sizes():
+    vit = ViTModel(ViTConfig(patch_size=32), add_pooling_layer=False)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for t in range(10):
+            model = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=5, num_labels=100, mode="masked"))
+            model.save_pretrained(Path(tmp, f"task{t}"))
+            paths[f"task{t}"] = Path(tmp, f"task{t}")
+        out["adapter (T=1)"] = sum(f.stat().st_size for f in paths["task0"].iterdir())
+        for count in (1, 10):
+            merged = merge_adapters(dict(list(paths.items())[:count]), Path(tmp, f"merged{count}"))
+            out[f"merged artifact T={count}"] = sum(f.stat().st_size for f in merged.rglob("*") if f.is_file())
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", default="benchmarks/results_serving.md")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    lines = [f"## Serving benchmark — {where}, {args.dtype}, batch {args.batch}, ViT-B/32 shape (N=49), m=5", ""]
+
+    ratio, kept, total, base_seconds = inference(args, device, dtype)
+    lines += [f"Base forward: {1000 * base_seconds:.1f} ms (median); {kept} of {total} repetitions kept.", "",
+              "| T | merged (one forward) | limit 1+T/(N+1) | T separate adapter forwards | one big masked sequence |",
+              "|---|---|---|---|---|"]
+    for count in TASK_COUNTS:
+        lines.append(f"| {count} | {ratio[f'merged T={count}']:.3f} x | {1 + count / 50:.2f} x | "
+                     f"{count * ratio['one masked adapter']:.2f} x | {ratio[f'big mask T={count}']:.3f} x |")
+    lines += ["", "(T separate forwards = T x the measured one-adapter forward.)", "",
+              f"Full-attention memory adapter (m=5) vs base forward: {ratio['full m=5']:.3f} x", ""]
+
+    time_ratio, memory_ratio, memory = training(args, device)
+    what = "peak CUDA memory of the step" if device.type == "cuda" else "saved activations + grads + optimizer state"
+    lines += [f"Training step, masked memory vs full fine-tuning: time {time_ratio:.3f} x, memory {memory_ratio:.3f} x "
+              f"({what}: {memory['memory-masked'] / 2**20:.0f} MiB vs {memory['full'] / 2**20:.0f} MiB)", ""]
+    lines += ["| on disk | bytes |", "|---|---|"] + [f"| {k} | {v:,} |" for k, v in sizes().items()]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

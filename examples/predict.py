@@ -1,0 +1,79 @@
+"""Predict with one or several memory adapters on one backbone: all tasks in ONE forward pass.
+
+    python examples/predict.py --adapter cifar=outputs/main/memory/adapter --adapter fashion=user/fashion-memory \\
+        --images cat.png shoe.jpg
+    python examples/predict.py --artifact outputs/merged --images cat.png     # a merged multi-task artifact
+
+Several adapters run together only if they were trained with mode='masked' (full-attention adapters change the
+backbone's tokens); a single adapter of any mode works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, ViTModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memory_peft import load_adapters  # noqa: E402
+from memory_peft.artifact import load_multitask  # noqa: E402
+from memory_peft.assets import default_backbone  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH_OR_HUB_ID")
+    p.add_argument("--artifact", default=None, help="a merged multi-task artifact (folder or Hub id)")
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--backbone", default=None, help="default: the adapters' base model, else the bundled ViT")
+    p.add_argument("--image_size", type=int, default=None, help="default: the size the adapters were trained at")
+    p.add_argument("--top", type=int, default=3)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict[str, list[list[tuple[str, float]]]]:
+    args = parse_args(argv)
+    if bool(args.adapter) == bool(args.artifact):
+        raise SystemExit("Give either --adapter NAME=PATH (repeatable) or --artifact PATH.")
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--adapter expects NAME=PATH_OR_HUB_ID, got {item!r}.")
+        adapters[name] = path
+    backbone = args.backbone or default_backbone()
+    vit = ViTModel.from_pretrained(backbone, add_pooling_layer=False)
+    model = load_multitask(vit, args.artifact) if args.artifact else load_adapters(vit, adapters)
+    model.eval()
+    configs = model.peft_config
+    tasks = model.base_model.active_adapters
+    size = args.image_size or configs[tasks[0]].image_size or vit.config.image_size
+    processor = AutoImageProcessor.from_pretrained(backbone)
+    processor.size = {"height": size, "width": size}
+    images = [Image.open(path).convert("RGB") for path in args.images]
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        outputs = model(pixel_values=pixels, interpolate_pos_encoding=True)  # one forward for every task
+    if len(tasks) == 1:
+        outputs = {tasks[0]: outputs}
+    predictions = {}
+    for task, output in outputs.items():
+        names = configs[task].label_names or [str(i) for i in range(configs[task].num_labels)]
+        probabilities = output.logits.softmax(-1)
+        top = probabilities.topk(min(args.top, probabilities.shape[-1]), dim=-1)
+        predictions[task] = [[(names[i], p) for i, p in zip(idx.tolist(), prob.tolist())]
+                             for idx, prob in zip(top.indices, top.values)]
+    for i, path in enumerate(args.images):
+        print(path)
+        for task in predictions:
+            ranked = ", ".join(f"{label} {100 * p:.1f}%" for label, p in predictions[task][i])
+            print(f"  {task}: {ranked}")
+    return predictions
+
+
+if __name__ == "__main__":
+    main()
