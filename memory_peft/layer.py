@@ -5,6 +5,9 @@ Shapes: B batch, n = 1 + N base tokens (class token and patches), T task class t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -25,7 +28,7 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         self.memory_tokens = nn.ParameterDict()  # adapter -> (m, D)
         self.memory_layernorm: dict[str, bool] = {}  # adapter -> memory passes through layernorm_before
         self.memory_top_k: dict[str, int | None] = {}  # adapter -> each query reads its k best memory entries
-        self._memory_cache: dict = {}  # adapter -> (weight versions, key, value); inference only
+        self._memory_cache: dict = {}  # (adapter names, dtype) -> (weight versions, MemoryBlocks); inference only
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = []
@@ -53,28 +56,45 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         x = x + layer.dropout(layer.attention.o_proj(attended))
         return x + layer.dropout(layer.mlp(layer.layernorm_after(x)))
 
-    def memory_key_value(self, adapter_name: str, dtype: torch.dtype):
-        """Keys and values (m, D) of one adapter's memory in this layer, or None if it has none here.
+    def memory_blocks(self, memory_names: list[str], dtype: torch.dtype) -> "MemoryBlocks":
+        """Keys and values of these adapters' memories in this layer, side by side.
 
-        At inference they are constants: computed once and cached, recomputed when any weight they depend on
-        changes (in-place updates bump a tensor's version; moves change its storage).
+        At inference they are constants: computed once per layout and cached, recomputed when any weight they depend
+        on changes (in-place updates bump a tensor's version; moves change its storage). Training never caches.
         """
-        if adapter_name not in self.memory_tokens:
-            return None
-        memory = self.memory_tokens[adapter_name]
-        attention, norm = self.base_layer.attention, self.base_layer.layernorm_before
         if torch.is_grad_enabled():
-            self._memory_cache.pop(adapter_name, None)
-            return self._project_memory(memory, dtype, self.memory_layernorm[adapter_name])
-        sources = (memory, norm.weight, norm.bias, attention.k_proj.weight, attention.k_proj.bias,
-                   attention.v_proj.weight, attention.v_proj.bias)
-        stamp = (dtype, self.memory_layernorm[adapter_name],
-                 *((t._version, t.data_ptr(), t.device) if t is not None else None for t in sources))
-        cached = self._memory_cache.get(adapter_name)
+            self._memory_cache.clear()
+            return self._build_blocks(memory_names, dtype)
+        attention, norm = self.base_layer.attention, self.base_layer.layernorm_before
+        weights = (norm.weight, norm.bias, attention.k_proj.weight, attention.k_proj.bias, attention.v_proj.weight,
+                   attention.v_proj.bias, *(self.memory_tokens[n] for n in memory_names if n in self.memory_tokens))
+        stamp = tuple((t._version, t.data_ptr(), t.device) for t in weights if t is not None) + tuple(
+            (self.memory_layernorm.get(n), self.memory_top_k.get(n)) for n in memory_names
+        )
+        key = (tuple(memory_names), dtype)
+        cached = self._memory_cache.get(key)
         if cached is None or cached[0] != stamp:
-            cached = (stamp, *self._project_memory(memory, dtype, self.memory_layernorm[adapter_name]))
-            self._memory_cache[adapter_name] = cached
-        return cached[1], cached[2]
+            if len(self._memory_cache) > 16:  # many layouts seen: keep the cache small
+                self._memory_cache.clear()
+            cached = self._memory_cache[key] = (stamp, self._build_blocks(memory_names, dtype))
+        return cached[1]
+
+    def _build_blocks(self, memory_names: list[str], dtype: torch.dtype) -> "MemoryBlocks":
+        keys, values, sizes, top_k = [], [], [], []
+        for name in memory_names:
+            if name not in self.memory_tokens:
+                sizes.append(0)
+                continue
+            key, value = self._project_memory(self.memory_tokens[name], dtype, self.memory_layernorm[name])
+            k = self.memory_top_k.get(name)
+            if k is not None and k < key.shape[0]:
+                top_k.append((sum(sizes), key, k))
+            keys.append(key)
+            values.append(value)
+            sizes.append(key.shape[0])
+        if not keys:
+            return MemoryBlocks(None, None, sizes, top_k)
+        return MemoryBlocks(torch.cat(keys)[None], torch.cat(values)[None], sizes, top_k)
 
     def _project_memory(self, memory, dtype, through_layernorm: bool):
         memory = memory.to(dtype)
@@ -84,7 +104,7 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         return attention.k_proj(memory), attention.v_proj(memory)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self._memory_cache.pop(adapter_name, None)
+        self._memory_cache.clear()
         super().delete_adapter(adapter_name)
 
     # --- full attention: every token reads the memory ---------------------------------------------------------------
@@ -92,50 +112,54 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         """x (B, n, D) with the task's class token at position 0 -> (B, n, D)."""
         attention = self.base_layer.attention
         query, key, value = self._qkv(self.base_layer.layernorm_before(x))
-        memory = self.memory_key_value(adapter_name, x.dtype)
+        blocks = self.memory_blocks([adapter_name], x.dtype)
         mask = None
-        if memory is not None:
+        if blocks.keys is not None:
             batch, n = x.shape[:2]
-            key = torch.cat([key, memory[0].expand(batch, -1, -1)], dim=1)
-            value = torch.cat([value, memory[1].expand(batch, -1, -1)], dim=1)
-            top_k = self.memory_top_k.get(adapter_name)
-            if top_k is not None and top_k < memory[0].shape[0]:
-                mask = restrict_to_top_k(None, attention, query, [(n, memory[0], top_k)])
+            key = torch.cat([key, blocks.keys.expand(batch, -1, -1)], dim=1)
+            value = torch.cat([value, blocks.values.expand(batch, -1, -1)], dim=1)
+            if blocks.top_k:
+                mask = restrict_to_top_k(None, attention, query, blocks.shifted_top_k(n))
         return self._residual_and_mlp(x, attend(attention, query, key, value, mask))
 
     # --- masked: base rows run the stock attention, task rows read [base; own class token; readable memories] -------
     def forward_masked(self, x: torch.Tensor, num_base: int, memory_names: list[str], reads: list[list[int]]):
         """x (B, n + T, D): the n base tokens, then the T task class tokens -> (B, n + T, D).
 
-        LayerNorm, projections and MLP run once over all n + T rows (per-row ops); attention runs twice: the base rows
-        unmasked over base keys only (the stock computation), the T task rows over [all tokens; memory blocks] with a
-        mask. ``memory_names``: memory blocks side by side (the tasks' own first, then memories read only by extension);
-        ``reads[t]``: indices into ``memory_names`` that task row t may read.
+        The base rows attend unmasked over base keys only (the stock computation); the T task rows attend over
+        [all tokens; memory blocks] with a mask. ``memory_names``: memory blocks side by side (the tasks' own first,
+        then memories read only by extension); ``reads[t]``: indices into ``memory_names`` that task row t may read.
+        Inference runs LayerNorm, projections and MLP once over all n + T rows (fewest kernels); training runs the
+        base rows without autograd, so that only the class-token path is differentiated.
         """
-        attention = self.base_layer.attention
-        n, batch = num_base, x.shape[0]
+        n = num_base
+        if torch.is_grad_enabled() and not self.base_layer.attention.q_proj.weight.requires_grad:
+            base, tasks = x[:, :n], x[:, n:].contiguous()  # a copy: saving a view would keep all of x alive
+            with torch.no_grad():
+                base_q, base_k, base_v = self._qkv(self.base_layer.layernorm_before(base))
+                new_base = self._residual_and_mlp(base, attend(self.base_layer.attention, base_q, base_k, base_v))
+            task_q, task_k, task_v = self._qkv(self.base_layer.layernorm_before(tasks))
+            keys, values = torch.cat([base_k, task_k], 1), torch.cat([base_v, task_v], 1)
+            new_tasks = self._residual_and_mlp(tasks, self._task_attention(task_q, keys, values, n, memory_names, reads))
+            return torch.cat([new_base, new_tasks], 1)
         query, key, value = self._qkv(self.base_layer.layernorm_before(x))
-        base_out = attend(attention, query[:, :n], key[:, :n], value[:, :n])
-
-        keys, values, sizes, top_k_blocks = [key], [value], [], []
-        offset = x.shape[1]
-        for name in memory_names:
-            memory = self.memory_key_value(name, x.dtype)
-            sizes.append(0 if memory is None else memory[0].shape[0])
-            if memory is None:
-                continue
-            keys.append(memory[0].expand(batch, -1, -1))
-            values.append(memory[1].expand(batch, -1, -1))
-            top_k = self.memory_top_k.get(name)
-            if top_k is not None and top_k < sizes[-1]:
-                top_k_blocks.append((offset, memory[0], top_k))
-            offset += sizes[-1]
-        mask = self._task_mask(n, x.shape[1] - n, sizes, reads, x.dtype, x.device)
-        task_query = query[:, n:]
-        if top_k_blocks:
-            mask = restrict_to_top_k(mask, attention, task_query, top_k_blocks)
-        task_out = attend(attention, task_query, torch.cat(keys, 1), torch.cat(values, 1), mask)
+        base_out = attend(self.base_layer.attention, query[:, :n], key[:, :n], value[:, :n])
+        task_out = self._task_attention(query[:, n:], key, value, n, memory_names, reads)
         return self._residual_and_mlp(x, torch.cat([base_out, task_out], 1))
+
+    def _task_attention(self, task_query, key, value, n, memory_names, reads):
+        """T task query rows over [n base + T class-token keys; memory blocks], masked per task."""
+        attention = self.base_layer.attention
+        blocks = self.memory_blocks(memory_names, task_query.dtype)
+        if blocks.keys is not None:
+            batch = key.shape[0]
+            key = torch.cat([key, blocks.keys.expand(batch, -1, -1)], 1)
+            value = torch.cat([value, blocks.values.expand(batch, -1, -1)], 1)
+        num_tasks = task_query.shape[1]
+        mask = self._task_mask(n, num_tasks, blocks.sizes, reads, task_query.dtype, task_query.device)
+        if blocks.top_k:
+            mask = restrict_to_top_k(mask, attention, task_query, blocks.shifted_top_k(n + num_tasks))
+        return attend(attention, task_query, key, value, mask)
 
     def _task_mask(self, num_base, num_tasks, sizes, reads, dtype, device):
         """task_row_mask, kept while the layout stays the same (it does across batches of one serving setup)."""
@@ -143,3 +167,16 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         if getattr(self, "_mask_key", None) != key:
             self._mask_key, self._mask = key, task_row_mask(num_base, num_tasks, sizes, reads, dtype, device)
         return self._mask
+
+
+@dataclass
+class MemoryBlocks:
+    """Memories of several adapters side by side in one layer."""
+
+    keys: Optional[torch.Tensor]  # (1, M, D) or None when none of them has memory here
+    values: Optional[torch.Tensor]
+    sizes: list[int]  # memory entries per adapter (0: none in this layer)
+    top_k: list[tuple[int, torch.Tensor, int]]  # (offset within the blocks, keys (m, D), k) for top-K memories
+
+    def shifted_top_k(self, offset: int) -> list[tuple[int, torch.Tensor, int]]:
+        return [(offset + start, keys, k) for start, keys, k in self.top_k]

@@ -61,3 +61,33 @@ def test_head_setting_reads_the_pretrained_class_output(real_vit, images):
     with torch.no_grad():
         _, features = model.base_model.encode(pixels, ["default"], interpolate_pos_encoding=True)
     torch.testing.assert_close(features[:, 0], stock, atol=1e-5, rtol=0)
+
+
+def saved_for_backward_bytes(model, pixels, labels):
+    """Activation bytes autograd keeps for backward (weights, which exist anyway, not counted)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(pixel_values=pixels, labels=labels, interpolate_pos_encoding=True).loss
+    loss.backward()
+    return sum(saved.values())
+
+
+def test_masked_training_differentiates_only_the_class_token_path(real_vit_cached, images):
+    """Masked mode runs the base rows without autograd: far less is kept for backward than with full attention."""
+    import copy
+
+    pixels, labels = images[0][:8], images[1][:8]
+    sizes = {}
+    for mode in ("full", "masked"):
+        model = get_peft_model(copy.deepcopy(real_vit_cached), MemoryTokenConfig(m=5, num_labels=CLASSES, mode=mode))
+        sizes[mode] = saved_for_backward_bytes(model.train(), pixels, labels)
+    # what masked mode must keep: per layer the keys and values the class token read (2 x n rows), against ~10 x n
+    # rows of activations with full attention
+    assert sizes["masked"] < 0.35 * sizes["full"], sizes
