@@ -90,11 +90,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         path = self.path.split("?")[0]
+        body = self._body()
+        if path == "/api/validate-yaml":  # model card metadata check before a README.md upload, no login needed
+            return self._json(200, {"errors": [], "warnings": []})
         if not self._authorised():
             return self._error(401, "Invalid credentials in Authorization header")
-        body = self._body()
-        if path == "/api/validate-yaml":  # model card metadata check before a README.md upload
-            return self._json(200, {"errors": [], "warnings": []})
         if path == "/api/repos/create":
             payload = json.loads(body)
             repo = f"{payload.get('organization') or USER}/{payload['name']}"

@@ -67,3 +67,28 @@ def test_push_to_hub_and_load_by_repo_id(real_vit_cached, images, hub, tmp_path)
                     str(tmp_path / "pixels.safetensors"), str(tmp_path / "logits.safetensors")],
                    check=True, cwd=ROOT, env={**os.environ, **env_reader}, timeout=300)
     torch.testing.assert_close(load_file(tmp_path / "logits.safetensors")["logits"], logits, atol=1e-6, rtol=0)
+
+
+def test_train_script_pushes_adapter_and_card(hub, tmp_path, monkeypatch):
+    from test_train_script import train
+
+    state, url = hub
+    for key, value in hub_env(url, tmp_path).items():
+        monkeypatch.setenv(key, value)  # the training subprocess inherits them
+    train(tmp_path / "run", "--mode", "head", "--max_steps", "2", "--push_to_hub", f"{USER}/cifar-head", "--private")
+    files = state.repos[f"{USER}/cifar-head"]
+    assert files["adapter_model.safetensors"] == (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    card = files["README.md"].decode()
+    assert "library_name: peft" in card and "fine-tune setting | `head`" in card
+
+
+def test_push_without_credentials_fails_clearly(hub, tmp_path):
+    state, url = hub
+    push = ("import sys, memory_peft\nfrom peft import get_peft_model\nfrom memory_peft import MemoryTokenConfig\n"
+            "from conftest import tiny_vit\n"
+            "get_peft_model(tiny_vit(), MemoryTokenConfig(m=1)).push_to_hub('tester/x')\n")
+    result = subprocess.run([sys.executable, "-c", push], cwd=ROOT / "tests", capture_output=True, text=True,
+                            env={**os.environ, **hub_env(url, tmp_path, token=None)}, timeout=300)
+    assert result.returncode != 0
+    assert "401" in result.stderr or "Invalid credentials" in result.stderr
+    assert "tester/x" not in state.repos
