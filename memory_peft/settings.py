@@ -5,6 +5,7 @@ from __future__ import annotations
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from .backbone import describe_backbone
 from .config import MemoryTokenConfig
 
 # setting -> (config fields, whether the backbone trains too)
@@ -31,6 +32,11 @@ def apply_setting(model: nn.Module, name: str, num_labels: int, m: int = 5, **ov
     config, train_backbone = make_setting(name, num_labels, m, **overrides)
     peft_model = get_peft_model(model, config)
     if train_backbone:
-        for parameter in peft_model.base_model.model.parameters():
-            parameter.requires_grad_(True)
+        # only what the adapted forward uses: the pretrained class token (replaced by the task's) and any pooler or
+        # stock classifier stay frozen, so that DDP finds a gradient for every trainable weight
+        backbone = describe_backbone(peft_model.base_model.model)
+        used = [backbone.embeddings.patch_embeddings, backbone.layers, backbone.final_norm]
+        for module in used:
+            module.requires_grad_(True)
+        backbone.embeddings.position_embeddings.requires_grad_(True)
     return peft_model
