@@ -15,7 +15,6 @@ SUPPORTED_BACKBONES = {
 
 @dataclass
 class Backbone:
-    encoder: nn.Module  # owns embeddings, layers, layernorm
     embeddings: nn.Module  # pixel_values -> (B, 1 + N, D), class token + position embedding included
     layers: nn.ModuleList  # pre-LN transformer layers
     final_norm: nn.Module  # LayerNorm read by the heads
@@ -41,7 +40,6 @@ def describe_backbone(model: nn.Module) -> Backbone:
     encoder = model.get_submodule(SUPPORTED_BACKBONES[name])
     layers = encoder.layers
     return Backbone(
-        encoder=encoder,
         embeddings=encoder.embeddings,
         layers=layers,
         final_norm=encoder.layernorm,
