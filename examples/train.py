@@ -68,8 +68,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def evaluate_model(model, loader, accelerator, k=5) -> dict[str, float]:
-    metric = load_top_k_accuracy(num_process=accelerator.num_processes, process_id=accelerator.process_index)
+def evaluate_model(model, loader, accelerator, k=5, metric=None) -> dict[str, float]:
+    """Top-1/top-k accuracy; pass ``metric`` to reuse one loaded metric across evaluations (compute() resets it)."""
+    if metric is None:
+        metric = load_top_k_accuracy(num_process=accelerator.num_processes, process_id=accelerator.process_index)
     model.eval()
     for batch in loader:
         with torch.no_grad():
@@ -131,6 +133,7 @@ def main(argv=None):
         model, optimizer, train_loader, eval_loader, scheduler
     )
     accelerator.init_trackers("memory-peft", config={k: v for k, v in vars(args).items()})
+    metric = load_top_k_accuracy(num_process=accelerator.num_processes, process_id=accelerator.process_index)
 
     step, epoch, batches_done = 0, 0, 0
     if args.resume:
@@ -167,8 +170,8 @@ def main(argv=None):
             accelerator.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step=step)
             bar.set_postfix(loss=f"{loss_value:.3f}")
             if args.eval_every and step % args.eval_every == 0 and step < total_steps:
-                accelerator.log({f"eval/{k}": v for k, v in evaluate_model(model, eval_loader, accelerator).items()},
-                                step=step)
+                scores = evaluate_model(model, eval_loader, accelerator, metric=metric)
+                accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 save_checkpoint(accelerator, output_dir, step, epoch, batches_done)
             if step >= total_steps or step == args.stop_after:
@@ -183,7 +186,7 @@ def main(argv=None):
     bar.close()
     train_seconds = time.time() - started
 
-    scores = evaluate_model(model, eval_loader, accelerator)
+    scores = evaluate_model(model, eval_loader, accelerator, metric=metric)
     accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
     if accelerator.is_main_process:
         finish(accelerator.unwrap_model(model), args, data, scores, step, train_seconds, output_dir)

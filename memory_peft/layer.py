@@ -29,6 +29,7 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         self.memory_layernorm: dict[str, bool] = {}  # adapter -> memory passes through layernorm_before
         self.memory_top_k: dict[str, int | None] = {}  # adapter -> each query reads its k best memory entries
         self._memory_cache: dict = {}  # (adapter names, dtype) -> (weight versions, MemoryBlocks); inference only
+        self._mask_key, self._mask = None, None  # the task-row mask of the last layout seen
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = []
@@ -164,7 +165,7 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
     def _task_mask(self, num_base, num_tasks, sizes, reads, dtype, device):
         """task_row_mask, kept while the layout stays the same (it does across batches of one serving setup)."""
         key = (num_base, num_tasks, tuple(sizes), tuple(map(tuple, reads)), dtype, device)
-        if getattr(self, "_mask_key", None) != key:
+        if self._mask_key != key:
             self._mask_key, self._mask = key, task_row_mask(num_base, num_tasks, sizes, reads, dtype, device)
         return self._mask
 
