@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,11 +28,16 @@ from transformers import AutoImageProcessor, ViTModel, get_cosine_schedule_with_
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
 from memory_peft.data import collate, image_transform, load_image_data  # noqa: E402
+from memory_peft.errors import InputError, MemoryPeftError, OutputExistsError  # noqa: E402
 from memory_peft.metrics import load_top_k_accuracy  # noqa: E402
 from memory_peft.reporting import JSONLinesTracker, model_card, plot_curves, read_log  # noqa: E402
 from memory_peft.settings import SETTINGS, apply_setting  # noqa: E402
+from memory_peft.storage import write_atomically  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+# the arguments a checkpoint must share with the run that resumes it
+RUN_DEFINING = ("backbone", "dataset", "image_column", "label_column", "train_size", "image_size", "mode", "m", "lr",
+                "batch_size", "grad_accum", "epochs", "max_steps", "warmup_steps", "grad_clip", "augment", "seed")
 
 
 def parse_args(argv=None):
@@ -61,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's")
     p.add_argument("--output_dir", default="outputs/train")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output_dir that holds an earlier run (its adapter is replaced at the end)")
     p.add_argument("--stop_after", type=int, default=0,
                    help="leave after this many optimizer steps in this session (time-sliced jobs; resume later)")
     p.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
@@ -90,7 +98,54 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """Run training; bad input ends in one ``error: ...`` line (exit status 1), not a traceback."""
+    try:
+        return train(parse_args(argv))
+    except MemoryPeftError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def check_output_dir(args, output_dir: Path) -> None:
+    """Before any work: never mix two runs in one folder, and fail on a missing Hub login now, not after training."""
+    earlier = [p.name for p in (output_dir / "adapter", output_dir / "checkpoints", output_dir / "results.json")
+               if p.exists()]
+    if args.resume:
+        if not checkpoint_dirs(output_dir):
+            raise InputError(f"--resume: no complete checkpoint under {output_dir / 'checkpoints'}; "
+                             "start without --resume.")
+        checkpoint = checkpoint_dirs(output_dir)[-1]
+        recorded = json.loads((checkpoint / "progress.json").read_text()).get("run", {})
+        now = run_definition(args)
+        differ = [f"--{k} {recorded[k]!r} there, {now[k]!r} now" for k in now if k in recorded and recorded[k] != now[k]]
+        if differ:
+            raise InputError(f"--resume: {checkpoint} was made by a run with other settings ({'; '.join(differ)}). "
+                             "Resume with the same arguments, or start over with --overwrite.")
+    elif earlier and not args.overwrite:
+        raise OutputExistsError(f"{output_dir} already holds an earlier run ({', '.join(earlier)}): pass --resume to "
+                                "continue it, --overwrite to start over, or choose another --output_dir.")
+    elif earlier and PartialState().is_main_process:  # --overwrite: old checkpoints and log go now, the adapter last
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if args.push_to_hub:
+        check_hub_login(args.push_to_hub)
+
+
+def check_hub_login(repo_id: str) -> None:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    try:
+        me = HfApi().whoami()
+    except (LocalTokenNotFoundError, HfHubHTTPError) as exc:
+        raise InputError(f"--push_to_hub {repo_id}: not logged in to the Hub ({exc.__class__.__name__}). Run "
+                         "`hf auth login` or set HF_TOKEN before training, or drop --push_to_hub.") from None
+    namespaces = {me["name"], *(org["name"] for org in me.get("orgs", []))}
+    if "/" in repo_id and repo_id.split("/")[0] not in namespaces:
+        raise InputError(f"--push_to_hub {repo_id}: you are logged in as {me['name']!r}, who can write to "
+                         f"{sorted(namespaces)}, not to {repo_id.split('/')[0]!r}. Use one of those namespaces.")
+
+
+def train(args):
     args.backbone = args.backbone or default_backbone()
     args.dataset = args.dataset or default_dataset("cifar10")
     output_dir = Path(args.output_dir)
@@ -98,6 +153,8 @@ def main(argv=None):
     # uses gloo only when told that the processes are CPU ones.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     PartialState(cpu=cpu_processes)  # before the tracker, whose main-process check would set up the state first
+    check_output_dir(args, output_dir)
+    PartialState().wait_for_everyone()
     accelerator = Accelerator(
         cpu=cpu_processes,
         mixed_precision=args.mixed_precision,
@@ -137,13 +194,7 @@ def main(argv=None):
 
     step, epoch, batches_done = 0, 0, 0
     if args.resume:
-        checkpoints = checkpoint_dirs(output_dir)
-        if not checkpoints:
-            raise SystemExit(f"--resume: no checkpoint under {output_dir / 'checkpoints'}; start without --resume.")
-        accelerator.load_state(str(checkpoints[-1]))
-        progress = json.loads((checkpoints[-1] / "progress.json").read_text())
-        step, epoch, batches_done = progress["step"], progress["epoch"], progress["batches_done"]
-        accelerator.print(f"resumed from {checkpoints[-1]} at step {step}")
+        step, epoch, batches_done = resume(accelerator, args, output_dir)
 
     started = time.time()
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc=args.mode)
@@ -173,13 +224,13 @@ def main(argv=None):
                 scores = evaluate_model(model, eval_loader, accelerator, metric=metric)
                 accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
             if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save_checkpoint(accelerator, output_dir, step, epoch, batches_done)
+                save_checkpoint(accelerator, args, output_dir, step, epoch, batches_done)
             if step >= total_steps or step == args.stop_after:
                 break
         else:
             epoch, batches_done = epoch + 1, 0
         if step == args.stop_after and step < total_steps:
-            save_checkpoint(accelerator, output_dir, step, epoch, batches_done)
+            save_checkpoint(accelerator, args, output_dir, step, epoch, batches_done)
             accelerator.print(f"stopped after step {step}; continue with --resume")
             accelerator.end_training()
             return None
@@ -195,34 +246,74 @@ def main(argv=None):
     return scores
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, epoch: int, batches_done: int) -> None:
+def run_definition(args) -> dict:
+    return {key: getattr(args, key) for key in RUN_DEFINING}
+
+
+def save_checkpoint(accelerator, args, output_dir: Path, step: int, epoch: int, batches_done: int) -> None:
     path = output_dir / "checkpoints" / f"step_{step}"
     accelerator.save_state(str(path))
     if accelerator.is_main_process:  # written last: a checkpoint without it is incomplete and never resumed from
-        (path / "progress.json").write_text(json.dumps({"step": step, "epoch": epoch, "batches_done": batches_done}))
+        progress = {"step": step, "epoch": epoch, "batches_done": batches_done, "run": run_definition(args)}
+        (path / "progress.json").write_text(json.dumps(progress))
     accelerator.wait_for_everyone()
+
+
+def resume(accelerator, args, output_dir: Path) -> tuple[int, int, int]:
+    """Load the newest complete checkpoint, after checking that it belongs to this run's settings."""
+    checkpoint = checkpoint_dirs(output_dir)[-1]
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (RuntimeError, KeyError, FileNotFoundError) as exc:
+        raise InputError(f"--resume: {checkpoint} does not fit this model ({str(exc).splitlines()[0]}). Resume with "
+                         "the same arguments, or start over with --overwrite.") from None
+    step = progress["step"]
+    if accelerator.is_main_process:  # the log keeps only what the resumed state has seen
+        log = output_dir / "metrics.jsonl"
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step] \
+            if log.exists() else []
+        log.write_text("".join(f"{line}\n" for line in kept))
+    accelerator.print(f"resumed from {checkpoint} at step {step}")
+    return step, progress["epoch"], progress["batches_done"]
 
 
 def finish(model, args, data, scores, step, train_seconds, output_dir: Path) -> None:
     adapter_dir = output_dir / "adapter"
-    model.save_pretrained(adapter_dir)
     command = "accelerate launch examples/train.py " + shlex.join(sys.argv[1:])
     results = {"mode": args.mode, "m": args.m, "lr": args.lr, "steps": step, "train_seconds": round(train_seconds, 1),
                "train_examples": len(data.train), "eval_examples": len(data.eval), "metrics": scores,
                "backbone": args.backbone, "dataset": args.dataset, "command": command}
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     title = f"memory-peft {args.mode} adapter on {Path(args.dataset).name}"
     plot_curves(read_log(output_dir / "metrics.jsonl"), output_dir / "curves.png", title)
     card = model_card(TEMPLATE, dict(title=title, base_model=args.backbone, dataset=args.dataset, mode=args.mode,
                                      m=args.m if "memory" in args.mode else 0, num_labels=data.num_labels,
                                      image_size=args.image_size, steps=step, eval_examples=len(data.eval),
                                      metrics=scores, command=command))
-    card.save(adapter_dir / "README.md")
+
+    def save_with_card(folder):
+        model.save_pretrained(folder)
+        card.save(Path(folder) / "README.md")
+
+    write_atomically(adapter_dir, save_with_card, overwrite=True)  # an earlier run's adapter stays until the swap
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     summary = ", ".join(f"{k} {100 * v:.2f}%" for k, v in scores.items())
     print(f"[{args.mode}] final accuracy after {step} steps ({train_seconds:.0f} s): {summary}")
     if args.push_to_hub:
-        model.push_to_hub(args.push_to_hub, private=args.private)
-        card.push_to_hub(args.push_to_hub)
+        push(model, card, args.push_to_hub, args.private, adapter_dir)
+
+
+def push(model, card, repo_id: str, private: bool, adapter_dir: Path) -> None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        model.push_to_hub(repo_id, private=private)
+        card.push_to_hub(repo_id)
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise InputError(f"Pushing to the Hub repo {repo_id!r} failed (HTTP {status}: {str(exc).splitlines()[0]}). "
+                         f"The adapter is saved in {adapter_dir}; push it later with "
+                         f"`huggingface_hub.upload_folder(repo_id=..., folder_path='{adapter_dir}')`.") from None
 
 
 if __name__ == "__main__":

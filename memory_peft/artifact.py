@@ -13,39 +13,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
-from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
 from safetensors import safe_open
 from torch import nn
 
+from .errors import InputError, OutputExistsError
 from .multitask import activate
-from .registration import PEFT_TYPE_NAME
+from .storage import adapter_file, read_config_file, verify_adapter, write_atomically
 
 FORMAT = "memory-peft-multitask"
 INDEX = "memory_tasks.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def _fetch(source: str, filename: str, subfolder: Optional[str] = None) -> Path:
-    """A file of a local folder or a Hub repo."""
-    local = Path(source, subfolder or "", filename)
-    if Path(source).is_dir():
-        if not local.is_file():
-            raise FileNotFoundError(f"{local} is missing: {source!r} is not a complete memory-peft adapter/artifact.")
-        return local
-    return Path(hf_hub_download(source, filename, subfolder=subfolder))
 
 
 def _read_adapter(name: str, source: str) -> dict:
-    config_path, weights_path = (_fetch(source, f) for f in ADAPTER_FILES)
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type") != PEFT_TYPE_NAME:
-        raise ValueError(f"Adapter '{name}' ({source}) is a {config.get('peft_type')} adapter, not memory tokens.")
+    config, config_path, weights_path = verify_adapter(source)
     with safe_open(str(weights_path), "pt") as f:
         class_token = [k for k in f.keys() if k.endswith("memory_class_token")]
         hidden = f.get_slice(class_token[0]).get_shape()[0] if class_token else None
@@ -56,7 +42,7 @@ def _read_adapter(name: str, source: str) -> dict:
 def _check_compatible(adapters: list[dict]) -> None:
     for adapter in adapters:
         if adapter["config"].get("mode") != "masked":
-            raise ValueError(
+            raise InputError(
                 f"Adapter '{adapter['name']}' uses mode={adapter['config'].get('mode')!r}: full attention changes the "
                 "backbone's tokens, so its outputs would change when combined with other tasks. Only adapters "
                 "trained with mode='masked' can be merged."
@@ -65,48 +51,25 @@ def _check_compatible(adapters: list[dict]) -> None:
     for adapter in adapters[1:]:
         for label, key in (("base model", "base_model_name_or_path"), ("backbone", "backbone")):
             if adapter["config"].get(key) != first["config"].get(key):
-                raise ValueError(
+                raise InputError(
                     f"Adapters '{first['name']}' and '{adapter['name']}' were trained on different {label}s: "
                     f"{first['config'].get(key)!r} vs {adapter['config'].get(key)!r}. Only adapters of one base merge."
                 )
         if adapter["hidden_size"] != first["hidden_size"]:
-            raise ValueError(
+            raise InputError(
                 f"Adapters '{first['name']}' and '{adapter['name']}' have different hidden sizes "
                 f"({first['hidden_size']} vs {adapter['hidden_size']}): they belong to different base models."
             )
-
-
-def _write_atomically(output_dir: Path, fill, overwrite: bool) -> Path:
-    """Build the folder under a temporary name beside ``output_dir``, then move it into place."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; pass overwrite=True to replace it.")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
-        fill(staging)
-        if output_dir.exists():
-            old = output_dir.with_name(f".{output_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(output_dir, old)
-            os.replace(staging, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output_dir
 
 
 def merge_adapters(adapters: Mapping[str, str], output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Merge ``{task name: adapter folder or Hub id}`` into one multi-task artifact folder (push it with
     ``huggingface_hub.upload_folder``). Refuses full-attention adapters and adapters of different base models."""
     if not adapters:
-        raise ValueError("merge_adapters needs at least one adapter {task name: folder or Hub id}.")
+        raise InputError("merge_adapters needs at least one adapter {task name: folder or Hub id}.")
     bad = [name for name in adapters if not name or "/" in name or name.startswith(".") or name == INDEX]
     if bad:
-        raise ValueError(f"Task names must be plain folder names; got {bad}.")
+        raise InputError(f"Task names must be plain folder names; got {bad}.")
     read = [_read_adapter(name, str(source)) for name, source in adapters.items()]
     _check_compatible(read)
     index = {"format": FORMAT, "version": 1, "tasks": [a["name"] for a in read],
@@ -120,7 +83,7 @@ def merge_adapters(adapters: Mapping[str, str], output_dir: str | os.PathLike, o
         (folder / INDEX).write_text(json.dumps(index, indent=2))
         _card(read, index).save(folder / "README.md")
 
-    return _write_atomically(Path(output_dir), fill, overwrite)
+    return write_atomically(Path(output_dir), fill, overwrite)
 
 
 def _card(read: list[dict], index: dict) -> ModelCard:
@@ -137,24 +100,28 @@ def _card(read: list[dict], index: dict) -> ModelCard:
 
 
 def read_index(source: str) -> dict:
-    index = json.loads(_fetch(source, INDEX).read_text())
+    index = read_config_file(adapter_file(source, INDEX))
     if index.get("format") != FORMAT:
-        raise ValueError(f"{source} is not a memory-peft multi-task artifact ({INDEX} has format {index.get('format')!r}).")
+        raise InputError(f"{source} is not a memory-peft multi-task artifact ({INDEX} has format {index.get('format')!r}).")
     return index
 
 
 def split_artifact(source: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
     """Write each task of a merged artifact as a standalone adapter folder ``output_dir/<task>``, byte for byte."""
     source = str(source)
+    tasks = read_index(source)["tasks"]
+    existing = [str(Path(output_dir) / task) for task in tasks if (Path(output_dir) / task).exists()]
+    if existing and not overwrite:  # checked before writing anything
+        raise OutputExistsError(f"{', '.join(existing)} already exists; pass overwrite=True (--overwrite) to replace.")
     out = {}
-    for task in read_index(source)["tasks"]:
-        files = [_fetch(source, name, subfolder=task) for name in ADAPTER_FILES]
+    for task in tasks:
+        files = verify_adapter(source, subfolder=task)[1:]
 
         def fill(folder: Path, files=files):
             for path in files:
                 shutil.copyfile(path, folder / path.name)
 
-        out[task] = _write_atomically(Path(output_dir) / task, fill, overwrite)
+        out[task] = write_atomically(Path(output_dir) / task, fill, overwrite)
     return out
 
 
@@ -165,7 +132,7 @@ def load_multitask(base_model: nn.Module, source: str | os.PathLike, tasks: Opti
     tasks = tasks or available
     missing = [t for t in tasks if t not in available]
     if missing:
-        raise ValueError(f"Tasks {missing} are not in {source}; it holds {available}.")
+        raise InputError(f"Tasks {missing} are not in {source}; it holds {available}.")
     model = PeftModel.from_pretrained(base_model, source, subfolder=tasks[0], adapter_name=tasks[0])
     for task in tasks[1:]:
         model.load_adapter(source, adapter_name=task, subfolder=task)

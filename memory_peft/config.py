@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
 from peft.config import PeftConfig
+
+from .errors import InputError
 
 MODES = ("full", "masked")
 
@@ -68,32 +70,42 @@ class MemoryTokenConfig(PeftConfig):
     def validate(self) -> None:
         """Raise a ValueError that names the bad field; called on creation and before injection."""
         if isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 0:
-            raise ValueError(f"MemoryTokenConfig.m must be an int >= 0 (memory tokens per layer), got {self.m!r}.")
+            raise InputError(f"MemoryTokenConfig.m must be an int >= 0 (memory tokens per layer), got {self.m!r}.")
         if self.mode not in MODES:
-            raise ValueError(f"MemoryTokenConfig.mode must be one of {MODES}, got {self.mode!r}.")
+            raise InputError(f"MemoryTokenConfig.mode must be one of {MODES}, got {self.mode!r}.")
         if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 1:
-            raise ValueError(f"MemoryTokenConfig.num_labels must be an int >= 1, got {self.num_labels!r}.")
+            raise InputError(f"MemoryTokenConfig.num_labels must be an int >= 1, got {self.num_labels!r}.")
         if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
-            raise ValueError(f"MemoryTokenConfig.init_std must be a number >= 0, got {self.init_std!r}.")
+            raise InputError(f"MemoryTokenConfig.init_std must be a number >= 0, got {self.init_std!r}.")
         if self.extends is not None:
             if self.mode != "masked":
-                raise ValueError("MemoryTokenConfig.extends (extension mode) needs mode='masked'.")
+                raise InputError("MemoryTokenConfig.extends (extension mode) needs mode='masked'.")
             if not isinstance(self.extends, (list, tuple)) or not all(isinstance(n, str) for n in self.extends):
-                raise ValueError(f"MemoryTokenConfig.extends must be a list of adapter names, got {self.extends!r}.")
+                raise InputError(f"MemoryTokenConfig.extends must be a list of adapter names, got {self.extends!r}.")
             self.extends = list(self.extends)
         if self.top_k is not None and (
             isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k
         ):
-            raise ValueError(f"MemoryTokenConfig.top_k must be None or an int >= 1, got {self.top_k!r}.")
+            raise InputError(f"MemoryTokenConfig.top_k must be None or an int >= 1, got {self.top_k!r}.")
+        for flag in ("train_class_token", "memory_layernorm"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InputError(f"MemoryTokenConfig.{flag} must be true or false, got {getattr(self, flag)!r}.")
+        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
+                                            or self.image_size < 1):
+            raise InputError(f"MemoryTokenConfig.image_size must be None or an int >= 1, got {self.image_size!r}.")
+        if self.label_names is not None and not (
+            isinstance(self.label_names, (list, tuple)) and all(isinstance(n, str) for n in self.label_names)
+        ):
+            raise InputError(f"MemoryTokenConfig.label_names must be a list of strings, got {self.label_names!r}.")
         if self.label_names is not None and len(self.label_names) != self.num_labels:
-            raise ValueError(
+            raise InputError(
                 f"MemoryTokenConfig.label_names has {len(self.label_names)} names for num_labels={self.num_labels}."
             )
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in self.layers
             ):
-                raise ValueError(f"MemoryTokenConfig.layers must be a list of layer indices, got {self.layers!r}.")
+                raise InputError(f"MemoryTokenConfig.layers must be a list of layer indices, got {self.layers!r}.")
             self.layers = sorted(set(self.layers))
 
     def memory_layers(self, num_layers: int) -> list[int]:
@@ -104,7 +116,32 @@ class MemoryTokenConfig(PeftConfig):
             return list(range(num_layers))
         bad = [i for i in self.layers if not 0 <= i < num_layers]
         if bad:
-            raise ValueError(
+            raise InputError(
                 f"MemoryTokenConfig.layers {bad} out of range: the backbone has {num_layers} layers (0..{num_layers - 1})."
             )
         return list(self.layers)
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """Refuse keys this version does not know (peft would drop them with a warning): a hand-edited or foreign
+        adapter_config.json must not load as something else silently."""
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise InputError(
+                f"adapter_config.json has unknown key(s) {unknown} for a memory-tokens adapter. Remove them, or "
+                "upgrade memory-peft if a newer version wrote this adapter."
+            )
+        return kwargs
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None, **kwargs):
+        """Load the config and check the adapter's weights file (present, complete, matching shapes) before peft
+        builds anything from it."""
+        from .storage import WEIGHTS_FILE, adapter_file, verify_weights
+
+        hub_kwargs = {k: v for k, v in cls._split_kwargs(kwargs)[0].items() if k not in ("subfolder", "user_agent")}
+        source = str(pretrained_model_name_or_path)
+        config = super().from_pretrained(source, subfolder=subfolder, **kwargs)
+        hidden = (config.backbone or {}).get("hidden_size")
+        verify_weights(adapter_file(source, WEIGHTS_FILE, subfolder, **hub_kwargs), config.m, hidden)
+        return config

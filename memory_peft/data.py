@@ -8,6 +8,8 @@ from typing import Optional
 import datasets
 import torch
 
+from .errors import InputError
+
 EVAL_SPLITS = ("test", "validation", "valid", "val")
 
 
@@ -28,7 +30,7 @@ def _find_column(split: datasets.Dataset, wanted: Optional[str], kind: type, fal
     columns = split.column_names
     if wanted is not None:
         if wanted not in columns:
-            raise ValueError(f"The dataset has no {what} column {wanted!r}; its columns are {columns}.")
+            raise InputError(f"The dataset has no {what} column {wanted!r}; its columns are {columns}.")
         return wanted
     for name, feature in split.features.items():
         if isinstance(feature, kind):
@@ -36,7 +38,7 @@ def _find_column(split: datasets.Dataset, wanted: Optional[str], kind: type, fal
     for name in fallbacks:
         if name in columns:
             return name
-    raise ValueError(f"Could not find the {what} column among {columns}; name it with --{what}_column.")
+    raise InputError(f"Could not find the {what} column among {columns}; name it with --{what}_column.")
 
 
 def load_image_data(
@@ -48,18 +50,26 @@ def load_image_data(
     seed: int = 0,
 ) -> ImageData:
     """Load train and eval splits (eval: test, else validation); subsets are a seeded shuffle of each split."""
-    splits = datasets.load_dataset(dataset)
+    try:
+        splits = datasets.load_dataset(dataset)
+    except FileNotFoundError as exc:
+        raise InputError(f"Dataset {dataset!r} was not found: give a Hub id or a local folder in Hub layout "
+                         f"({str(exc).splitlines()[0]}).") from None
+    except ValueError as exc:
+        if "corresponds to no data" not in str(exc):
+            raise
+        raise InputError(f"A split of dataset {dataset!r} is empty ({exc}); every split needs examples.") from None
     if "train" not in splits:
-        raise ValueError(f"Dataset {dataset!r} has no 'train' split; its splits are {list(splits)}.")
+        raise InputError(f"Dataset {dataset!r} has no 'train' split; its splits are {list(splits)}.")
     eval_name = next((name for name in EVAL_SPLITS if name in splits), None)
     if eval_name is None:
-        raise ValueError(f"Dataset {dataset!r} has no evaluation split (one of {EVAL_SPLITS}); found {list(splits)}.")
+        raise InputError(f"Dataset {dataset!r} has no evaluation split (one of {EVAL_SPLITS}); found {list(splits)}.")
     train, evaluation = splits["train"], splits[eval_name]
     image_column = _find_column(train, image_column, datasets.Image, ("image", "img", "pixel_values"), "image")
     label_column = _find_column(train, label_column, datasets.ClassLabel, ("label", "labels", "fine_label"), "label")
     for name, split in (("train", train), (eval_name, evaluation)):
         if len(split) == 0:
-            raise ValueError(f"The {name!r} split of {dataset!r} is empty.")
+            raise InputError(f"The {name!r} split of {dataset!r} is empty.")
     feature = train.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
         label_names = list(feature.names)

@@ -16,6 +16,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from .backbone import Backbone, check_signature, describe_backbone
 from .config import MemoryTokenConfig
+from .errors import InputError
 from .layer import MemoryLayer
 from .registration import PREFIX
 
@@ -80,10 +81,10 @@ class MemoryTokenModel(BaseTuner):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise ValueError(f"Unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}.")
+            raise InputError(f"Unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}.")
         full = [n for n in names if self.peft_config[n].mode == "full"]
         if len(names) > 1 and full:
-            raise ValueError(
+            raise InputError(
                 f"Adapter(s) {full} use full attention, which changes the backbone's tokens: they cannot run together "
                 "with other adapters. Only adapters trained with mode='masked' can be active at the same time."
             )
@@ -115,7 +116,7 @@ class MemoryTokenModel(BaseTuner):
         del self.memory_class_token[adapter_name], self.memory_head[adapter_name]
 
     def _check_merge_allowed(self):
-        raise ValueError("Memory tokens are extra keys/values, not a weight delta: they cannot be merged into weights.")
+        raise InputError("Memory tokens are extra keys/values, not a weight delta: they cannot be merged into weights.")
 
     def _unload_and_optionally_merge(self, merge=True, *args, **kwargs):
         if merge:
@@ -143,7 +144,7 @@ class MemoryTokenModel(BaseTuner):
         if kwargs:
             raise TypeError(f"memory adapters do not take the argument(s) {sorted(kwargs)}.")
         if pixel_values is None:
-            raise ValueError("pixel_values is required (a float tensor of shape (batch, channels, height, width)).")
+            raise InputError("pixel_values is required (a float tensor of shape (batch, channels, height, width)).")
         _, features = self.encode(pixel_values, names, interpolate_pos_encoding)
         outputs = {
             name: self._classify(name, features[:, t], _labels_for(labels, name, names))
@@ -164,6 +165,7 @@ class MemoryTokenModel(BaseTuner):
         """
         backbone = describe_backbone(self.model)
         dtype = backbone.embeddings.patch_embeddings.projection.weight.dtype
+        pixel_values = backbone.check_pixels(pixel_values, bool(interpolate_pos_encoding))
         embedded = backbone.embeddings(pixel_values.to(dtype), interpolate_pos_encoding=bool(interpolate_pos_encoding))
         class_tokens = torch.stack([self.memory_class_token[n] for n in adapter_names]).to(embedded.dtype)  # (T, D)
         class_tokens = class_tokens.expand(embedded.shape[0], -1, -1)
@@ -188,7 +190,7 @@ class MemoryTokenModel(BaseTuner):
             extends = self.peft_config[name].extends or []
             missing = [s for s in extends if s not in self.peft_config]
             if missing:
-                raise ValueError(
+                raise InputError(
                     f"Adapter '{name}' extends {missing}, which are not loaded: load them under these names first."
                 )
             memory_names += [s for s in extends if s not in memory_names]
@@ -223,7 +225,7 @@ def _labels_for(labels: Any, name: str, names: list[str]) -> Optional[torch.Tens
 
 def _check_label_range(labels: torch.Tensor, num_labels: int, name: str) -> None:
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
-        raise ValueError(
+        raise InputError(
             f"Labels for adapter '{name}' must lie in 0..{num_labels - 1} (its head has num_labels={num_labels}); "
             f"got values from {int(labels.min())} to {int(labels.max())}."
         )

@@ -7,6 +7,9 @@ from collections.abc import Iterable, Mapping
 from peft import PeftModel
 from torch import nn
 
+from .errors import InputError
+from .storage import verify_adapter
+
 
 def activate(model: PeftModel, adapter_names: Iterable[str]) -> PeftModel:
     """Make these adapters run together: their class tokens are appended and their memories placed side by side.
@@ -21,8 +24,10 @@ def activate(model: PeftModel, adapter_names: Iterable[str]) -> PeftModel:
 def load_adapters(base_model: nn.Module, adapters: Mapping[str, str], is_trainable: bool = False) -> PeftModel:
     """Load ``{name: local folder or Hub id}`` onto one base model and activate them all together."""
     if not adapters:
-        raise ValueError("load_adapters needs at least one adapter {name: path or Hub id}.")
+        raise InputError("load_adapters needs at least one adapter {name: path or Hub id}.")
     items = list(adapters.items())
+    for _, path in items:  # every adapter checked before anything is built
+        verify_adapter(path)
     first_name, first_path = items[0]
     model = PeftModel.from_pretrained(base_model, first_path, adapter_name=first_name, is_trainable=is_trainable)
     for name, path in items[1:]:

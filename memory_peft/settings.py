@@ -7,6 +7,7 @@ from torch import nn
 
 from .backbone import describe_backbone
 from .config import MemoryTokenConfig
+from .errors import InputError
 
 # setting -> (config fields, whether the backbone trains too)
 SETTINGS: dict[str, tuple[dict, bool]] = {
@@ -21,7 +22,7 @@ SETTINGS: dict[str, tuple[dict, bool]] = {
 def make_setting(name: str, num_labels: int, m: int = 5, **overrides) -> tuple[MemoryTokenConfig, bool]:
     """Config of a fine-tune setting and whether its backbone is trained (only 'full')."""
     if name not in SETTINGS:
-        raise ValueError(f"Unknown fine-tune setting {name!r}; choose one of {sorted(SETTINGS)}.")
+        raise InputError(f"Unknown fine-tune setting {name!r}; choose one of {sorted(SETTINGS)}.")
     fields, train_backbone = SETTINGS[name]
     fields = {"m": m, **fields, "num_labels": num_labels, **overrides}
     return MemoryTokenConfig(**fields), train_backbone

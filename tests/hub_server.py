@@ -98,6 +98,8 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/api/repos/create":
             payload = json.loads(body)
             repo = f"{payload.get('organization') or USER}/{payload['name']}"
+            if not repo.startswith(f"{USER}/"):
+                return self._error(403, "You don't have the rights to create a model under this namespace")
             with self.state.lock:
                 exists = repo in self.state.repos
                 self.state.repos.setdefault(repo, {})

@@ -1,0 +1,127 @@
+"""Files on disk: adapters are verified before loading and written atomically (temporary name, then rename)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+from huggingface_hub import hf_hub_download
+from safetensors import SafetensorError, safe_open
+
+from .errors import AdapterFileError, OutputExistsError, StorageError
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+def write_atomically(output_dir: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Build a folder under a temporary name beside ``output_dir``, then move it into place.
+
+    A crash or error while filling leaves ``output_dir`` as it was (the staging folder is removed, or, after a
+    SIGKILL, left behind under a hidden name). The swap of an existing folder is two renames.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise OutputExistsError(f"{output_dir} already exists; pass overwrite=True (--overwrite) to replace it.")
+    staging = None
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+        fill(staging)
+        if output_dir.exists():
+            old = output_dir.with_name(f".{output_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(output_dir, old)
+            os.replace(staging, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, output_dir)
+    except OSError as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        reason = {errno.ENOSPC: "no space left on device", errno.EACCES: "permission denied",
+                  errno.EROFS: "read-only file system", errno.EPERM: "operation not permitted"}.get(exc.errno)
+        if reason is None:
+            raise
+        raise StorageError(exc.errno, f"Could not write {output_dir}: {reason} ({exc.filename or output_dir}). "
+                           "Nothing was changed there; choose a writable location with free space.") from exc
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def save_adapter(model, output_dir: str | os.PathLike, overwrite: bool = False, **save_kwargs) -> Path:
+    """``model.save_pretrained(output_dir)``, atomically, refusing to replace another adapter unless ``overwrite``."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        held = "an adapter" if (output_dir / CONFIG_FILE).exists() else "files"
+        if held == "an adapter" or any(output_dir.iterdir()):
+            raise OutputExistsError(f"{output_dir} already holds {held}; pass overwrite=True (--overwrite) to "
+                                    "replace it, or choose another output directory.")
+    return write_atomically(output_dir, lambda folder: model.save_pretrained(folder, **save_kwargs), overwrite=True)
+
+
+def adapter_file(source: str | os.PathLike, filename: str, subfolder: Optional[str] = None, **hub_kwargs) -> Path:
+    """A file of a local adapter folder or a Hub repo (downloaded into the cache), or a clear error."""
+    folder = Path(source, subfolder or "")
+    if Path(source).is_dir():
+        if not (folder / filename).is_file():
+            present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+            raise AdapterFileError(f"{folder / filename} is missing (the folder holds {present}): {source!s} is not a "
+                                   "complete memory-peft adapter. Save or download it again.")
+        return folder / filename
+    return Path(hf_hub_download(str(source), filename, subfolder=subfolder, **hub_kwargs))
+
+
+def verify_weights(path: Path, expected_m: Optional[int] = None, hidden_size: Optional[int] = None) -> None:
+    """Check that a safetensors file is complete and holds memory-token tensors of the configured shapes."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise AdapterFileError(f"{path} is truncated or corrupted ({exc}). Save or download the adapter again.") \
+            from exc
+    foreign = [key for key in shapes if ".memory_" not in key]
+    if foreign or not shapes:
+        raise AdapterFileError(f"{path} does not hold memory-token weights (unexpected tensors {foreign[:5]}).")
+    for key, shape in shapes.items():
+        if "memory_tokens" in key and expected_m is not None and shape[0] != expected_m:
+            raise AdapterFileError(f"{path}: {key} has {shape[0]} memory tokens but adapter_config.json says "
+                                   f"m={expected_m}; the files do not belong together.")
+        if hidden_size is not None and key.endswith(("memory_class_token", "memory_tokens")) and \
+                shape[-1] != hidden_size:
+            raise AdapterFileError(f"{path}: {key} has width {shape[-1]} but the adapter was recorded for "
+                                   f"hidden_size={hidden_size}; the files do not belong together.")
+
+
+def read_config_file(path: Path) -> dict:
+    try:
+        config = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{path} is not valid JSON ({exc}); save or download the adapter again.") from exc
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{path} must hold a JSON object, got {type(config).__name__}.")
+    return config
+
+
+def verify_adapter(source: str | os.PathLike, subfolder: Optional[str] = None, **hub_kwargs) -> tuple[dict, Path, Path]:
+    """Check a memory adapter (local folder or Hub id) before loading it: (config dict, config path, weights path)."""
+    from .config import MemoryTokenConfig
+    from .registration import PEFT_TYPE_NAME
+
+    config_path = adapter_file(source, CONFIG_FILE, subfolder, **hub_kwargs)
+    config = read_config_file(config_path)
+    if config.get("peft_type") != PEFT_TYPE_NAME:
+        raise AdapterFileError(f"{source!s} is a {config.get('peft_type')!r} adapter, not a memory-tokens adapter "
+                               f"(adapter_config.json: peft_type={config.get('peft_type')!r}).")
+    checked = MemoryTokenConfig(**MemoryTokenConfig.check_kwargs(**config))  # unknown keys, wrong types
+    weights_path = adapter_file(source, WEIGHTS_FILE, subfolder, **hub_kwargs)
+    verify_weights(weights_path, checked.m, (checked.backbone or {}).get("hidden_size"))
+    return config, config_path, weights_path

@@ -1,0 +1,120 @@
+"""Training survives SIGKILL, weights are never unpickled, and serving does not grow memory."""
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, SHARED, tiny_vit
+from test_train_script import TINY, adapter_tensors, train
+
+SOURCES = [ROOT / "memory_peft", ROOT / "examples", ROOT / "benchmarks"]
+
+
+def test_sigkill_mid_epoch_then_resume_reaches_the_same_weights(tmp_path):
+    """Kill -9 right after a checkpoint, mid-epoch (6 batches an epoch, 10 steps), resume, finish: same weights as an
+    uninterrupted run, and at most one checkpoint interval of work redone."""
+    if not (SHARED / "data" / "cifar10").is_dir():
+        pytest.skip("bundled CIFAR-10 not found")
+    interval = 2
+    common = ["--mode", "memory-masked", "--m", "2", "--max_steps", "10", "--seed", "5",
+              "--checkpoint_every", str(interval)]
+    train(tmp_path / "straight", *common)
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, str(ROOT / "examples" / "train.py"), "--output_dir", str(killed), *TINY, *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_4" / "progress.json").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and not (killed / "adapter").exists()
+    logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+
+    result = train(killed, *common, "--resume")
+    resumed_at = int(result.stdout.split("at step ")[1].split()[0])
+    assert resumed_at >= 4 and max(logged) - resumed_at <= interval  # lost at most one checkpoint interval
+    straight, resumed = adapter_tensors(tmp_path / "straight"), adapter_tensors(killed)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=1e-5)
+    log = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "train/loss" in r] == list(range(1, 11))  # no step logged twice
+
+
+def unsafe_loads(path):
+    """Calls of torch.load / pickle.load(s) / torch.jit.load without weights_only=True, and trust_remote_code=True."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+        if name.endswith(("torch.load", "pickle.load", "pickle.loads", "jit.load", "numpy.load", "np.load")) or \
+                name in ("load", "loads") and isinstance(node.func, ast.Name):
+            if keywords.get("weights_only") != "True" and keywords.get("allow_pickle") != "False":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+        if keywords.get("trust_remote_code") == "True":
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_unpickling_anywhere_in_the_package():
+    files = [p for folder in SOURCES for p in folder.rglob("*.py")]
+    assert len(files) > 15
+    assert [hit for path in files for hit in unsafe_loads(path)] == []
+
+
+def test_the_scan_catches_unsafe_loads(tmp_path):
+    sample = ROOT / "benchmarks" / ".scan_sample.py"
+    sample.write_text("import torch, pickle\ntorch.load('x')\npickle.loads(b'')\ntorch.load('y', weights_only=True)\n"
+                      "AutoModel.from_pretrained('z', trust_remote_code=True)\n")
+    try:
+        assert [hit.split(": ")[1] for hit in unsafe_loads(sample)] == [
+            "torch.load('x')", "pickle.loads(b'')", "AutoModel.from_pretrained('z', trust_remote_code=True)"]
+    finally:
+        sample.unlink()
+
+
+def test_loading_adapters_and_artifacts_never_calls_torch_load(tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    from memory_peft import load_adapters
+    from memory_peft.artifact import load_multitask, split_artifact
+    from test_artifact import save_adapter
+
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    vit = tiny_vit()
+    for seed, name in enumerate(("a", "b")):
+        save_adapter(vit, tmp_path / name, seed, m=2)
+    PeftModel.from_pretrained(tiny_vit(), tmp_path / "a")
+    load_adapters(tiny_vit(), {"a": tmp_path / "a", "b": tmp_path / "b"})
+    from memory_peft.artifact import merge_adapters
+
+    merged = merge_adapters({"a": tmp_path / "a", "b": tmp_path / "b"}, tmp_path / "merged")
+    load_multitask(tiny_vit(), merged)
+    split_artifact(merged, tmp_path / "split")
+    assert calls == []
+
+
+def test_a_thousand_forwards_with_ten_merged_adapters_do_not_grow_memory(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from memory_growth import merged_model, rss_growth
+
+    model = merged_model(tiny_vit(image_size=32), tasks=10, m=5, folder=tmp_path)
+    result = rss_growth(model, torch.randn(4, 3, 32, 32), forwards=1000)
+    print(f"RSS {result['rss_before_mb']:.1f} -> {result['rss_after_mb']:.1f} MB over 1000 forwards")
+    assert result["tasks"] == 10
+    assert result["growth_mb"] < 2.0
