@@ -24,15 +24,10 @@ def attend(attention: torch.nn.Module, query, key, value, mask=None) -> torch.Te
     if mask is not None:
         mask = mask.to(q.dtype)
         mask = mask[None, None] if mask.dim() == 2 else mask
-    out, _ = interface(
-        attention,
-        q,
-        k,
-        v,
-        mask,
-        dropout=attention.attention_dropout if attention.training else 0.0,
-        scaling=attention.scaling,
-    )
+    # ViT-style modules name them attention_dropout / scaling, CLIP's dropout / scale
+    dropout = getattr(attention, "attention_dropout", getattr(attention, "dropout", 0.0))
+    scaling = getattr(attention, "scaling", getattr(attention, "scale", head_dim**-0.5))
+    out, _ = interface(attention, q, k, v, mask, dropout=dropout if attention.training else 0.0, scaling=scaling)
     return out.reshape(*query.shape[:2], -1)
 
 

@@ -1,26 +1,87 @@
-"""Where the parts of a supported ViT live: the one place that knows model classes."""
+"""The one place that knows model classes: where each supported ViT keeps its parts, as two small tables.
+
+Everything else (the memory layer, the tuner, the settings) works on the parts named here, so a new pre-LN ViT
+family is a new row, not a new layer class.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .errors import InputError, UnsupportedModelError
 
-# model class name -> attribute path of the ViTModel-like encoder inside it ("" = the model itself)
-SUPPORTED_BACKBONES = {
-    "ViTModel": "",
-    "ViTForImageClassification": "vit",
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where a model class keeps its encoder parts (attribute paths from the model)."""
+
+    embeddings: str  # pixel_values -> (B, 1 + extra + N, D): class token first, position embedding included
+    layers: str  # the pre-LN transformer layers
+    final_norm: str  # LayerNorm that the heads read
+    pre_norm: Optional[str] = None  # CLIP: LayerNorm on the embeddings before the first layer
+    interpolates: bool = False  # Dinov2: the embeddings always interpolate the position embedding (no flag)
+
+
+def _vit(prefix: str = "") -> Architecture:
+    return Architecture(f"{prefix}embeddings", f"{prefix}layers", f"{prefix}layernorm")
+
+
+# DeiT: the distillation token (position 1) is a base token like the patches: every class token reads it, nothing in
+# masked mode changes it, and in full mode the task's class token replaces only the class token at position 0.
+ARCHITECTURES = {
+    "ViTModel": _vit(),
+    "ViTForImageClassification": _vit("vit."),
+    "DeiTModel": _vit(),
+    "Dinov2Model": Architecture("embeddings", "encoder.layer", "layernorm", interpolates=True),
+    "CLIPVisionModel": Architecture("embeddings", "encoder.layers", "post_layernorm", pre_norm="pre_layrnorm"),
 }
+SUPPORTED_BACKBONES = tuple(ARCHITECTURES)
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """Attribute names inside one pre-LN layer: x + post_attention(o(attn(norm_before(x)))), then the MLP likewise."""
+
+    norm_before: str
+    attention: str
+    projections: tuple[str, str, str, str]  # query, key, value, output (inside ``attention``)
+    norm_after: str
+    mlp: str
+    post_attention: tuple[str, ...] = ()  # applied in order to the attention branch (dropout, LayerScale, ...)
+    post_mlp: tuple[str, ...] = ()
+
+
+_VIT_LAYER = LayerParts("layernorm_before", "attention", ("q_proj", "k_proj", "v_proj", "o_proj"), "layernorm_after",
+                        "mlp", ("dropout",), ("dropout",))
+LAYERS = {
+    "ViTLayer": _VIT_LAYER,
+    "DeiTLayer": _VIT_LAYER,
+    "Dinov2Layer": LayerParts("norm1", "attention", ("q_proj", "k_proj", "v_proj", "o_proj"), "norm2", "mlp",
+                              ("layer_scale1", "drop_path"), ("layer_scale2", "drop_path")),
+    "CLIPEncoderLayer": LayerParts("layer_norm1", "self_attn", ("q_proj", "k_proj", "v_proj", "out_proj"),
+                                   "layer_norm2", "mlp"),
+}
+
+
+def layer_parts(layer: nn.Module) -> LayerParts:
+    name = type(layer).__name__
+    if name not in LAYERS:
+        raise UnsupportedModelError(f"memory-peft cannot adapt a layer of type {name}; supported: {', '.join(LAYERS)}.")
+    return LAYERS[name]
 
 
 @dataclass
 class Backbone:
-    embeddings: nn.Module  # pixel_values -> (B, 1 + N, D), class token + position embedding included
-    layers: nn.ModuleList  # pre-LN transformer layers
-    final_norm: nn.Module  # LayerNorm read by the heads
+    model: nn.Module
+    architecture: Architecture
+    embeddings: nn.Module
+    layers: nn.ModuleList
+    final_norm: nn.Module
+    pre_norm: Optional[nn.Module]
     hidden_size: int
     num_layers: int
     patch_size: int
@@ -31,6 +92,34 @@ class Backbone:
     def signature(self) -> dict:
         """What an adapter must match to load onto this backbone."""
         return {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "patch_size": self.patch_size}
+
+    def embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
+        """(B, C, H, W) -> the first layer's input (B, 1 + extra + N, D)."""
+        if self.architecture.interpolates:
+            embedded = self.embeddings(pixel_values)
+        else:
+            embedded = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        return self.pre_norm(embedded) if self.pre_norm is not None else embedded
+
+    def initial_class_token(self) -> torch.Tensor:
+        """(D,) float32: what the pretrained model feeds the first layer at the class-token position."""
+        e = self.embeddings
+        if hasattr(e, "class_embedding"):  # CLIP: a vector and an nn.Embedding of positions
+            start = e.class_embedding + e.position_embedding.weight[0]
+        else:
+            start = e.cls_token[0, 0] + e.position_embeddings[0, 0]
+        if self.pre_norm is not None:
+            start = self.pre_norm(start)
+        return start.detach().float().clone()
+
+    def full_fine_tuning_parameters(self) -> list[nn.Parameter]:
+        """What full fine-tuning trains: all the adapted forward uses. The pretrained class token (replaced by the
+        task's), mask token, pooler and stock classifier stay frozen, so DDP finds a gradient for every weight."""
+        unused = ("cls_token", "class_embedding", "mask_token")
+        params = [p for n, p in self.embeddings.named_parameters() if not n.endswith(unused)]
+        for module in (self.layers, self.final_norm, self.pre_norm):
+            params += list(module.parameters()) if module is not None else []
+        return params
 
     def check_pixels(self, pixel_values, interpolate_pos_encoding: bool) -> torch.Tensor:
         """Name what is wrong with an input batch; grayscale (one channel) is repeated to the backbone's channels."""
@@ -46,37 +135,41 @@ class Backbone:
         if height % self.patch_size or width % self.patch_size:
             raise InputError(f"Image size {height}x{width} is not a multiple of the patch size {self.patch_size}: "
                              "resize the images (e.g. set the image processor's size) to a multiple of it.")
-        if not interpolate_pos_encoding and (height, width) != (self.image_size, self.image_size):
+        interpolates = interpolate_pos_encoding or self.architecture.interpolates
+        if not interpolates and (height, width) != (self.image_size, self.image_size):
             raise InputError(f"Image size {height}x{width} differs from the backbone's {self.image_size}x"
                              f"{self.image_size}: pass interpolate_pos_encoding=True, or resize the images.")
         return pixel_values
 
 
 def describe_backbone(model: nn.Module) -> Backbone:
-    """Find embeddings, layers and final norm of a supported ViT, or say what is supported."""
+    """Find the parts of a supported ViT, or say what is supported."""
     name = type(model).__name__
-    if name not in SUPPORTED_BACKBONES:
+    if name not in ARCHITECTURES:
         raise UnsupportedModelError(
-            f"memory-peft cannot adapt a {name}: supported backbones are {', '.join(SUPPORTED_BACKBONES)} "
-            "(transformers ViT family). Load the base model with one of these classes, e.g. "
-            "ViTModel.from_pretrained(path, add_pooling_layer=False)."
+            f"memory-peft cannot adapt a {name}: supported backbones are {', '.join(SUPPORTED_BACKBONES)}. Load the "
+            "base model with one of these classes, e.g. ViTModel.from_pretrained(path, add_pooling_layer=False)."
         )
-    encoder = model.get_submodule(SUPPORTED_BACKBONES[name])
-    layers = encoder.layers
+    arch = ARCHITECTURES[name]
+    layers = model.get_submodule(arch.layers)
+    config = model.config
     return Backbone(
-        embeddings=encoder.embeddings,
+        model=model,
+        architecture=arch,
+        embeddings=model.get_submodule(arch.embeddings),
         layers=layers,
-        final_norm=encoder.layernorm,
-        hidden_size=encoder.config.hidden_size,
+        final_norm=model.get_submodule(arch.final_norm),
+        pre_norm=model.get_submodule(arch.pre_norm) if arch.pre_norm else None,
+        hidden_size=config.hidden_size,
         num_layers=len(layers),
-        patch_size=encoder.config.patch_size,
-        image_size=encoder.config.image_size,
-        num_channels=encoder.config.num_channels,
+        patch_size=config.patch_size,
+        image_size=config.image_size,
+        num_channels=config.num_channels,
     )
 
 
 def check_signature(recorded: dict | None, backbone: Backbone, what: str = "This adapter") -> None:
-    """Raise a ValueError naming each mismatch between a recorded backbone signature and this backbone."""
+    """Raise an InputError naming each mismatch between a recorded backbone signature and this backbone."""
     if not recorded:
         return
     actual = backbone.signature
@@ -87,3 +180,10 @@ def check_signature(recorded: dict | None, backbone: Backbone, what: str = "This
             f"{what} was trained on a different backbone: {', '.join(wrong)}. Load it onto the base model it was "
             "trained with (see base_model_name_or_path in its adapter_config.json)."
         )
+
+
+def apply_in_order(module: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+    for name in names:
+        x = getattr(module, name)(x)
+    return x
+

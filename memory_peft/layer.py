@@ -13,10 +13,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .attention import attend, restrict_to_top_k, task_row_mask
+from .backbone import apply_in_order, layer_parts
 
 
 class MemoryLayer(nn.Module, BaseTunerLayer):
-    """Wraps a pre-LN ViT layer (``layernorm_before`` -> ``attention`` -> ``layernorm_after`` -> ``mlp``)."""
+    """Wraps a pre-LN ViT-family layer (norm -> attention -> norm -> MLP; part names from ``backbone.LAYERS``)."""
 
     adapter_layer_names = ("memory_tokens",)
     other_param_names = ("memory_layernorm", "memory_top_k")
@@ -25,6 +26,7 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         nn.Module.__init__(self)
         self.base_layer = base_layer
         self.layer_index = layer_index
+        self.parts = layer_parts(base_layer)
         self.memory_tokens = nn.ParameterDict()  # adapter -> (m, D)
         self.memory_layernorm: dict[str, bool] = {}  # adapter -> memory passes through layernorm_before
         self.memory_top_k: dict[str, int | None] = {}  # adapter -> each query reads its k best memory entries
@@ -38,7 +40,7 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         self.memory_layernorm[adapter_name] = memory_layernorm
         self.memory_top_k[adapter_name] = top_k
         if m > 0:
-            reference = self.base_layer.layernorm_before.weight
+            reference = self.norm_before.weight
             memory = torch.empty(m, reference.shape[0], device=reference.device, dtype=torch.float32)
             self.memory_tokens[adapter_name] = nn.Parameter(nn.init.normal_(memory, std=init_std))
         self.set_adapter(self.active_adapters)
@@ -48,14 +50,25 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         return self.base_layer(hidden_states, *args, **kwargs)
 
     # --- pieces shared by both modes -------------------------------------------------------------------------------
+    @property
+    def norm_before(self) -> nn.Module:
+        return getattr(self.base_layer, self.parts.norm_before)
+
+    @property
+    def attention(self) -> nn.Module:
+        return getattr(self.base_layer, self.parts.attention)
+
+    def _projection(self, which: int) -> nn.Linear:
+        return getattr(self.attention, self.parts.projections[which])
+
     def _qkv(self, normed: torch.Tensor):
-        attention = self.base_layer.attention
-        return attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
+        return self._projection(0)(normed), self._projection(1)(normed), self._projection(2)(normed)
 
     def _residual_and_mlp(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        layer = self.base_layer
-        x = x + layer.dropout(layer.attention.o_proj(attended))
-        return x + layer.dropout(layer.mlp(layer.layernorm_after(x)))
+        layer, parts = self.base_layer, self.parts
+        x = x + apply_in_order(layer, parts.post_attention, self._projection(3)(attended))
+        mlp_out = getattr(layer, parts.mlp)(getattr(layer, parts.norm_after)(x))
+        return x + apply_in_order(layer, parts.post_mlp, mlp_out)
 
     def memory_blocks(self, memory_names: list[str], dtype: torch.dtype) -> "MemoryBlocks":
         """Keys and values of these adapters' memories in this layer, side by side.
@@ -66,9 +79,9 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         if torch.is_grad_enabled():
             self._memory_cache.clear()
             return self._build_blocks(memory_names, dtype)
-        attention, norm = self.base_layer.attention, self.base_layer.layernorm_before
-        weights = (norm.weight, norm.bias, attention.k_proj.weight, attention.k_proj.bias, attention.v_proj.weight,
-                   attention.v_proj.bias, *(self.memory_tokens[n] for n in memory_names if n in self.memory_tokens))
+        norm, key, value = self.norm_before, self._projection(1), self._projection(2)
+        weights = (norm.weight, norm.bias, key.weight, key.bias, value.weight, value.bias,
+                   *(self.memory_tokens[n] for n in memory_names if n in self.memory_tokens))
         stamp = tuple((t._version, t.data_ptr(), t.device) for t in weights if t is not None) + tuple(
             (self.memory_layernorm.get(n), self.memory_top_k.get(n)) for n in memory_names
         )
@@ -100,9 +113,8 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
     def _project_memory(self, memory, dtype, through_layernorm: bool):
         memory = memory.to(dtype)
         if through_layernorm:
-            memory = self.base_layer.layernorm_before(memory)
-        attention = self.base_layer.attention
-        return attention.k_proj(memory), attention.v_proj(memory)
+            memory = self.norm_before(memory)
+        return self._projection(1)(memory), self._projection(2)(memory)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._memory_cache.clear()
@@ -111,8 +123,8 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
     # --- full attention: every token reads the memory ---------------------------------------------------------------
     def forward_full(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """x (B, n, D) with the task's class token at position 0 -> (B, n, D)."""
-        attention = self.base_layer.attention
-        query, key, value = self._qkv(self.base_layer.layernorm_before(x))
+        attention = self.attention
+        query, key, value = self._qkv(self.norm_before(x))
         blocks = self.memory_blocks([adapter_name], x.dtype)
         mask = None
         if blocks.keys is not None:
@@ -134,23 +146,23 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         base rows without autograd, so that only the class-token path is differentiated.
         """
         n = num_base
-        if torch.is_grad_enabled() and not self.base_layer.attention.q_proj.weight.requires_grad:
+        if torch.is_grad_enabled() and not self._projection(0).weight.requires_grad:
             base, tasks = x[:, :n], x[:, n:].contiguous()  # a copy: saving a view would keep all of x alive
             with torch.no_grad():
-                base_q, base_k, base_v = self._qkv(self.base_layer.layernorm_before(base))
-                new_base = self._residual_and_mlp(base, attend(self.base_layer.attention, base_q, base_k, base_v))
-            task_q, task_k, task_v = self._qkv(self.base_layer.layernorm_before(tasks))
+                base_q, base_k, base_v = self._qkv(self.norm_before(base))
+                new_base = self._residual_and_mlp(base, attend(self.attention, base_q, base_k, base_v))
+            task_q, task_k, task_v = self._qkv(self.norm_before(tasks))
             keys, values = torch.cat([base_k, task_k], 1), torch.cat([base_v, task_v], 1)
             new_tasks = self._residual_and_mlp(tasks, self._task_attention(task_q, keys, values, n, memory_names, reads))
             return torch.cat([new_base, new_tasks], 1)
-        query, key, value = self._qkv(self.base_layer.layernorm_before(x))
-        base_out = attend(self.base_layer.attention, query[:, :n], key[:, :n], value[:, :n])
+        query, key, value = self._qkv(self.norm_before(x))
+        base_out = attend(self.attention, query[:, :n], key[:, :n], value[:, :n])
         task_out = self._task_attention(query[:, n:], key, value, n, memory_names, reads)
         return self._residual_and_mlp(x, torch.cat([base_out, task_out], 1))
 
     def _task_attention(self, task_query, key, value, n, memory_names, reads):
         """T task query rows over [n base + T class-token keys; memory blocks], masked per task."""
-        attention = self.base_layer.attention
+        attention = self.attention
         blocks = self.memory_blocks(memory_names, task_query.dtype)
         if blocks.keys is not None:
             batch = key.shape[0]

@@ -49,9 +49,8 @@ class MemoryTokenModel(BaseTuner):
         _install_forward(model, self)
 
     def _add_class_token_and_head(self, adapter_name: str, config: MemoryTokenConfig, backbone: Backbone) -> None:
-        embeddings = backbone.embeddings
         with torch.no_grad():
-            start = (embeddings.cls_token[0, 0] + embeddings.position_embeddings[0, 0]).float().clone()
+            start = backbone.initial_class_token()
         self.memory_class_token[adapter_name] = nn.Parameter(start)
         head = nn.Linear(backbone.hidden_size, config.num_labels, device=start.device, dtype=torch.float32)
         nn.init.zeros_(head.weight)  # a zero head starts every task at the uniform prediction
@@ -164,9 +163,9 @@ class MemoryTokenModel(BaseTuner):
         in full mode, where the backbone's tokens change), ``features`` (B, T, D) the final-normed task class tokens.
         """
         backbone = describe_backbone(self.model)
-        dtype = backbone.embeddings.patch_embeddings.projection.weight.dtype
+        dtype = backbone.final_norm.weight.dtype
         pixel_values = backbone.check_pixels(pixel_values, bool(interpolate_pos_encoding))
-        embedded = backbone.embeddings(pixel_values.to(dtype), interpolate_pos_encoding=bool(interpolate_pos_encoding))
+        embedded = backbone.embed(pixel_values.to(dtype), bool(interpolate_pos_encoding))
         class_tokens = torch.stack([self.memory_class_token[n] for n in adapter_names]).to(embedded.dtype)  # (T, D)
         class_tokens = class_tokens.expand(embedded.shape[0], -1, -1)
         if self.peft_config[adapter_names[0]].mode == "full":

@@ -33,11 +33,6 @@ def apply_setting(model: nn.Module, name: str, num_labels: int, m: int = 5, **ov
     config, train_backbone = make_setting(name, num_labels, m, **overrides)
     peft_model = get_peft_model(model, config)
     if train_backbone:
-        # only what the adapted forward uses: the pretrained class token (replaced by the task's) and any pooler or
-        # stock classifier stay frozen, so that DDP finds a gradient for every trainable weight
-        backbone = describe_backbone(peft_model.base_model.model)
-        used = [backbone.embeddings.patch_embeddings, backbone.layers, backbone.final_norm]
-        for module in used:
-            module.requires_grad_(True)
-        backbone.embeddings.position_embeddings.requires_grad_(True)
+        for parameter in describe_backbone(peft_model.base_model.model).full_fine_tuning_parameters():
+            parameter.requires_grad_(True)
     return peft_model
