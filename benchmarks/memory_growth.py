@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memory_peft.backbone import load_backbone  # noqa: E402
 from memory_peft.assets import default_backbone  # noqa: E402
 
 
@@ -71,9 +72,9 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--image_size", type=int, default=56)
     args = p.parse_args(argv)
-    from transformers import ViTModel
 
-    vit = ViTModel.from_pretrained(args.backbone or default_backbone(), add_pooling_layer=False)
+
+    vit = load_backbone(args.backbone or default_backbone())
     with tempfile.TemporaryDirectory() as folder:
         model = merged_model(vit, args.tasks, args.m, Path(folder))
     pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size)

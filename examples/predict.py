@@ -16,11 +16,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, ViTModel
+from transformers import AutoImageProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory_peft import load_adapters  # noqa: E402
 from memory_peft.artifact import load_multitask  # noqa: E402
+from memory_peft.backbone import load_backbone  # noqa: E402
+from memory_peft.cli import named_sources  # noqa: E402
+from memory_peft.errors import InputError  # noqa: E402
 from memory_peft.assets import default_backbone  # noqa: E402
 
 
@@ -39,14 +42,12 @@ def main(argv=None) -> dict[str, list[list[tuple[str, float]]]]:
     args = parse_args(argv)
     if bool(args.adapter) == bool(args.artifact):
         raise SystemExit("Give either --adapter NAME=PATH (repeatable) or --artifact PATH.")
-    adapters = {}
-    for item in args.adapter:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--adapter expects NAME=PATH_OR_HUB_ID, got {item!r}.")
-        adapters[name] = path
+    try:
+        adapters = named_sources(args.adapter, "--adapter expects NAME=PATH_OR_HUB_ID")
+    except InputError as exc:
+        raise SystemExit(f"error: {exc}") from None
     backbone = args.backbone or default_backbone()
-    vit = ViTModel.from_pretrained(backbone, add_pooling_layer=False)
+    vit = load_backbone(backbone)
     model = load_multitask(vit, args.artifact) if args.artifact else load_adapters(vit, adapters)
     model.eval()
     configs = model.peft_config

@@ -187,3 +187,19 @@ def apply_in_order(module: nn.Module, names: tuple[str, ...], x: torch.Tensor) -
         x = getattr(module, name)(x)
     return x
 
+
+
+def load_backbone(name_or_path: str, **kwargs) -> nn.Module:
+    """A supported backbone from a Hub id or local folder, chosen by its config's model_type (CLIP: the vision tower)."""
+    from transformers import AutoConfig, CLIPVisionModel, DeiTModel, Dinov2Model, ViTModel
+
+    model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    if model_type in ("vit", "deit"):
+        cls = ViTModel if model_type == "vit" else DeiTModel
+        return cls.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
+    if model_type == "dinov2":
+        return Dinov2Model.from_pretrained(name_or_path, **kwargs)
+    if model_type in ("clip", "clip_vision_model"):
+        return CLIPVisionModel.from_pretrained(name_or_path, **kwargs)
+    raise UnsupportedModelError(f"{name_or_path} is a {model_type!r} model; memory-peft loads vit, deit, dinov2 and clip "
+                                f"checkpoints ({', '.join(SUPPORTED_BACKBONES)}).")

@@ -6,6 +6,7 @@ model instance (restored on ``unload``): embeddings -> class tokens in place/app
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Any, Optional
 
@@ -140,13 +141,16 @@ class MemoryTokenModel(BaseTuner):
             return type(self.model).forward(
                 self.model, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
             )
+        # Trainer passes the number of labelled examples over all accumulated batches: the loss is then a sum over
+        # this batch divided by it, so that accumulated gradients equal one big batch's
+        num_items = kwargs.pop("num_items_in_batch", None)
         if kwargs:
             raise TypeError(f"memory adapters do not take the argument(s) {sorted(kwargs)}.")
         if pixel_values is None:
             raise InputError("pixel_values is required (a float tensor of shape (batch, channels, height, width)).")
         _, features = self.encode(pixel_values, names, interpolate_pos_encoding)
         outputs = {
-            name: self._classify(name, features[:, t], _labels_for(labels, name, names))
+            name: self._classify(name, features[:, t], _labels_for(labels, name, names), num_items)
             for t, name in enumerate(names)
         }
         if len(names) == 1:
@@ -196,7 +200,8 @@ class MemoryTokenModel(BaseTuner):
             reads.append([memory_names.index(name)] + [memory_names.index(s) for s in extends])
         return memory_names, reads
 
-    def _classify(self, name: str, feature: torch.Tensor, labels: Optional[torch.Tensor]) -> ImageClassifierOutput:
+    def _classify(self, name: str, feature: torch.Tensor, labels: Optional[torch.Tensor],
+                  num_items: Optional[int] = None) -> ImageClassifierOutput:
         head = self.memory_head[name]
         logits = head(feature.to(head.weight.dtype))
         loss = None
@@ -206,7 +211,10 @@ class MemoryTokenModel(BaseTuner):
                 loss = nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
             else:
                 _check_label_range(labels, logits.shape[-1], name)
-                loss = nn.functional.cross_entropy(logits.float(), labels.long())
+                if num_items is None:
+                    loss = nn.functional.cross_entropy(logits.float(), labels.long())
+                else:
+                    loss = nn.functional.cross_entropy(logits.float(), labels.long(), reduction="sum") / num_items
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
@@ -238,5 +246,9 @@ def _install_forward(model: nn.Module, tuner: MemoryTokenModel) -> None:
 
     def forward(*args, **kwargs):
         return tuner_ref().memory_forward(*args, **kwargs)
+
+    # transformers.Trainer keeps only the dataset columns named in forward's signature: show it the real one
+    signature = inspect.signature(MemoryTokenModel.memory_forward)
+    forward.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
 
     model.forward = forward

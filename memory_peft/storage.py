@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError,
+                                     RepositoryNotFoundError)
 from safetensors import SafetensorError, safe_open
 
 from .errors import AdapterFileError, OutputExistsError, StorageError
@@ -77,7 +79,11 @@ def adapter_file(source: str | os.PathLike, filename: str, subfolder: Optional[s
             raise AdapterFileError(f"{folder / filename} is missing (the folder holds {present}): {source!s} is not a "
                                    "complete memory-peft adapter. Save or download it again.")
         return folder / filename
-    return Path(hf_hub_download(str(source), filename, subfolder=subfolder, **hub_kwargs))
+    try:
+        return Path(hf_hub_download(str(source), filename, subfolder=subfolder, **hub_kwargs))
+    except (HFValidationError, RepositoryNotFoundError, EntryNotFoundError, LocalEntryNotFoundError) as exc:
+        raise AdapterFileError(f"{source!s} is neither a local folder nor a Hub repo holding "
+                               f"{Path(subfolder or '', filename)} ({exc.__class__.__name__}).") from None
 
 
 def verify_weights(path: Path, expected_m: Optional[int] = None, hidden_size: Optional[int] = None) -> None:

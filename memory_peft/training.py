@@ -1,0 +1,320 @@
+"""Train a memory adapter (or any of the paper's fine-tune settings) with accelerate.
+
+    accelerate launch examples/train.py --mode memory --m 5          # GPU(s), CPU, mixed precision via accelerate
+    python examples/train.py --mode head --max_steps 100              # the same, single process
+    memory-peft train --mode head --max_steps 100                     # the same, as the console script
+
+Defaults: the bundled backbone and CIFAR-10 from ../shared (MEMORY_PEFT_SHARED), else the paper's Hub ids; the
+paper's recipe: SGD momentum 0.9, cosine schedule with linear warmup, gradient clipping 1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, get_cosine_schedule_with_warmup
+
+from .assets import default_backbone, default_dataset
+from .backbone import load_backbone
+from .data import collate, image_transform, load_image_data
+from .errors import InputError, MemoryPeftError, OutputExistsError
+from .metrics import load_top_k_accuracy
+from .reporting import JSONLinesTracker, model_card, plot_curves, read_log
+from .settings import SETTINGS, apply_setting
+from .storage import write_atomically
+
+TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
+# the arguments a checkpoint must share with the run that resumes it
+RUN_DEFINING = ("backbone", "dataset", "image_column", "label_column", "train_size", "image_size", "mode", "m", "lr",
+                "batch_size", "grad_accum", "epochs", "max_steps", "warmup_steps", "grad_clip", "augment", "seed")
+
+
+def parse_args(argv=None, prog=None):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default=None, help="Hub id or local folder of a ViT (default: bundled ViT-S/14)")
+    p.add_argument("--dataset", default=None, help="Hub id or local folder in Hub layout (default: CIFAR-10)")
+    p.add_argument("--image_column", default=None)
+    p.add_argument("--label_column", default=None)
+    p.add_argument("--train_size", type=int, default=2000, help="train subset (0: all)")
+    p.add_argument("--eval_size", type=int, default=1000, help="eval subset (0: all)")
+    p.add_argument("--image_size", type=int, default=98, help="square input size; multiple of the patch size")
+    p.add_argument("--mode", default="memory", choices=sorted(SETTINGS))
+    p.add_argument("--m", type=int, default=5, help="memory tokens per layer")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch_size", type=int, default=32, help="per process")
+    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max_steps", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
+    p.add_argument("--warmup_steps", type=int, default=10)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--augment", action="store_true", help="random horizontal flips")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval_every", type=int, default=0, help="steps between evaluations (0: only at the end)")
+    p.add_argument("--checkpoint_every", type=int, default=0, help="steps between checkpoints (0: none)")
+    p.add_argument("--num_workers", type=int, default=-1,
+                   help="DataLoader workers; -1: 4 on GPU, 0 on CPU (workers would take cores from the model)")
+    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's")
+    p.add_argument("--output_dir", default="outputs/train")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output_dir that holds an earlier run (its adapter is replaced at the end)")
+    p.add_argument("--stop_after", type=int, default=0,
+                   help="leave after this many optimizer steps in this session (time-sliced jobs; resume later)")
+    p.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
+    p.add_argument("--private", action="store_true")
+    return p.parse_args(argv)
+
+
+def evaluate_model(model, loader, accelerator, k=5, metric=None) -> dict[str, float]:
+    """Top-1/top-k accuracy; pass ``metric`` to reuse one loaded metric across evaluations (compute() resets it)."""
+    if metric is None:
+        metric = load_top_k_accuracy(num_process=accelerator.num_processes, process_id=accelerator.process_index)
+    model.eval()
+    for batch in loader:
+        with torch.no_grad():
+            logits = model(pixel_values=batch["pixel_values"], interpolate_pos_encoding=True).logits
+        ranked = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+        ranked, labels = accelerator.gather_for_metrics((ranked, batch["labels"]))
+        metric.add_batch(predictions=ranked.tolist(), references=labels.tolist())
+    model.train()
+    scores = metric.compute(k=k)
+    return {name: float(value) for name, value in (scores or {}).items()}
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    found = [p for p in (output_dir / "checkpoints").glob("step_*") if (p / "progress.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def main(argv=None, prog=None):
+    """Run training; bad input ends in one ``error: ...`` line (exit status 1), not a traceback."""
+    try:
+        args = parse_args(argv, prog)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
+        return train(args)
+    except MemoryPeftError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def check_output_dir(args, output_dir: Path) -> None:
+    """Before any work: never mix two runs in one folder, and fail on a missing Hub login now, not after training."""
+    earlier = [p.name for p in (output_dir / "adapter", output_dir / "checkpoints", output_dir / "results.json")
+               if p.exists()]
+    if args.resume:
+        if not checkpoint_dirs(output_dir):
+            raise InputError(f"--resume: no complete checkpoint under {output_dir / 'checkpoints'}; "
+                             "start without --resume.")
+        checkpoint = checkpoint_dirs(output_dir)[-1]
+        recorded = json.loads((checkpoint / "progress.json").read_text()).get("run", {})
+        now = run_definition(args)
+        differ = [f"--{k} {recorded[k]!r} there, {now[k]!r} now" for k in now if k in recorded and recorded[k] != now[k]]
+        if differ:
+            raise InputError(f"--resume: {checkpoint} was made by a run with other settings ({'; '.join(differ)}). "
+                             "Resume with the same arguments, or start over with --overwrite.")
+    elif earlier and not args.overwrite:
+        raise OutputExistsError(f"{output_dir} already holds an earlier run ({', '.join(earlier)}): pass --resume to "
+                                "continue it, --overwrite to start over, or choose another --output_dir.")
+    elif earlier and PartialState().is_main_process:  # --overwrite: old checkpoints and log go now, the adapter last
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if args.push_to_hub:
+        check_hub_login(args.push_to_hub)
+
+
+def check_hub_login(repo_id: str) -> None:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    try:
+        me = HfApi().whoami()
+    except (LocalTokenNotFoundError, HfHubHTTPError) as exc:
+        raise InputError(f"--push_to_hub {repo_id}: not logged in to the Hub ({exc.__class__.__name__}). Run "
+                         "`hf auth login` or set HF_TOKEN before training, or drop --push_to_hub.") from None
+    namespaces = {me["name"], *(org["name"] for org in me.get("orgs", []))}
+    if "/" in repo_id and repo_id.split("/")[0] not in namespaces:
+        raise InputError(f"--push_to_hub {repo_id}: you are logged in as {me['name']!r}, who can write to "
+                         f"{sorted(namespaces)}, not to {repo_id.split('/')[0]!r}. Use one of those namespaces.")
+
+
+def train(args):
+    args.backbone = args.backbone or default_backbone()
+    args.dataset = args.dataset or default_dataset("cifar10")
+    output_dir = Path(args.output_dir)
+    # Several processes without CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on CPUs): accelerate
+    # uses gloo only when told that the processes are CPU ones.
+    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    PartialState(cpu=cpu_processes)  # before the tracker, whose main-process check would set up the state first
+    check_output_dir(args, output_dir)
+    PartialState().wait_for_everyone()
+    accelerator = Accelerator(
+        cpu=cpu_processes,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum,
+        log_with=[JSONLinesTracker("memory-peft", output_dir)],
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+
+    data = load_image_data(args.dataset, args.image_column, args.label_column, args.train_size or None,
+                           args.eval_size or None, args.seed)
+    processor = AutoImageProcessor.from_pretrained(args.backbone)
+    processor.size = {"height": args.image_size, "width": args.image_size}
+    train = data.train.with_transform(image_transform(processor, data.image_column, data.label_column, args.augment))
+    evaluation = data.eval.with_transform(image_transform(processor, data.image_column, data.label_column))
+    workers = args.num_workers if args.num_workers >= 0 else (4 if accelerator.device.type != "cpu" else 0)
+    loader_args = dict(batch_size=args.batch_size, collate_fn=collate, num_workers=workers)
+    train_loader = DataLoader(train, shuffle=True, drop_last=True, **loader_args)
+    eval_loader = DataLoader(evaluation, **loader_args)
+
+    vit = load_backbone(args.backbone)
+    model = apply_setting(vit, args.mode, num_labels=data.num_labels, m=args.m, label_names=data.label_names,
+                          image_size=args.image_size)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
+    steps_per_epoch = len(train_loader) // (args.grad_accum * accelerator.num_processes)
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    # accelerate steps a prepared scheduler once per process at each optimizer step: count in those units
+    processes = accelerator.num_processes
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps * processes, total_steps * processes)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler
+    )
+    accelerator.init_trackers("memory-peft", config={k: v for k, v in vars(args).items()})
+    metric = load_top_k_accuracy(num_process=accelerator.num_processes, process_id=accelerator.process_index)
+
+    step, epoch, batches_done = 0, 0, 0
+    if args.resume:
+        step, epoch, batches_done = resume(accelerator, args, output_dir)
+
+    started = time.time()
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc=args.mode)
+    model.train()
+    while step < total_steps:
+        train_loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"],
+                             interpolate_pos_encoding=True).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.grad_clip > 0:
+                    accelerator.clip_grad_norm_(trainable, args.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            batches_done += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            loss_value = accelerator.reduce(loss.detach(), "mean").item()
+            accelerator.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step=step)
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            if args.eval_every and step % args.eval_every == 0 and step < total_steps:
+                scores = evaluate_model(model, eval_loader, accelerator, metric=metric)
+                accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save_checkpoint(accelerator, args, output_dir, step, epoch, batches_done)
+            if step >= total_steps or step == args.stop_after:
+                break
+        else:
+            epoch, batches_done = epoch + 1, 0
+        if step == args.stop_after and step < total_steps:
+            save_checkpoint(accelerator, args, output_dir, step, epoch, batches_done)
+            accelerator.print(f"stopped after step {step}; continue with --resume")
+            accelerator.end_training()
+            return None
+    bar.close()
+    train_seconds = time.time() - started
+
+    scores = evaluate_model(model, eval_loader, accelerator, metric=metric)
+    accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
+    if accelerator.is_main_process:
+        finish(accelerator.unwrap_model(model), args, data, scores, step, train_seconds, output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return scores
+
+
+def run_definition(args) -> dict:
+    return {key: getattr(args, key) for key in RUN_DEFINING}
+
+
+def save_checkpoint(accelerator, args, output_dir: Path, step: int, epoch: int, batches_done: int) -> None:
+    path = output_dir / "checkpoints" / f"step_{step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:  # written last: a checkpoint without it is incomplete and never resumed from
+        progress = {"step": step, "epoch": epoch, "batches_done": batches_done, "run": run_definition(args)}
+        (path / "progress.json").write_text(json.dumps(progress))
+    accelerator.wait_for_everyone()
+
+
+def resume(accelerator, args, output_dir: Path) -> tuple[int, int, int]:
+    """Load the newest complete checkpoint, after checking that it belongs to this run's settings."""
+    checkpoint = checkpoint_dirs(output_dir)[-1]
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (RuntimeError, KeyError, FileNotFoundError) as exc:
+        raise InputError(f"--resume: {checkpoint} does not fit this model ({str(exc).splitlines()[0]}). Resume with "
+                         "the same arguments, or start over with --overwrite.") from None
+    step = progress["step"]
+    if accelerator.is_main_process:  # the log keeps only what the resumed state has seen
+        log = output_dir / "metrics.jsonl"
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step] \
+            if log.exists() else []
+        log.write_text("".join(f"{line}\n" for line in kept))
+    accelerator.print(f"resumed from {checkpoint} at step {step}")
+    return step, progress["epoch"], progress["batches_done"]
+
+
+def finish(model, args, data, scores, step, train_seconds, output_dir: Path) -> None:
+    adapter_dir = output_dir / "adapter"
+    command = "accelerate launch examples/train.py " + shlex.join(args.argv)
+    results = {"mode": args.mode, "m": args.m, "lr": args.lr, "steps": step, "train_seconds": round(train_seconds, 1),
+               "train_examples": len(data.train), "eval_examples": len(data.eval), "metrics": scores,
+               "backbone": args.backbone, "dataset": args.dataset, "command": command}
+    title = f"memory-peft {args.mode} adapter on {Path(args.dataset).name}"
+    plot_curves(read_log(output_dir / "metrics.jsonl"), output_dir / "curves.png", title)
+    card = model_card(TEMPLATE, dict(title=title, base_model=args.backbone, dataset=args.dataset, mode=args.mode,
+                                     m=args.m if "memory" in args.mode else 0, num_labels=data.num_labels,
+                                     image_size=args.image_size, steps=step, eval_examples=len(data.eval),
+                                     metrics=scores, command=command))
+
+    def save_with_card(folder):
+        model.save_pretrained(folder)
+        card.save(Path(folder) / "README.md")
+
+    write_atomically(adapter_dir, save_with_card, overwrite=True)  # an earlier run's adapter stays until the swap
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    summary = ", ".join(f"{k} {100 * v:.2f}%" for k, v in scores.items())
+    print(f"[{args.mode}] final accuracy after {step} steps ({train_seconds:.0f} s): {summary}")
+    if args.push_to_hub:
+        push(model, card, args.push_to_hub, args.private, adapter_dir)
+
+
+def push(model, card, repo_id: str, private: bool, adapter_dir: Path) -> None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        model.push_to_hub(repo_id, private=private)
+        card.push_to_hub(repo_id)
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise InputError(f"Pushing to the Hub repo {repo_id!r} failed (HTTP {status}: {str(exc).splitlines()[0]}). "
+                         f"The adapter is saved in {adapter_dir}; push it later with "
+                         f"`huggingface_hub.upload_folder(repo_id=..., folder_path='{adapter_dir}')`.") from None
+

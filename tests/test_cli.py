@@ -1,0 +1,82 @@
+"""The `memory-peft` console script: --help per command, merge/split/inspect on real files, train then evaluate."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SHARED, tiny_vit
+from memory_peft.cli import main
+from test_artifact import save_adapter
+
+SCRIPT = Path(sys.executable).parent / "memory-peft"
+
+
+def run(*args, check=True):
+    result = subprocess.run([str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
+@pytest.mark.parametrize("command, options", [
+    ([], ["train", "evaluate", "merge", "split", "inspect"]),
+    (["train"], ["--mode", "--m", "--resume", "--overwrite", "--push_to_hub"]),
+    (["evaluate"], ["--backbone", "--dataset", "--task", "--eval_size"]),
+    (["merge"], ["TASK=PATH", "--output", "--overwrite"]),
+    (["split"], ["artifact", "--output", "--overwrite"]),
+    (["inspect"], ["source", "--json"]),
+])
+def test_help_of_each_command(command, options):
+    if not SCRIPT.exists():
+        pytest.skip("memory-peft is not installed in this environment (pip install -e .)")
+    out = run(*command, "--help").stdout
+    assert out.startswith(f"usage: memory-peft {' '.join(command)}".rstrip())
+    assert all(option in out for option in options)
+
+
+def test_merge_inspect_split(tmp_path, capsys):
+    vit = tiny_vit()
+    save_adapter(vit, tmp_path / "a", 0, m=3, num_labels=10)
+    save_adapter(vit, tmp_path / "b", 1, m=5, num_labels=4, layers=[1])
+    assert main(["merge", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}", "--output", tmp_path / "merged"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "merged"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "multi-task artifact" and info["backbone"] == {"hidden_size": 32, "num_layers": 2,
+                                                                          "patch_size": 8}
+    # a: 2 layers x 3 x 32 memory + 32 class token + 32 x 10 + 10 head; b: 1 layer x 5 x 32 + 32 + 32 x 4 + 4
+    assert [(r["task"], r["m"], r["layers"], r["parameters"]) for r in info["tasks"]] == [
+        ("a", 3, "all", 2 * 3 * 32 + 32 + 330), ("b", 5, [1], 5 * 32 + 32 + 132)]
+    size = sum(p.stat().st_size for p in (tmp_path / "merged" / "a").iterdir() if p.name != "README.md")
+    assert info["tasks"][0]["bytes"] == size
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    table = capsys.readouterr().out
+    assert "adapter on None (hidden 32, 2 layers, patch 8)" in table and "| default | masked | 3 | all | 10 | 554 |" in table
+
+    assert main(["split", str(tmp_path / "merged"), "--output", tmp_path / "single"]) == 0
+    for task in "ab":
+        for file in ("adapter_config.json", "adapter_model.safetensors"):
+            assert (tmp_path / "single" / task / file).read_bytes() == (tmp_path / task / file).read_bytes()
+    capsys.readouterr()
+    assert main(["split", str(tmp_path / "merged"), "--output", tmp_path / "single"]) == 1
+    assert "already exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert main(["merge", "a", "--output", tmp_path / "x"]) == 1
+    assert "merge expects TASK=PATH_OR_HUB_ID arguments, got 'a'" in capsys.readouterr().err
+
+
+def test_train_then_evaluate_reproduces_the_accuracy(tmp_path):
+    if not SCRIPT.exists() or not (SHARED / "data" / "cifar10").is_dir():
+        pytest.skip("needs the installed script and the bundled CIFAR-10")
+    from test_train_script import TINY
+
+    run("train", "--output_dir", tmp_path / "run", *TINY, "--mode", "memory-masked", "--m", "2", "--max_steps", "2")
+    trained = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
+    result = run("evaluate", tmp_path / "run" / "adapter", "--eval_size", "32", "--batch_size", "8")
+    report = json.loads(result.stdout)
+    assert report["examples"] == 32 and report["image_size"] == 56
+    assert report["accuracy"]["default"] == trained
+    bad = run("evaluate", tmp_path / "nothing", check=False)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
