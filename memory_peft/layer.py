@@ -70,6 +70,7 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         mlp_out = getattr(layer, parts.mlp)(getattr(layer, parts.norm_after)(x))
         return x + apply_in_order(layer, parts.post_mlp, mlp_out)
 
+    @torch.compiler.disable  # a Python-side cache keyed by weight versions: guarding on it would recompile per layer
     def memory_blocks(self, memory_names: list[str], dtype: torch.dtype) -> "MemoryBlocks":
         """Keys and values of these adapters' memories in this layer, side by side.
 
