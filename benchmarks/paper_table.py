@@ -1,0 +1,323 @@
+"""The paper's Table 2 offline: every fine-tune mode on one backbone and any image datasets, side by side.
+
+    python benchmarks/paper_table.py                      # bundled ViT-S/14, ../shared cifar10 + fashion_mnist
+    python benchmarks/paper_table.py --datasets uoft-cs/cifar100 --backbone google/vit-base-patch32-224-in21k \\
+        --train_size 0 --test_size 0 --epochs 10          # the same script at full scale on a GPU
+
+Per dataset: head only (on cached frozen features), head + class token, full fine-tuning, memory (full attention)
+m = 1, 5, 10, 20, memory-masked m = 5. Each mode sweeps its LR on a validation split carved from train (never the
+test split); m = 1, 10, 20 reuse the LR chosen for m = 5. Head and memory m = 5 run ``--seeds`` seeds. All modes
+see the same images, steps and seeds, with the paper's recipe (SGD momentum 0.9, cosine with warmup, clip 1.0).
+The modes that train more than a head start from the head-only solution (``--head_init probe``; see README).
+Then the masked adapters of all datasets are merged and each dataset is scored again through the merged model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from transformers import AutoImageProcessor, get_cosine_schedule_with_warmup
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memory_peft.artifact import load_multitask, merge_adapters  # noqa: E402
+from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
+from memory_peft.backbone import load_backbone  # noqa: E402
+from memory_peft.data import image_transform, load_image_data  # noqa: E402
+from memory_peft.reporting import model_card  # noqa: E402
+from memory_peft.settings import apply_setting  # noqa: E402
+from memory_peft.training import TEMPLATE  # noqa: E402
+
+LR_GRIDS = {"head": [0.3, 1.0, 3.0], "head+cls": [0.03, 0.1], "full": [0.003, 0.01], "memory": [0.1, 0.3],
+            "memory-masked": [0.1, 0.3]}
+COLUMNS = ["full", "head", "head+cls", "memory m=1", "memory m=5", "memory m=10", "memory m=20", "memory-masked m=5"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default=None)
+    p.add_argument("--datasets", nargs="+", default=None, help="Hub ids or local folders (default: cifar10 fashion_mnist)")
+    p.add_argument("--train_size", type=int, default=2000, help="0: all of train minus the validation split")
+    p.add_argument("--val_size", type=int, default=500, help="carved from train, for the LR choice")
+    p.add_argument("--test_size", type=int, default=1000, help="0: the whole test split")
+    p.add_argument("--image_size", type=int, default=98)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--warmup_steps", type=int, default=10)
+    p.add_argument("--memory_sizes", type=int, nargs="+", default=[1, 5, 10, 20])
+    p.add_argument("--seeds", type=int, default=2, help="seeds for the head and memory m=5 rows")
+    p.add_argument("--lr", action="append", default=[], metavar="MODE=LR,LR", help="override an LR grid")
+    p.add_argument("--head_init", choices=["probe", "zero"], default="probe")
+    p.add_argument("--output_dir", default="outputs/paper_table")
+    p.add_argument("--cards_dir", default=str(Path(__file__).resolve().parents[1] / "model_cards"))
+    args = p.parse_args(argv)
+    args.datasets = args.datasets or [default_dataset("cifar10"), default_dataset("fashion_mnist")]
+    args.backbone = args.backbone or default_backbone()
+    args.grids = dict(LR_GRIDS)
+    for item in args.lr:
+        mode, _, values = item.partition("=")
+        args.grids[mode] = [float(v) for v in values.split(",")]
+    return args
+
+
+def prepare(dataset: str, args, processor) -> dict:
+    """Pixels and labels of train / validation (carved from train) / test, preprocessed once."""
+    data = load_image_data(dataset, seed=0)
+    train_all = data.train.shuffle(seed=0)
+    val_end = min(args.val_size, len(train_all) // 5)
+    train_end = val_end + (args.train_size or len(train_all) - val_end)
+    test = data.eval.shuffle(seed=0)
+    splits = {"val": train_all.select(range(val_end)), "train": train_all.select(range(val_end, min(train_end, len(train_all)))),
+              "test": test.select(range(min(args.test_size or len(test), len(test))))}
+    transform = image_transform(processor, data.image_column, data.label_column)
+    out = {"name": Path(dataset).name or dataset, "source": dataset, "num_labels": data.num_labels,
+           "label_names": data.label_names}
+    for split, rows in splits.items():
+        batches = [transform(rows[i : i + 256]) for i in range(0, len(rows), 256)]
+        out[split] = (torch.cat([b["pixel_values"] for b in batches]), torch.cat([b["labels"] for b in batches]))
+    return out
+
+
+def fit(model: nn.Module, loss_of, n: int, lr: float, seed: int, args, accelerator: Accelerator) -> None:
+    """The paper's recipe over ``epochs`` seeded passes of ``n`` examples; ``loss_of(model, indices)``."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=lr, momentum=0.9)
+    steps_per_epoch = n // args.batch_size
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.epochs * steps_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(args.epochs):
+        order = torch.randperm(n, generator=generator)
+        for step in range(steps_per_epoch):
+            loss = loss_of(model, order[step * args.batch_size : (step + 1) * args.batch_size])
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+    model.eval()
+
+
+@torch.no_grad()
+def accuracy(predict, pixels_or_features: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> float:
+    correct = sum(int((predict(pixels_or_features[i : i + batch]).argmax(-1).cpu() == labels[i : i + batch]).sum())
+                  for i in range(0, len(labels), batch))
+    return correct / len(labels)
+
+
+def model_logits(model, device):
+    return lambda pixels: model(pixel_values=pixels.to(device), interpolate_pos_encoding=True).logits
+
+
+@torch.no_grad()
+def frozen_features(vit, pixels: torch.Tensor, device) -> torch.Tensor:
+    """The base model's final-normed class token: what every head reads before anything else trains."""
+    from memory_peft.backbone import describe_backbone
+
+    backbone = describe_backbone(vit)
+    out = []
+    for i in range(0, len(pixels), 64):
+        x = backbone.embed(pixels[i : i + 64].to(device), True)
+        for layer in backbone.layers:
+            x = layer(x, None)
+        out.append(backbone.final_norm(x[:, 0]).float().cpu())
+    return torch.cat(out)
+
+
+def run_head(data, features, lr, seed, args, accelerator):
+    torch.manual_seed(seed)
+    head = nn.Linear(features["train"].shape[1], data["num_labels"])
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+    x, y = features["train"], data["train"][1]
+    fit(head, lambda m, idx: nn.functional.cross_entropy(m(x[idx].to(accelerator.device)),
+                                                         y[idx].to(accelerator.device)),
+        len(y), lr, seed, args, accelerator)
+    return head.cpu()
+
+
+def run_mode(vit, data, mode, m, lr, seed, probe, args, accelerator):
+    torch.manual_seed(seed)
+    model = apply_setting(copy.deepcopy(vit), mode, num_labels=data["num_labels"], m=m,
+                          label_names=data["label_names"], image_size=args.image_size)
+    if probe is not None:
+        model.base_model.memory_head["default"].load_state_dict(probe.state_dict())
+    x, y = data["train"]
+    device = accelerator.device
+    fit(model, lambda mdl, idx: mdl(pixel_values=x[idx].to(device), labels=y[idx].to(device),
+                                    interpolate_pos_encoding=True).loss, len(y), lr, seed, args, accelerator)
+    return accelerator.unwrap_model(model)
+
+
+def sweep(train_one, grid, score_val):
+    """Train at each LR, keep the best on validation: (best lr, model, {lr: val acc})."""
+    best, scores = None, {}
+    for lr in grid:
+        trained = train_one(lr)
+        scores[lr] = score_val(trained)
+        if best is None or scores[lr] > scores[best[0]]:
+            best = (lr, trained)
+    return best[0], best[1], scores
+
+
+def table_for(data, vit, args, accelerator, log) -> dict:
+    """All modes on one dataset: {column: {"test": [acc per seed], "lr": lr, "val": {lr: acc}, "seconds": s}}."""
+    device = accelerator.device
+    started = time.perf_counter()
+    features = {split: frozen_features(vit, data[split][0], device) for split in ("train", "val", "test")}
+    log(f"  frozen features: {time.perf_counter() - started:.0f} s")
+    rows = {}
+
+    def record(column, lr, val, tests, began, model=None):
+        rows[column] = {"lr": lr, "val": val, "test": tests, "seconds": round(time.perf_counter() - began)}
+        spread = f" ± {(max(tests) - min(tests)) / 2 * 100:.1f}" if len(tests) > 1 else ""
+        log(f"  {column:<18} lr {lr:<6} val {max(val.values()) * 100:5.1f}  test {statistics.mean(tests) * 100:5.1f}"
+            f"{spread}  ({rows[column]['seconds']} s)")
+        return model
+
+    began = time.perf_counter()
+    head_val = lambda h: accuracy(h, features["val"], data["val"][1])  # noqa: E731
+    lr, probe, val = sweep(lambda lr: run_head(data, features, lr, 0, args, accelerator), args.grids["head"], head_val)
+    heads = [probe] + [run_head(data, features, lr, s, args, accelerator) for s in range(1, args.seeds)]
+    record("head", lr, val, [accuracy(h, features["test"], data["test"][1]) for h in heads], began)
+    init = probe if args.head_init == "probe" else None
+
+    def mode_row(column, mode, m, grid, seeds=1):
+        began = time.perf_counter()
+        score = lambda model: accuracy(model_logits(model, device), *data["val"])  # noqa: E731
+        lr, model, val = sweep(lambda lr: run_mode(vit, data, mode, m, lr, 0, init, args, accelerator), grid, score)
+        models = [model] + [run_mode(vit, data, mode, m, lr, s, init, args, accelerator) for s in range(1, seeds)]
+        return record(column, lr, val, [accuracy(model_logits(x, device), *data["test"]) for x in models], began,
+                      model)
+
+    mode_row("head+cls", "head+cls", 0, args.grids["head+cls"])
+    mode_row("full", "full", 0, args.grids["full"])
+    adapters = {"memory m=5": mode_row("memory m=5", "memory", 5, args.grids["memory"], seeds=args.seeds)}
+    for m in (m for m in args.memory_sizes if m != 5):  # the LR chosen for m=5
+        adapters[f"memory m={m}"] = mode_row(f"memory m={m}", "memory", m, [rows["memory m=5"]["lr"]])
+    adapters["memory-masked m=5"] = mode_row("memory-masked m=5", "memory-masked", 5, args.grids["memory-masked"])
+    return {"rows": rows, "adapters": adapters}
+
+
+def mean(rows, column):
+    return statistics.mean(rows[column]["test"]) if column in rows else float("nan")
+
+
+def markdown(results: dict, args) -> str:
+    columns = [c for c in COLUMNS if any(c in r["rows"] for r in results.values())]
+    lines = ["| dataset | " + " | ".join(columns) + " | gap closure m=5 | masked gap closure |",
+             "|---" * (len(columns) + 3) + "|"]
+    for name, result in results.items():
+        rows = result["rows"]
+        cells = []
+        for column in columns:
+            tests = rows[column]["test"]
+            spread = f" ± {(max(tests) - min(tests)) / 2 * 100:.1f}" if len(tests) > 1 else ""
+            cells.append(f"{statistics.mean(tests) * 100:.1f}{spread}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['gap_closure']:.2f} | "
+                     f"{result['masked_gap_closure']:.2f} |")
+        lines.append(f"| best LR | " + " | ".join(str(rows[c]["lr"]) for c in columns) + " | | |")
+    lines.append(f"\n{args.train_size} train / {args.val_size} validation (from train) / {args.test_size} test images "
+                 f"per dataset at {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9, "
+                 f"cosine with {args.warmup_steps} warmup steps, clip 1.0; LR grids {args.grids}; head init "
+                 f"{args.head_init}; seeds {args.seeds} (head, memory m=5: mean ± half range). Backbone {args.backbone}.")
+    return "\n".join(lines)
+
+
+def bar_plot(name: str, rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in COLUMNS if c in rows]
+    values = [statistics.mean(rows[c]["test"]) * 100 for c in columns]
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ax.bar(range(len(columns)), values, color=["#777"] * 3 + ["#36c"] * (len(columns) - 3))
+    ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
+    ax.set_ylim(max(0, min(values) - 10), min(100, max(values) + 5))
+    ax.set(ylabel="test accuracy (%)", title=f"fine-tune modes on {name}")
+    for i, v in enumerate(values):
+        ax.text(i, v + 0.3, f"{v:.1f}", ha="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator()
+    started = time.perf_counter()
+
+    def log(line):
+        accelerator.print(line, flush=True)
+
+    processor = AutoImageProcessor.from_pretrained(args.backbone)
+    processor.size = {"height": args.image_size, "width": args.image_size}
+    vit = load_backbone(args.backbone).to(accelerator.device).eval()
+    results, masked, alone_masked, datasets = {}, {}, {}, {}
+    for source in args.datasets:
+        began = time.perf_counter()
+        data = prepare(source, args, processor)
+        datasets[data["name"]] = data
+        log(f"{data['name']}: {len(data['train'][1])} train / {len(data['val'][1])} val / {len(data['test'][1])} test")
+        result = table_for(data, vit, args, accelerator, log)
+        rows = result["rows"]
+        head, full = mean(rows, "head"), mean(rows, "full")
+        gap = (full - head) if full != head else float("nan")
+        results[data["name"]] = {"rows": rows, "gap_closure": (mean(rows, "memory m=5") - head) / gap,
+                                 "masked_gap_closure": (mean(rows, "memory-masked m=5") - head) / gap,
+                                 "seconds": round(time.perf_counter() - began)}
+        log(f"  {data['name']} done in {results[data['name']]['seconds'] / 60:.1f} min")
+        bar_plot(data["name"], rows, out / f"{data['name']}.png")
+        for column, model in result["adapters"].items():
+            folder = out / data["name"] / column.replace(" ", "_").replace("=", "")
+            model.save_pretrained(folder)
+            card = model_card(TEMPLATE, dict(
+                title=f"memory-peft {column} on {data['name']}", base_model=args.backbone, dataset=source,
+                mode=column.split()[0], m=int(column.split("=")[1]), num_labels=data["num_labels"],
+                image_size=args.image_size, steps=args.epochs * (len(data["train"][1]) // args.batch_size),
+                eval_examples=len(data["test"][1]), metrics={"top1": rows[column]["test"][0]},
+                command="python benchmarks/paper_table.py " + " ".join(sys.argv[1:] if argv is None else argv)))
+            card.save(folder / "README.md")
+            Path(args.cards_dir).mkdir(parents=True, exist_ok=True)
+            card.save(Path(args.cards_dir) / f"{data['name']}-{folder.name}.md")
+        masked[data["name"]] = out / data["name"] / "memory-masked_m5"
+        alone_masked[data["name"]] = rows["memory-masked m=5"]["test"][0]
+
+    merged_scores = {}
+    if len(masked) > 1:  # the masked adapters of all datasets in one model, one forward pass per batch
+        merged = merge_adapters(masked, out / "merged_masked", overwrite=True)
+        model = load_multitask(copy.deepcopy(vit).cpu(), merged).to(accelerator.device).eval()
+        for name, data in datasets.items():
+            predict = lambda pixels, name=name: model(pixel_values=pixels.to(accelerator.device),  # noqa: E731
+                                                      interpolate_pos_encoding=True)[name].logits
+            merged_scores[name] = accuracy(predict, *data["test"])
+            log(f"multi-task check {name}: alone {alone_masked[name] * 100:.2f} %, merged {merged_scores[name] * 100:.2f} %")
+    table = markdown(results, args)
+    total = time.perf_counter() - started
+    per_dataset = ", ".join(f"{n} {r['seconds'] / 60:.1f} min" for n, r in results.items())
+    table += f"\nWall time {total / 60:.1f} min ({per_dataset})."
+    if merged_scores:
+        table += "\nMulti-task check (masked m=5 adapters of all datasets merged, one forward): " + ", ".join(
+            f"{n} alone {alone_masked[n] * 100:.2f} % / merged {merged_scores[n] * 100:.2f} %" for n in merged_scores)
+    log("\n" + table)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "results": results,
+                                                  "multitask": {"alone": alone_masked, "merged": merged_scores},
+                                                  "wall_seconds": round(total)}, indent=2, default=str))
+    return results, alone_masked, merged_scores
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""benchmarks/paper_table.py end to end on tiny subsets of both bundled datasets (the real run is in the README)."""
+
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED
+
+TINY = ["--train_size", "64", "--val_size", "32", "--test_size", "32", "--image_size", "28", "--epochs", "1",
+        "--batch_size", "16", "--warmup_steps", "1", "--memory_sizes", "1", "5", "--lr", "head=0.3,1",
+        "--lr", "head+cls=0.1", "--lr", "full=0.01", "--lr", "memory=0.1", "--lr", "memory-masked=0.1,0.3"]
+
+
+def test_table_files_cards_and_the_multitask_check(tmp_path):
+    if not all((SHARED / "data" / name).is_dir() for name in ("cifar10", "fashion_mnist")):
+        pytest.skip("bundled datasets not found")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import paper_table
+
+    results, alone, merged = paper_table.main([*TINY, "--output_dir", str(tmp_path / "out"),
+                                               "--cards_dir", str(tmp_path / "cards")])
+    assert sorted(results) == ["cifar10", "fashion_mnist"]
+    for name, result in results.items():
+        rows = result["rows"]
+        assert sorted(rows) == sorted(["full", "head", "head+cls", "memory m=1", "memory m=5", "memory-masked m=5"])
+        assert len(rows["head"]["test"]) == len(rows["memory m=5"]["test"]) == 2  # two seeds
+        assert rows["head"]["lr"] in (0.3, 1.0) and rows["memory-masked m=5"]["lr"] in (0.1, 0.3)
+        assert set(rows["head"]["val"]) == {0.3, 1.0}
+        assert rows["memory m=1"]["lr"] == rows["memory m=5"]["lr"]  # m != 5 reuse m=5's LR
+        assert all(0 <= acc <= 1 for row in rows.values() for acc in row["test"])
+        assert (tmp_path / "out" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        card = (tmp_path / "cards" / f"{name}-memory-masked_m5.md").read_text()
+        assert f"| top1 | {100 * rows['memory-masked m=5']['test'][0]:.2f} |" in card
+    assert merged == alone  # merged masked adapters score exactly what each scored alone
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["multitask"]["merged"] == merged
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert table.startswith("| dataset | full | head | head+cls | memory m=1 | memory m=5 | memory-masked m=5 |")
