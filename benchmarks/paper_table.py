@@ -30,7 +30,7 @@ from transformers import AutoImageProcessor, get_cosine_schedule_with_warmup
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory_peft.artifact import load_multitask, merge_adapters  # noqa: E402
 from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
-from memory_peft.backbone import load_backbone  # noqa: E402
+from memory_peft.backbone import describe_backbone, load_backbone  # noqa: E402
 from memory_peft.data import image_transform, load_image_data  # noqa: E402
 from memory_peft.reporting import model_card  # noqa: E402
 from memory_peft.settings import apply_setting  # noqa: E402
@@ -121,8 +121,6 @@ def model_logits(model, device):
 @torch.no_grad()
 def frozen_features(vit, pixels: torch.Tensor, device) -> torch.Tensor:
     """The base model's final-normed class token: what every head reads before anything else trains."""
-    from memory_peft.backbone import describe_backbone
-
     backbone = describe_backbone(vit)
     out = []
     for i in range(0, len(pixels), 64):

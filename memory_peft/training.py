@@ -113,10 +113,11 @@ def check_output_dir(args, output_dir: Path) -> None:
     earlier = [p.name for p in (output_dir / "adapter", output_dir / "checkpoints", output_dir / "results.json")
                if p.exists()]
     if args.resume:
-        if not checkpoint_dirs(output_dir):
+        checkpoints = checkpoint_dirs(output_dir)
+        if not checkpoints:
             raise InputError(f"--resume: no complete checkpoint under {output_dir / 'checkpoints'}; "
                              "start without --resume.")
-        checkpoint = checkpoint_dirs(output_dir)[-1]
+        checkpoint = checkpoints[-1]
         recorded = json.loads((checkpoint / "progress.json").read_text()).get("run", {})
         now = run_definition(args)
         differ = [f"--{k} {recorded[k]!r} there, {now[k]!r} now" for k in now if k in recorded and recorded[k] != now[k]]
