@@ -37,6 +37,7 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = []
 
     def update_layer(self, adapter_name: str, m: int, init_std: float, memory_layernorm: bool, top_k=None) -> None:
+        self._memory_cache.clear()
         self.memory_layernorm[adapter_name] = memory_layernorm
         self.memory_top_k[adapter_name] = top_k
         if m > 0:
@@ -80,12 +81,11 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         if torch.is_grad_enabled():
             self._memory_cache.clear()
             return self._build_blocks(memory_names, dtype)
-        norm, key, value = self.norm_before, self._projection(1), self._projection(2)
+        norm, key, value, memories = self.norm_before, self._projection(1), self._projection(2), self.memory_tokens
         weights = (norm.weight, norm.bias, key.weight, key.bias, value.weight, value.bias,
-                   *(self.memory_tokens[n] for n in memory_names if n in self.memory_tokens))
-        stamp = tuple((t._version, t.data_ptr(), t.device) for t in weights if t is not None) + tuple(
-            (self.memory_layernorm.get(n), self.memory_top_k.get(n)) for n in memory_names
-        )
+                   *(memories[n] for n in memory_names if n in memories))
+        # in-place updates bump a tensor's version; moves and dtype casts give it new storage
+        stamp = [(t._version, t.data_ptr()) for t in weights if t is not None]
         key = (tuple(memory_names), dtype)
         cached = self._memory_cache.get(key)
         if cached is None or cached[0] != stamp:
