@@ -48,6 +48,32 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
+def interleaved(configs: dict, reps: int, measure) -> list[dict]:
+    """``configs``: name -> (untimed set-up, measured call). Every repetition runs each config once, in order, so
+    that all of them see the same machine state; one warm-up round first (it also fills the memory K/V cache)."""
+    for setup, fn in configs.values():
+        setup()
+        fn()
+    rounds = []
+    for _ in range(reps):
+        rep = {}
+        for name, (setup, fn) in configs.items():
+            setup()
+            rep[name] = measure(fn)
+        rounds.append(rep)
+    return rounds
+
+
+def without_foreign_load(reps: list[dict], reference: str, seconds=lambda value: value) -> list[dict]:
+    """Drop repetitions whose reference ran > 1.5x its fastest: another process held a core."""
+    fastest = min(seconds(r[reference]) for r in reps)
+    return [r for r in reps if seconds(r[reference]) <= 1.5 * fastest]
+
+
+def median_ratios(reps: list[dict], reference: str) -> dict:
+    return {name: statistics.median(r[name] / r[reference] for r in reps) for name in reps[0]}
+
+
 def big_masked_forward(tuner, pixels, names):
     """The naive alternative: one sequence [c0; p; c_1..c_T; E_1..E_T] per layer with a (L, L) additive mask."""
     vit = tuner.model
@@ -109,20 +135,9 @@ def inference(args, device, dtype):
         configs[f"merged T={count}"] = (lambda c=count: activate(merged, names[:c]), lambda: merged(pixel_values=pixels))
         configs[f"big mask T={count}"] = (nothing, lambda c=count: big_masked_forward(merged.base_model, pixels, names[:c]))
     with torch.no_grad():
-        for setup, fn in configs.values():  # warm-up; fills the memory K/V cache
-            setup()
-            fn()
-        reps = []
-        for _ in range(args.reps):
-            rep = {}
-            for name, (setup, fn) in configs.items():
-                setup()
-                rep[name] = timed(fn, device)
-            reps.append(rep)
-    fastest = min(r["base"] for r in reps)
-    kept = [r for r in reps if r["base"] <= 1.5 * fastest]
-    ratio = {name: statistics.median(r[name] / r["base"] for r in kept) for name in configs}
-    return ratio, len(kept), len(reps), statistics.median(r["base"] for r in kept)
+        reps = interleaved(configs, args.reps, lambda fn: timed(fn, device))
+    kept = without_foreign_load(reps, "base")
+    return median_ratios(kept, "base"), len(kept), len(reps), statistics.median(r["base"] for r in kept)
 
 
 def host_overhead(args):
@@ -136,28 +151,22 @@ def host_overhead(args):
     names = [f"task{t}" for t in range(10)]
     pixels = torch.randn(2, 3, 224, 224)
 
-    def forwards(fn, setup=lambda: None, calls=50):
-        setup()
+    def forwards(fn, calls=50):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
         return (time.perf_counter() - start) / calls
 
-    configs = {"base": (lambda: stock(pixels), lambda: None)}
+    configs = {"base": (lambda: None, lambda: stock(pixels))}
     for count in (1, 10):
-        configs[f"merged T={count}"] = (lambda: merged(pixel_values=pixels), lambda c=count: activate(merged, names[:c]))
+        configs[f"merged T={count}"] = (lambda c=count: activate(merged, names[:c]), lambda: merged(pixel_values=pixels))
     with torch.no_grad():
-        for fn, setup in configs.values():
-            forwards(fn, setup, 3)
-        reps = [{name: forwards(fn, setup) for name, (fn, setup) in configs.items()} for _ in range(args.reps)]
-    fastest = min(r["base"] for r in reps)
-    kept = [r for r in reps if r["base"] <= 1.5 * fastest]
-    ratio = {name: statistics.median(r[name] / r["base"] for r in kept) for name in configs}
-    return ratio, statistics.median(r["base"] for r in kept)
+        kept = without_foreign_load(interleaved(configs, args.reps, forwards), "base")
+    return median_ratios(kept, "base"), statistics.median(r["base"] for r in kept)
 
 
-def training_step(model):
-    """One SGD step of ``model`` as a function of (pixels, labels), recording what autograd saves for backward."""
+def training_step(model, pixels, labels):
+    """One SGD step of ``model`` on this batch, as a call that records what autograd saves for backward."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -168,7 +177,7 @@ def training_step(model):
             saved[(tensor.untyped_storage().data_ptr(), tensor.device)] = tensor.untyped_storage().nbytes()
         return tensor
 
-    def step(pixels, labels):
+    def step():
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(pixel_values=pixels, labels=labels).loss
@@ -180,12 +189,12 @@ def training_step(model):
     return step
 
 
-def training_step_cost(step, pixels, labels, device):
+def training_step_cost(step, device):
     """Seconds of one step, and training memory in bytes (see module docstring)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_memory = torch.cuda.memory_allocated()
-    seconds = timed(lambda: step(pixels, labels), device)
+    seconds = timed(step, device)
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated() - base_memory
     else:
@@ -203,13 +212,9 @@ def training(args, device):
     labels = torch.randint(0, 100, (args.batch,), device=device)
     models = {name: apply_setting(copy.deepcopy(vit), name, 100, m=5).to(device).train()
               for name in ("memory-masked", "full")}
-    steps = {name: training_step(model) for name, model in models.items()}
-    for step in steps.values():
-        step(pixels, labels)  # warm-up, creates momentum buffers
-    reps = [{name: training_step_cost(step, pixels, labels, device) for name, step in steps.items()}
-            for _ in range(args.reps)]  # interleaved: both settings see the same machine state in each repetition
-    fastest = min(r["full"][0] for r in reps)
-    kept = [r for r in reps if r["full"][0] <= 1.5 * fastest]  # foreign load
+    configs = {name: (lambda: None, training_step(model, pixels, labels)) for name, model in models.items()}
+    reps = interleaved(configs, args.reps, lambda step: training_step_cost(step, device))  # warm-up: momentum buffers
+    kept = without_foreign_load(reps, "full", seconds=lambda cost: cost[0])
     time_ratio = statistics.median(r["memory-masked"][0] / r["full"][0] for r in kept)
     memory_ratio = statistics.median(r["memory-masked"][1] / r["full"][1] for r in kept)
     seconds = {k: statistics.median(r[k][0] for r in kept) for k in models}
