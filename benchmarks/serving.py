@@ -1,16 +1,20 @@
-"""Multi-task serving at the cost limit, measured side by side in one run.
+"""Multi-task serving at the cost limit, and training per setting, measured side by side in one run.
 
-    python benchmarks/serving.py [--reps 5] [--batch 32] [--out benchmarks/results_serving.md]
+    python benchmarks/serving.py [--reps 5] [--batch 32 256] [--dtype bfloat16] [--compile none|default|reduce-overhead]
 
-ViT-B/32-shaped random model (default ViTConfig, patch 32, 224 px, N = 49 patches), batch 32:
+ViT-B/32-shaped random model (default ViTConfig, patch 32, 224 px, N = 49 patches), for each batch size:
 1. inference with T merged masked tasks (m=5) relative to one plain base forward, next to T separate adapter
-   forwards and one forward over the fully concatenated sequence with a mask; the limit is 1 + T/(N+1);
-2. a full-attention memory adapter (m=5) relative to the base forward;
-3. a training step of masked memory vs full fine-tuning: time, and training memory (peak CUDA memory on a GPU; on
-   a CPU the bytes autograd saves for backward plus gradients and optimizer state);
-4. adapter and merged-artifact sizes on disk for T = 1, 10.
-Timing: configurations interleaved within each repetition, ratios taken against the base forward of the same
-repetition, medians reported; repetitions whose base forward ran > 1.5x the fastest (foreign load) are dropped.
+   forwards and one forward over the fully concatenated sequence with a mask (eager only); the limit is 1 + T/(N+1);
+   a full-attention memory adapter (m=5) relative to the base forward;
+2. a training step of every fine-tune setting: images per second, time and training memory relative to full
+   fine-tuning (peak CUDA memory on a GPU; on a CPU the bytes autograd saves for backward plus gradients and
+   optimizer state). In bf16/fp16 the step runs under autocast as `accelerate --mixed_precision` does, with the
+   frozen weights cast once (`cast_frozen_weights`, as the training script does);
+3. adapter and merged-artifact sizes on disk for T = 1, 10.
+Beside each ratio: ATen ops per eager call (about one GPU kernel launch each). With --compile the base model and the
+adapted models are compiled the same way (fullgraph), so that like is compared with like.
+Timing: configurations interleaved within each repetition, ratios taken against the reference of the same
+repetition, medians reported; repetitions whose reference ran > 1.5x its fastest (foreign load) are dropped.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from transformers import ViTConfig, ViTModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory_peft import MemoryTokenConfig, activate  # noqa: E402
 from memory_peft.artifact import merge_adapters  # noqa: E402
-from memory_peft.attention import attend  # noqa: E402
+from memory_peft.diagnostics import count_ops  # noqa: E402
+from memory_peft.settings import apply_setting, cast_frozen_weights  # noqa: E402
 
 TASK_COUNTS = (1, 2, 5, 10, 20)
+TRAINED = ("full", "memory", "memory-masked", "head+cls", "head")
 
 
 def sync(device):
@@ -48,12 +54,13 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(configs: dict, reps: int, measure) -> list[dict]:
+def interleaved(configs: dict, reps: int, measure, warmup: int = 1) -> list[dict]:
     """``configs``: name -> (untimed set-up, measured call). Every repetition runs each config once, in order, so
-    that all of them see the same machine state; one warm-up round first (it also fills the memory K/V cache)."""
-    for setup, fn in configs.values():
-        setup()
-        fn()
+    that all of them see the same machine state; ``warmup`` rounds first (compilation, CUDA graph recording)."""
+    for _ in range(warmup):
+        for setup, fn in configs.values():
+            setup()
+            fn()
     rounds = []
     for _ in range(reps):
         rep = {}
@@ -70,8 +77,14 @@ def without_foreign_load(reps: list[dict], reference: str, seconds=lambda value:
     return [r for r in reps if seconds(r[reference]) <= 1.5 * fastest]
 
 
-def median_ratios(reps: list[dict], reference: str) -> dict:
-    return {name: statistics.median(r[name] / r[reference] for r in reps) for name in reps[0]}
+def median_ratios(reps: list[dict], reference: str, seconds=lambda value: value) -> dict:
+    return {name: statistics.median(seconds(r[name]) / seconds(r[reference]) for r in reps) for name in reps[0]}
+
+
+def compiled(model, mode: str):
+    if mode == "none":
+        return model
+    return torch.compile(model, fullgraph=True, **({} if mode == "default" else {"mode": mode}))
 
 
 def big_masked_forward(tuner, pixels, names):
@@ -93,51 +106,61 @@ def big_masked_forward(tuner, pixels, names):
             allowed[n + t, n + t] = True
             allowed[n + t, n + T + t * m : n + T + (t + 1) * m] = True
         allowed[n + T :] = True
-        mask = torch.zeros(length, length, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
         z = base.layernorm_before(torch.cat([x, memory.expand(batch, -1, -1)], 1))
         att = base.attention
-        out = attend(att, att.q_proj(z), att.k_proj(z), att.v_proj(z), mask)[:, : n + T]
-        x = x + att.o_proj(out)
+        q, k, v = (p(z).view(batch, length, -1, att.head_dim).transpose(1, 2) for p in (att.q_proj, att.k_proj,
+                                                                                         att.v_proj))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, allowed)
+        x = x + att.o_proj(out.transpose(1, 2).reshape(batch, length, -1)[:, : n + T])
         x = x + base.mlp(base.layernorm_after(x))
     return vit.layernorm(x)
 
 
 def masked_tasks_model(vit, count, device):
-    model = None
-    for t in range(count):
-        config = MemoryTokenConfig(m=5, num_labels=100, mode="masked")
-        if model is None:
-            model = get_peft_model(vit, config, adapter_name=f"task{t}")
-        else:
-            model.add_adapter(f"task{t}", config)
+    model = get_peft_model(vit, MemoryTokenConfig(m=5, num_labels=100, mode="masked"), adapter_name="task0")
+    for t in range(1, count):
+        model.add_adapter(f"task{t}", MemoryTokenConfig(m=5, num_labels=100, mode="masked"))
     return model.to(device).eval()
 
 
-def inference(args, device, dtype):
+def inference(args, batch, device, dtype):
+    """{config: median ratio to the base forward}, {config: eager ops per call}, kept/total repetitions, base seconds."""
     torch.manual_seed(0)
     vit = ViTModel(ViTConfig(patch_size=32), add_pooling_layer=False).eval()
     stock = copy.deepcopy(vit).to(device, dtype)
     full = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=5, num_labels=100, mode="full")).to(device, dtype)
-    large = {k: get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=256, top_k=k, num_labels=100)).to(device, dtype)
-             for k in (None, 16)}
-    merged = masked_tasks_model(copy.deepcopy(vit), max(TASK_COUNTS), device).to(dtype)
-    names = [f"task{t}" for t in range(max(TASK_COUNTS))]
-    pixels = torch.randn(args.batch, 3, 224, 224, device=device, dtype=dtype)
+    merged = masked_tasks_model(copy.deepcopy(vit), max(args.tasks), device).to(dtype)
+    names = [f"task{t}" for t in range(max(args.tasks))]
+    pixels = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
 
-    # config -> (untimed set-up, timed forward): choosing the active adapters walks every module, which serving
-    # does once, not per batch, so it stays out of the timed region
+    # config -> (untimed set-up, timed forward, eager forward for the op count): choosing the active adapters walks
+    # every module, which serving does once, not per batch, so it stays out of the timed region
     nothing = lambda: None  # noqa: E731
-    configs = {"base": (nothing, lambda: stock(pixels)), "full m=5": (nothing, lambda: full(pixel_values=pixels)),
-               "full m=256 dense": (nothing, lambda: large[None](pixel_values=pixels)),
-               "full m=256 top-16": (nothing, lambda: large[16](pixel_values=pixels)),
-               "one masked adapter": (lambda: activate(merged, names[:1]), lambda: merged(pixel_values=pixels))}
-    for count in TASK_COUNTS:
-        configs[f"merged T={count}"] = (lambda c=count: activate(merged, names[:c]), lambda: merged(pixel_values=pixels))
-        configs[f"big mask T={count}"] = (nothing, lambda c=count: big_masked_forward(merged.base_model, pixels, names[:c]))
+    run = {"base": compiled(stock, args.compile), "full": compiled(full, args.compile),
+           "merged": compiled(merged, args.compile)}
+    configs = {"base": (nothing, lambda: run["base"](pixels), lambda: stock(pixels)),
+               "full m=5": (nothing, lambda: run["full"](pixel_values=pixels), lambda: full(pixel_values=pixels))}
+    for count in args.tasks:
+        configs[f"merged T={count}"] = (lambda c=count: activate(merged, names[:c]),
+                                        lambda: run["merged"](pixel_values=pixels), lambda: merged(pixel_values=pixels))
+    if args.compile == "none":
+        large = {k: get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=256, top_k=k, num_labels=100))
+                 .to(device, dtype).eval() for k in (None, 16)}
+        configs["full m=256 dense"] = (nothing, lambda: large[None](pixel_values=pixels), None)
+        configs["full m=256 top-16"] = (nothing, lambda: large[16](pixel_values=pixels), None)
+        for count in args.tasks:
+            configs[f"big mask T={count}"] = (
+                nothing, lambda c=count: big_masked_forward(merged.base_model, pixels, names[:c]), None)
+    ops = {}
     with torch.no_grad():
-        reps = interleaved(configs, args.reps, lambda fn: timed(fn, device))
+        for name, (setup, _, eager) in configs.items():
+            if eager is not None:
+                setup()
+                ops[name] = sum(count_ops(eager).values())
+        timing = {name: (setup, fn) for name, (setup, fn, _) in configs.items()}
+        reps = interleaved(timing, args.reps, lambda fn: timed(fn, device), warmup=1 if args.compile == "none" else 3)
     kept = without_foreign_load(reps, "base")
-    return median_ratios(kept, "base"), len(kept), len(reps), statistics.median(r["base"] for r in kept)
+    return median_ratios(kept, "base"), ops, len(kept), len(reps), statistics.median(r["base"] for r in kept)
 
 
 def host_overhead(args):
@@ -165,8 +188,9 @@ def host_overhead(args):
     return median_ratios(kept, "base"), statistics.median(r["base"] for r in kept)
 
 
-def training_step(model, pixels, labels):
-    """One SGD step of ``model`` on this batch, as a call that records what autograd saves for backward."""
+def training_step(model, forward, pixels, labels, autocast_dtype):
+    """One SGD step of ``model`` (run through ``forward``) on this batch, as a call that records what autograd saves
+    for backward."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -177,15 +201,20 @@ def training_step(model, pixels, labels):
             saved[(tensor.untyped_storage().data_ptr(), tensor.device)] = tensor.untyped_storage().nbytes()
         return tensor
 
-    def step():
+    def step(forward=forward):
         saved.clear()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(pixel_values=pixels, labels=labels).loss
+        with torch.autocast(pixels.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if pixels.device.type == "cpu":
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    loss = forward(pixel_values=pixels, labels=labels).loss
+            else:
+                loss = forward(pixel_values=pixels, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     step.saved, step.params = saved, params
+    step.eager = lambda: step(model)
     return step
 
 
@@ -203,22 +232,30 @@ def training_step_cost(step, device):
     return seconds, memory
 
 
-def training(args, device):
-    from memory_peft.settings import apply_setting
-
+def training(args, batch, device, dtype):
     torch.manual_seed(0)
     vit = ViTModel(ViTConfig(patch_size=32), add_pooling_layer=False)
-    pixels = torch.randn(args.batch, 3, 224, 224, device=device)
-    labels = torch.randint(0, 100, (args.batch,), device=device)
-    models = {name: apply_setting(copy.deepcopy(vit), name, 100, m=5).to(device).train()
-              for name in ("memory-masked", "full")}
-    configs = {name: (lambda: None, training_step(model, pixels, labels)) for name, model in models.items()}
-    reps = interleaved(configs, args.reps, lambda step: training_step_cost(step, device))  # warm-up: momentum buffers
-    kept = without_foreign_load(reps, "full", seconds=lambda cost: cost[0])
-    time_ratio = statistics.median(r["memory-masked"][0] / r["full"][0] for r in kept)
-    memory_ratio = statistics.median(r["memory-masked"][1] / r["full"][1] for r in kept)
-    seconds = {k: statistics.median(r[k][0] for r in kept) for k in models}
-    return time_ratio, memory_ratio, {k: statistics.median(r[k][1] for r in kept) for k in models}, seconds, len(kept)
+    pixels = torch.randn(batch, 3, 224, 224, device=device)
+    labels = torch.randint(0, 100, (batch,), device=device)
+    autocast_dtype = None if dtype == torch.float32 else dtype
+    configs, ops = {}, {}
+    for name in args.settings:
+        model = apply_setting(copy.deepcopy(vit), name, 100, m=5).to(device).train()
+        if autocast_dtype is not None:
+            cast_frozen_weights(model, autocast_dtype)
+        step = training_step(model, compiled(model, args.compile), pixels, labels, autocast_dtype)
+        step.eager()  # momentum buffers exist from the second step on
+        ops[name] = sum(count_ops(step.eager).values())
+        configs[name] = (lambda: None, step)
+    reference = "full" if "full" in configs else next(iter(configs))
+    reps = interleaved(configs, args.reps, lambda step: training_step_cost(step, device),
+                       warmup=1 if args.compile == "none" else 3)
+    kept = without_foreign_load(reps, reference, seconds=lambda cost: cost[0])
+    time_ratio = median_ratios(kept, reference, seconds=lambda cost: cost[0])
+    memory_ratio = median_ratios(kept, reference, seconds=lambda cost: cost[1])
+    seconds = {k: statistics.median(r[k][0] for r in kept) for k in configs}
+    memory = {k: statistics.median(r[k][1] for r in kept) for k in configs}
+    return reference, time_ratio, memory_ratio, seconds, memory, ops, len(kept)
 
 
 def sizes():
@@ -237,50 +274,83 @@ def sizes():
     return out
 
 
-def main():
+def inference_lines(args, batch, device, dtype) -> list[str]:
+    ratio, ops, kept, total, base_seconds = inference(args, batch, device, dtype)
+    eager = args.compile == "none"
+    lines = [f"### Inference, batch {batch}: base forward {1000 * base_seconds:.2f} ms (median); {kept} of {total} "
+             f"repetitions kept; base {ops['base']} ops per eager call", "",
+             "| T | merged (one forward) | limit 1+T/(N+1) | eager ops (+ per layer) |"
+             + (" T separate adapter forwards | one big masked sequence |" if eager else ""),
+             "|---|---|---|---|" + ("---|---|" if eager else "")]
+    for count in args.tasks:
+        name = f"merged T={count}"
+        row = (f"| {count} | {ratio[name]:.3f} x | {1 + count / 50:.2f} x | {ops[name]} "
+               f"({(ops[name] - ops['base']) / 12:+.2f}) |")
+        if eager:
+            row += f" {count * ratio['merged T=1']:.2f} x | {ratio[f'big mask T={count}']:.3f} x |"
+        lines.append(row)
+    lines += ["", f"Full-attention memory adapter (m=5) vs base forward: {ratio['full m=5']:.3f} x "
+              f"({ops['full m=5']} ops, {(ops['full m=5'] - ops['base']) / 12:+.2f} per layer)", ""]
+    if eager:
+        lines += ["(T separate forwards = T x the measured one-adapter forward.)", "",
+                  f"Large memory, full attention, m=256: dense {ratio['full m=256 dense']:.3f} x, top-K (k=16) "
+                  f"{ratio['full m=256 top-16']:.3f} x the base forward (top-K scores every entry to choose, so it "
+                  "saves no compute in this form; it changes what is read).", ""]
+    return lines
+
+
+def training_lines(args, batch, device, dtype) -> list[str]:
+    reference, time_ratio, memory_ratio, seconds, memory, ops, kept = training(args, batch, device, dtype)
+    what = "peak CUDA memory" if device.type == "cuda" else "saved activations + grads + optimizer state"
+    lines = [f"### Training step, batch {batch} ({'autocast ' + args.dtype if dtype != torch.float32 else 'fp32'}; "
+             f"medians of {kept} of {args.reps} repetitions)", "",
+             f"| setting | img/s | time vs {reference} | memory vs {reference} ({what}) | eager ops per step |",
+             "|---|---|---|---|---|"]
+    for name in seconds:
+        lines.append(f"| {name} | {batch / seconds[name]:.0f} | {time_ratio[name]:.3f} x | {memory_ratio[name]:.3f} x "
+                     f"({memory[name] / 2**20:.0f} MiB) | {ops[name]} |")
+    return lines + [""]
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, nargs="+", default=[32])
+    p.add_argument("--training_batch", type=int, nargs="*", default=None, help="default: --batch")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"])
+    p.add_argument("--tasks", type=int, nargs="+", default=list(TASK_COUNTS))
+    p.add_argument("--settings", nargs="*", default=list(TRAINED), choices=TRAINED)
+    p.add_argument("--skip", nargs="*", default=[], choices=["inference", "training", "overhead", "sizes"])
     p.add_argument("--out", default="benchmarks/results_serving.md")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    lines = [f"## Serving benchmark — {where}, {args.dtype}, batch {args.batch}, ViT-B/32 shape (N=49), m=5", ""]
+    lines = [f"## Serving benchmark — {where}, {args.dtype}, compile {args.compile}, ViT-B/32 shape (N=49), m=5", ""]
 
-    ratio, kept, total, base_seconds = inference(args, device, dtype)
-    lines += [f"Base forward: {1000 * base_seconds:.1f} ms (median); {kept} of {total} repetitions kept.", "",
-              "| T | merged (one forward) | limit 1+T/(N+1) | T separate adapter forwards | one big masked sequence |",
-              "|---|---|---|---|---|"]
-    for count in TASK_COUNTS:
-        lines.append(f"| {count} | {ratio[f'merged T={count}']:.3f} x | {1 + count / 50:.2f} x | "
-                     f"{count * ratio['one masked adapter']:.2f} x | {ratio[f'big mask T={count}']:.3f} x |")
-    lines += ["", "(T separate forwards = T x the measured one-adapter forward.)", "",
-              f"Full-attention memory adapter (m=5) vs base forward: {ratio['full m=5']:.3f} x", "",
-              f"Large memory, full attention, m=256: dense {ratio['full m=256 dense']:.3f} x, top-K (k=16) "
-              f"{ratio['full m=256 top-16']:.3f} x the base forward (top-K scores every entry to choose, so it saves "
-              "no compute in this form; it changes what is read).", ""]
+    def emit(new_lines):
+        lines.extend(new_lines)
+        print("\n".join(new_lines), flush=True)
 
-    if device.type == "cpu":
+    print("\n".join(lines), flush=True)
+    if "inference" not in args.skip:
+        for batch in args.batch:
+            emit(inference_lines(args, batch, device, dtype))
+    if device.type == "cpu" and "overhead" not in args.skip:
         overhead, base_seconds = host_overhead(args)
-        lines += [f"Host overhead (tiny ViT, hidden 64, 12 layers, batch 2: no compute, only Python and kernel dispatch; "
-                  f"base forward {1000 * base_seconds:.1f} ms): merged T=1 {overhead['merged T=1']:.2f} x, merged T=10 "
-                  f"{overhead['merged T=10']:.2f} x the base forward. A GPU running the table above at batch 32 is "
-                  "in this regime.", ""]
-
-    time_ratio, memory_ratio, memory, seconds, kept = training(args, device)
-    what = "peak CUDA memory of the step" if device.type == "cuda" else "saved activations + grads + optimizer state"
-    lines += [f"Training step, masked memory vs full fine-tuning: time {time_ratio:.3f} x, memory {memory_ratio:.3f} x "
-              f"({what}: {memory['memory-masked'] / 2**20:.0f} MiB vs {memory['full'] / 2**20:.0f} MiB; step "
-              f"{seconds['memory-masked']:.2f} s vs {seconds['full']:.2f} s, medians of {kept} of {args.reps} "
-              "repetitions)", ""]
-    lines += ["| on disk | bytes |", "|---|---|"] + [f"| {k} | {v:,} |" for k, v in sizes().items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
+        emit([f"Host overhead (tiny ViT, hidden 64, 12 layers, batch 2: no compute, only Python and kernel dispatch; "
+              f"base forward {1000 * base_seconds:.1f} ms): merged T=1 {overhead['merged T=1']:.2f} x, merged T=10 "
+              f"{overhead['merged T=10']:.2f} x the base forward. A GPU running batch 32 eagerly is in this regime.",
+              ""])
+    if "training" not in args.skip and args.settings:
+        for batch in args.training_batch or args.batch:
+            emit(training_lines(args, batch, device, dtype))
+    if "sizes" not in args.skip:
+        emit(["| on disk | bytes |", "|---|---|"] + [f"| {k} | {v:,} |" for k, v in sizes().items()])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

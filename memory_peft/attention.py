@@ -31,24 +31,32 @@ def attend(attention: torch.nn.Module, query, key, value, mask=None) -> torch.Te
     return out.reshape(*query.shape[:2], -1)
 
 
-def task_row_mask(num_base: int, num_tasks: int, memory_sizes: list[int], reads: list[list[int]], dtype, device):
-    """Additive mask (T, Lk) for the T task query rows of masked mode.
+def task_mask_rows(num_tasks: int, memory_sizes: list[int], reads: list[list[int]], dtype, device) -> torch.Tensor:
+    """Additive mask rows (1 + T, T + M) over the columns [task class tokens (T); memory blocks side by side].
 
-    Columns: [base tokens (num_base); task class tokens (T); memory blocks side by side (sizes ``memory_sizes``)].
-    Row t sees the base tokens, its own class token, and the memory blocks listed in ``reads[t]`` (its own, plus
-    earlier tasks' in extension mode). Everything else gets finfo.min.
+    Row 0 is every base row's: it reads none of these columns. Row 1 + t is task t's: its own class token and the
+    memory blocks listed in ``reads[t]`` (its own, plus earlier tasks' in extension mode). The base columns in front,
+    readable by every row, are added per forward by ``with_base_columns`` (their count depends on the image size).
     """
-    offsets = [num_base + num_tasks]
+    offsets = [num_tasks]
     for size in memory_sizes:
         offsets.append(offsets[-1] + size)
-    allowed = torch.zeros(num_tasks, offsets[-1], dtype=torch.bool, device=device)
-    allowed[:, :num_base] = True
+    allowed = torch.zeros(1 + num_tasks, offsets[-1], dtype=torch.bool)
     for t in range(num_tasks):
-        allowed[t, num_base + t] = True
+        allowed[1 + t, t] = True
         for block in reads[t]:
-            allowed[t, offsets[block] : offsets[block + 1]] = True
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+            allowed[1 + t, offsets[block] : offsets[block + 1]] = True
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min).to(device)
+
+
+def with_base_columns(rows: torch.Tensor, num_base: int, base_rows: bool) -> torch.Tensor:
+    """``task_mask_rows`` -> the additive mask over [base (n); task class tokens; memories]: (n + T, n + T + M) with
+    the n base rows first when ``base_rows``, else (T, n + T + M), the task rows only. Two ops at most."""
+    padded = torch.nn.functional.pad(rows, (num_base, 0))  # every row reads the base columns
+    if not base_rows:
+        return padded[1:]
+    return torch.cat([padded[:1].expand(num_base, -1), padded[1:]])
 
 
 def top_k_memory(attention, query, memory_key, k: int) -> torch.Tensor:

@@ -182,13 +182,6 @@ def check_signature(recorded: dict | None, backbone: Backbone, what: str = "This
         )
 
 
-def apply_in_order(module: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
-    for name in names:
-        x = getattr(module, name)(x)
-    return x
-
-
-
 def load_backbone(name_or_path: str, **kwargs) -> nn.Module:
     """A supported backbone from a Hub id or local folder, chosen by its config's model_type (CLIP: the vision tower)."""
     from transformers import AutoConfig, CLIPVisionModel, DeiTModel, Dinov2Model, ViTModel

@@ -1,6 +1,17 @@
 """MemoryLayer: one ViT layer whose attention also reads learnable memory.
 
-Shapes: B batch, n = 1 + N base tokens (class token and patches), T task class tokens, m memory tokens, D hidden.
+Shapes: B batch, n = 1 + N base tokens (class token and patches), T task class tokens, L = n or n + T token rows,
+M memory rows of this layer (all memories read, side by side), D hidden.
+
+The memory rows go through the layer's LayerNorm and key/value projections *in the same kernels* as the tokens: the
+rows of the whole batch and the M memory rows are one (B * L + M, D) matrix. That costs M extra rows in one GEMM (not M
+per image) and three extra ops per layer over the stock layer (the row concatenation and the key and value
+concatenations). Nothing produced in a forward is kept, so the layer is the same under eager,
+``torch.compile(fullgraph=True)`` and CUDA graphs.
+
+Eager inference saves one more op per layer: the memory keys/values are constants there, computed outside any forward
+(when adapters are activated, the model is put in eval mode or moved; ``prepare_constants``) and used only while every
+weight they come from is unchanged (same storage, same version counter); otherwise the forward computes them inline.
 """
 
 from __future__ import annotations
@@ -12,32 +23,44 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .attention import attend, restrict_to_top_k, task_row_mask
-from .backbone import apply_in_order, layer_parts
+from .attention import attend, restrict_to_top_k
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The memories one layer reads for one set of active adapters, in key-column order (no tensors)."""
+
+    through_norm: tuple[str, ...] = ()  # memories that pass through norm_before, first
+    raw: tuple[str, ...] = ()  # memories used as normalised input (memory_layernorm=False), after them
+    sizes: tuple[int, ...] = ()  # rows of each memory above, in the same order
+    top_k: tuple[tuple[int, int, int], ...] = ()  # (column offset within the memory, rows, k) of top-K memories
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.through_norm + self.raw
 
 
 class MemoryLayer(nn.Module, BaseTunerLayer):
-    """Wraps a pre-LN ViT-family layer (norm -> attention -> norm -> MLP; part names from ``backbone.LAYERS``)."""
+    """Wraps a pre-LN ViT-family layer (norm -> attention -> norm -> MLP; part names from ``LayerParts``)."""
 
     adapter_layer_names = ("memory_tokens",)
     other_param_names = ("memory_layernorm", "memory_top_k")
 
-    def __init__(self, base_layer: nn.Module, layer_index: int) -> None:
+    def __init__(self, base_layer: nn.Module, layer_index: int, parts) -> None:
         nn.Module.__init__(self)
         self.base_layer = base_layer
         self.layer_index = layer_index
-        self.parts = layer_parts(base_layer)
         self.memory_tokens = nn.ParameterDict()  # adapter -> (m, D)
-        self.memory_layernorm: dict[str, bool] = {}  # adapter -> memory passes through layernorm_before
+        self.memory_layernorm: dict[str, bool] = {}  # adapter -> memory passes through norm_before
         self.memory_top_k: dict[str, int | None] = {}  # adapter -> each query reads its k best memory entries
-        self._memory_cache: dict = {}  # (adapter names, dtype) -> (weight versions, MemoryBlocks); inference only
-        self._mask_key, self._mask = None, None  # the task-row mask of the last layout seen
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = []
+        self._constants = None  # (plan, sources, their stamp, memory key (M, D), memory value (M, D))
+        # the wrapped modules, found once: the forward runs per layer per call and nn.Module lookups cost host time
+        self._resolved = _Resolved(base_layer, parts)
 
     def update_layer(self, adapter_name: str, m: int, init_std: float, memory_layernorm: bool, top_k=None) -> None:
-        self._memory_cache.clear()
         self.memory_layernorm[adapter_name] = memory_layernorm
         self.memory_top_k[adapter_name] = top_k
         if m > 0:
@@ -50,147 +73,140 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         # The stock encoder loop (adapters disabled) sees the plain layer.
         return self.base_layer(hidden_states, *args, **kwargs)
 
-    # --- pieces shared by both modes -------------------------------------------------------------------------------
+    def plan(self, memory_names: list[str]) -> MemoryPlan:
+        """Which of these adapters' memories this layer has, in the column order the forward uses."""
+        present = [name for name in memory_names if name in self.memory_tokens]
+        through = tuple(name for name in present if self.memory_layernorm[name])
+        raw = tuple(name for name in present if not self.memory_layernorm[name])
+        sizes = tuple(self.memory_tokens[name].shape[0] for name in through + raw)
+        top_k, offset = [], 0
+        for name, size in zip(through + raw, sizes):
+            k = self.memory_top_k.get(name)
+            if k is not None and k < size:
+                top_k.append((offset, size, k))
+            offset += size
+        return MemoryPlan(through, raw, sizes, tuple(top_k))
+
+    # --- parts of the wrapped layer ----------------------------------------------------------------------------------
     @property
     def norm_before(self) -> nn.Module:
-        return getattr(self.base_layer, self.parts.norm_before)
+        return self._resolved.norm_before
 
     @property
     def attention(self) -> nn.Module:
-        return getattr(self.base_layer, self.parts.attention)
+        return self._resolved.attention
 
-    def _projection(self, which: int) -> nn.Linear:
-        return getattr(self.attention, self.parts.projections[which])
-
-    def _qkv(self, normed: torch.Tensor):
-        return self._projection(0)(normed), self._projection(1)(normed), self._projection(2)(normed)
+    def attention_weights_train(self) -> bool:
+        return self._resolved.query.weight.requires_grad
 
     def _residual_and_mlp(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        layer, parts = self.base_layer, self.parts
-        x = x + apply_in_order(layer, parts.post_attention, self._projection(3)(attended))
-        mlp_out = getattr(layer, parts.mlp)(getattr(layer, parts.norm_after)(x))
-        return x + apply_in_order(layer, parts.post_mlp, mlp_out)
+        parts = self._resolved
+        x = x + _apply_in_order(parts.post_attention, parts.output(attended))
+        return x + _apply_in_order(parts.post_mlp, parts.mlp(parts.norm_after(x)))
 
-    @torch.compiler.disable  # a Python-side cache keyed by weight versions: guarding on it would recompile per layer
-    def memory_blocks(self, memory_names: list[str], dtype: torch.dtype) -> "MemoryBlocks":
-        """Keys and values of these adapters' memories in this layer, side by side.
+    def _memory(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        memory = self.memory_tokens[name]
+        return memory if memory.dtype == dtype else memory.to(dtype)
 
-        At inference they are constants: computed once per layout and cached, recomputed when any weight they depend
-        on changes (in-place updates bump a tensor's version; moves change its storage). Training never caches.
-        """
-        if torch.is_grad_enabled():
-            self._memory_cache.clear()
-            return self._build_blocks(memory_names, dtype)
-        norm, key, value, memories = self.norm_before, self._projection(1), self._projection(2), self.memory_tokens
-        weights = (norm.weight, norm.bias, key.weight, key.bias, value.weight, value.bias,
-                   *(memories[n] for n in memory_names if n in memories))
-        # in-place updates bump a tensor's version; moves and dtype casts give it new storage
-        stamp = [(t._version, t.data_ptr()) for t in weights if t is not None]
-        key = (tuple(memory_names), dtype)
-        cached = self._memory_cache.get(key)
-        if cached is None or cached[0] != stamp:
-            if len(self._memory_cache) > 16:  # many layouts seen: keep the cache small
-                self._memory_cache.clear()
-            cached = self._memory_cache[key] = (stamp, self._build_blocks(memory_names, dtype))
-        return cached[1]
+    def _project(self, x: torch.Tensor, plan: MemoryPlan):
+        """x (B, L, D) and this layer's memories -> query, key, value (B, L, D) of the tokens, and memory key, value
+        (M, D) (None without memory here): one LayerNorm and one GEMM per projection over all rows."""
+        if plan.sizes and self._constants_hold(plan, x):
+            parts, normed = self._resolved, self.norm_before(x)
+            return parts.query(normed), parts.key(normed), parts.value(normed), *self._constants[3:]
+        batch, length, width = x.shape
+        rows = x.reshape(batch * length, width)
+        through = [self._memory(name, x.dtype) for name in plan.through_norm]
+        normed = self.norm_before(torch.cat([rows, *through]) if through else rows)
+        if plan.raw:
+            normed = torch.cat([normed, *(self._memory(name, normed.dtype) for name in plan.raw)])
+        tokens = batch * length
+        parts = self._resolved
+        q, k, v = parts.query(normed), parts.key(normed), parts.value(normed)
+        query, key, value = (t[:tokens].view(batch, length, t.shape[-1]) for t in (q, k, v))
+        if not plan.sizes:
+            return query, key, value, None, None
+        return query, key, value, k[tokens:], v[tokens:]
 
-    def _build_blocks(self, memory_names: list[str], dtype: torch.dtype) -> "MemoryBlocks":
-        keys, values, sizes, top_k = [], [], [], []
-        for name in memory_names:
-            if name not in self.memory_tokens:
-                sizes.append(0)
-                continue
-            key, value = self._project_memory(self.memory_tokens[name], dtype, self.memory_layernorm[name])
-            k = self.memory_top_k.get(name)
-            if k is not None and k < key.shape[0]:
-                top_k.append((sum(sizes), key, k))
-            keys.append(key)
-            values.append(value)
-            sizes.append(key.shape[0])
-        if not keys:
-            return MemoryBlocks(None, None, sizes, top_k)
-        return MemoryBlocks(torch.cat(keys)[None], torch.cat(values)[None], sizes, top_k)
+    # --- eager inference: memory keys/values as constants ------------------------------------------------------------
+    def _sources(self, plan: MemoryPlan) -> tuple[torch.Tensor, ...]:
+        """Every tensor the memory keys/values of ``plan`` are computed from."""
+        norm, key, value = self.norm_before, self._resolved.key, self._resolved.value
+        weights = [norm.weight, norm.bias, key.weight, key.bias, value.weight, value.bias]
+        return tuple(t for t in weights if t is not None) + tuple(self.memory_tokens[name] for name in plan.names)
 
-    def _project_memory(self, memory, dtype, through_layernorm: bool):
-        memory = memory.to(dtype)
-        if through_layernorm:
-            memory = self.norm_before(memory)
-        return self._projection(1)(memory), self._projection(2)(memory)
+    @staticmethod
+    def _stamp(sources: tuple[torch.Tensor, ...]) -> tuple:
+        # in-place updates bump a tensor's version; moves and casts give it new storage
+        return tuple((t._version, t.data_ptr()) for t in sources)
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        self._memory_cache.clear()
-        super().delete_adapter(adapter_name)
+    @torch.no_grad()
+    def prepare_constants(self, plan: MemoryPlan) -> None:
+        """Compute this layer's memory keys/values for ``plan`` now (called outside any forward)."""
+        self._constants = None
+        reference = self.norm_before.weight
+        # weights of mixed dtypes (cast_frozen_weights) only run under autocast, which computes them inline anyway
+        if plan.sizes and self._resolved.key.weight.dtype == reference.dtype:
+            empty = reference.new_zeros(1, 0, reference.shape[0])
+            _, _, _, memory_key, memory_value = self._project(empty, plan)
+            sources = self._sources(plan)
+            self._constants = (plan, sources, self._stamp(sources), memory_key, memory_value)
 
-    # --- full attention: every token reads the memory ---------------------------------------------------------------
-    def forward_full(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """x (B, n, D) with the task's class token at position 0 -> (B, n, D)."""
-        attention = self.attention
-        query, key, value = self._qkv(self.norm_before(x))
-        blocks = self.memory_blocks([adapter_name], x.dtype)
-        mask = None
-        if blocks.keys is not None:
-            batch, n = x.shape[:2]
-            key = torch.cat([key, blocks.keys.expand(batch, -1, -1)], dim=1)
-            value = torch.cat([value, blocks.values.expand(batch, -1, -1)], dim=1)
-            if blocks.top_k:
-                mask = restrict_to_top_k(None, attention, query, blocks.shifted_top_k(n))
-        return self._residual_and_mlp(x, attend(attention, query, key, value, mask))
+    def _constants_hold(self, plan: MemoryPlan, x: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or self._constants is None:
+            return False  # compiled and training forwards compute them inline: no state crosses calls
+        constants_plan, sources, stamp, memory_key, _ = self._constants
+        return (constants_plan is plan and memory_key.dtype == x.dtype and memory_key.device == x.device
+                and not torch.is_autocast_enabled(x.device.type) and stamp == self._stamp(sources))
 
-    # --- masked: base rows run the stock attention, task rows read [base; own class token; readable memories] -------
-    def forward_masked(self, x: torch.Tensor, num_base: int, memory_names: list[str], reads: list[list[int]]):
-        """x (B, n + T, D): the n base tokens, then the T task class tokens -> (B, n + T, D).
+    def _attend(self, query, keys: list, values: list, memory_key, memory_value, plan: MemoryPlan, mask):
+        """query (B, Lq, D) over the token columns ``keys``/``values`` (lists of (B, *, D)), then the memory columns."""
+        batch, token_columns = query.shape[0], sum(k.shape[1] for k in keys)
+        if memory_key is not None:
+            keys = [*keys, memory_key.expand(batch, -1, -1)]
+            values = [*values, memory_value.expand(batch, -1, -1)]
+        key = torch.cat(keys, 1) if len(keys) > 1 else keys[0]
+        value = torch.cat(values, 1) if len(values) > 1 else values[0]
+        if plan.top_k:
+            blocks = [(token_columns + start, memory_key[start : start + size], k) for start, size, k in plan.top_k]
+            mask = restrict_to_top_k(mask, self.attention, query, blocks)
+        return attend(self.attention, query, key, value, mask)
 
-        The base rows attend unmasked over base keys only (the stock computation); the T task rows attend over
-        [all tokens; memory blocks] with a mask. ``memory_names``: memory blocks side by side (the tasks' own first,
-        then memories read only by extension); ``reads[t]``: indices into ``memory_names`` that task row t may read.
-        Inference runs LayerNorm, projections and MLP once over all n + T rows (fewest kernels); training runs the
-        base rows without autograd, so that only the class-token path is differentiated.
-        """
-        n = num_base
-        if torch.is_grad_enabled() and not self._projection(0).weight.requires_grad:
-            base, tasks = x[:, :n], x[:, n:].contiguous()  # a copy: saving a view would keep all of x alive
-            with torch.no_grad():
-                base_q, base_k, base_v = self._qkv(self.norm_before(base))
-                new_base = self._residual_and_mlp(base, attend(self.attention, base_q, base_k, base_v))
-            task_q, task_k, task_v = self._qkv(self.norm_before(tasks))
-            keys, values = torch.cat([base_k, task_k], 1), torch.cat([base_v, task_v], 1)
-            new_tasks = self._residual_and_mlp(tasks, self._task_attention(task_q, keys, values, n, memory_names, reads))
-            return torch.cat([new_base, new_tasks], 1)
-        query, key, value = self._qkv(self.norm_before(x))
-        base_out = attend(self.attention, query[:, :n], key[:, :n], value[:, :n])
-        task_out = self._task_attention(query[:, n:], key, value, n, memory_names, reads)
-        return self._residual_and_mlp(x, torch.cat([base_out, task_out], 1))
+    # --- one stream: full attention (mask None) or masked inference (mask over base + task rows) ---------------------
+    def forward_rows(self, x: torch.Tensor, plan: MemoryPlan, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D). Every row reads the token and memory columns that ``mask`` (additive, (L, L + M))
+        allows; None: all of them (full attention, the task's class token at position 0)."""
+        query, key, value, memory_key, memory_value = self._project(x, plan)
+        attended = self._attend(query, [key], [value], memory_key, memory_value, plan, mask)
+        return self._residual_and_mlp(x, attended)
 
-    def _task_attention(self, task_query, key, value, n, memory_names, reads):
-        """T task query rows over [n base + T class-token keys; memory blocks], masked per task."""
-        attention = self.attention
-        blocks = self.memory_blocks(memory_names, task_query.dtype)
-        if blocks.keys is not None:
-            batch = key.shape[0]
-            key = torch.cat([key, blocks.keys.expand(batch, -1, -1)], 1)
-            value = torch.cat([value, blocks.values.expand(batch, -1, -1)], 1)
-        num_tasks = task_query.shape[1]
-        mask = self._task_mask(n, num_tasks, blocks.sizes, reads, task_query.dtype, task_query.device)
-        if blocks.top_k:
-            mask = restrict_to_top_k(mask, attention, task_query, blocks.shifted_top_k(n + num_tasks))
-        return attend(attention, task_query, key, value, mask)
-
-    def _task_mask(self, num_base, num_tasks, sizes, reads, dtype, device):
-        """task_row_mask, kept while the layout stays the same (it does across batches of one serving setup)."""
-        key = (num_base, num_tasks, tuple(sizes), tuple(map(tuple, reads)), dtype, device)
-        if self._mask_key != key:
-            self._mask_key, self._mask = key, task_row_mask(num_base, num_tasks, sizes, reads, dtype, device)
-        return self._mask
+    # --- masked training: base rows without autograd, only the class-token path is differentiated -------------------
+    def forward_streams(self, base: torch.Tensor, tasks: torch.Tensor, plan: MemoryPlan, task_mask: torch.Tensor):
+        """base (B, n, D), tasks (B, T, D) -> both after this layer. ``task_mask`` (T, n + T + M): what each task row
+        reads among [base; task class tokens; memories]. The base rows are the stock layer, run without autograd."""
+        with torch.no_grad():
+            base_query, base_key, base_value, _, _ = self._project(base, MemoryPlan())
+            new_base = self._residual_and_mlp(base, attend(self.attention, base_query, base_key, base_value))
+        query, key, value, memory_key, memory_value = self._project(tasks, plan)
+        attended = self._attend(query, [base_key, key], [base_value, value], memory_key, memory_value, plan,
+                                task_mask)
+        return new_base, self._residual_and_mlp(tasks, attended)
 
 
-@dataclass
-class MemoryBlocks:
-    """Memories of several adapters side by side in one layer."""
+def _apply_in_order(modules: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor:
+    for module in modules:
+        x = module(x)
+    return x
 
-    keys: Optional[torch.Tensor]  # (1, M, D) or None when none of them has memory here
-    values: Optional[torch.Tensor]
-    sizes: list[int]  # memory entries per adapter (0: none in this layer)
-    top_k: list[tuple[int, torch.Tensor, int]]  # (offset within the blocks, keys (m, D), k) for top-K memories
 
-    def shifted_top_k(self, offset: int) -> list[tuple[int, torch.Tensor, int]]:
-        return [(offset + start, keys, k) for start, keys, k in self.top_k]
+class _Resolved:
+    """The modules ``LayerParts`` names inside one layer (plain references: they stay registered where they are)."""
+
+    def __init__(self, layer: nn.Module, parts) -> None:
+        self.norm_before = getattr(layer, parts.norm_before)
+        self.attention = getattr(layer, parts.attention)
+        self.query, self.key, self.value, self.output = (getattr(self.attention, name) for name in parts.projections)
+        self.norm_after = getattr(layer, parts.norm_after)
+        self.mlp = getattr(layer, parts.mlp)
+        self.post_attention = tuple(getattr(layer, name) for name in parts.post_attention)
+        self.post_mlp = tuple(getattr(layer, name) for name in parts.post_mlp)

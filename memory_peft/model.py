@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -15,11 +16,22 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from .backbone import Backbone, check_signature, describe_backbone
+from .attention import task_mask_rows, with_base_columns
+from .backbone import Backbone, check_signature, describe_backbone, layer_parts
 from .config import MemoryTokenConfig
 from .errors import InputError
-from .layer import MemoryLayer
+from .layer import MemoryLayer, MemoryPlan
 from .registration import PREFIX
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the backbone runs for one set of active adapters (no tensors: the mask rows are buffers of the tuner)."""
+
+    names: tuple[str, ...]
+    masked: bool
+    plans: tuple[MemoryPlan, ...]  # per layer
+    masks: tuple[Optional[str], ...]  # per layer: name of its task-mask rows in ``tuner.task_masks`` (masked mode)
 
 
 class MemoryTokenModel(BaseTuner):
@@ -36,10 +48,13 @@ class MemoryTokenModel(BaseTuner):
         check_signature(config.backbone, backbone, f"Adapter '{adapter_name}'")
         config.memory_layers(backbone.num_layers)  # range check before anything is created
         config.backbone = backbone.signature
+        self._backbone = backbone  # found once: the forward reads the parts from here
+        self._layout: Optional[Layout] = None
         self._layer_index = {name: i for i, layer in enumerate(backbone.layers) for name in _names_of(model, layer)}
         if "memory_class_token" not in self._modules:
             self.memory_class_token = nn.ParameterDict()  # adapter -> (D,): embedding output at position 0
             self.memory_head = nn.ModuleDict()  # adapter -> Linear(D, num_labels)
+            self.task_masks = nn.Module()  # non-persistent buffers: the active layout's task-mask rows
         self._add_class_token_and_head(adapter_name, config, backbone)
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
@@ -68,7 +83,7 @@ class MemoryTokenModel(BaseTuner):
         index = self._layer_index[current_key]
         m = peft_config.m if index in peft_config.memory_layers(len(self._layer_index)) else 0
         if not isinstance(target, MemoryLayer):
-            target = MemoryLayer(target, index)
+            target = MemoryLayer(target, index, layer_parts(target))
             self._replace_module(parent, target_name, target, None)
         target.update_layer(adapter_name, m, peft_config.init_std, peft_config.memory_layernorm, peft_config.top_k)
 
@@ -90,6 +105,7 @@ class MemoryTokenModel(BaseTuner):
             )
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._set_task_trainability(inference_mode)
+        self._prepare_layout(names)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
@@ -114,6 +130,72 @@ class MemoryTokenModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         del self.memory_class_token[adapter_name], self.memory_head[adapter_name]
+        self._layout = None
+
+    # --- layout: what every layer reads for the active adapters, prepared outside the forward ------------------------
+    def _prepare_layout(self, names: list[str]) -> Layout:
+        """Per layer: which memories, in which column order, and (masked mode) the task-mask rows, as buffers that
+        follow ``.to()``. Built when adapters are activated, so that no forward creates state that outlives it."""
+        for buffer in list(self.task_masks._buffers):
+            delattr(self.task_masks, buffer)
+        layers = self._backbone.layers
+        if not names or any(n not in self.memory_class_token for n in names):
+            self._layout = None
+            return None
+        masked = self.peft_config[names[0]].mode == "masked"
+        if masked and not self._extended_loaded(names):
+            self._layout = None  # extension mode before its earlier adapters are loaded: the forward will say so
+            return None
+        memory_names, reads = self._memory_reads(names) if masked else (list(names), [])
+        plans = tuple(layer.plan(memory_names) for layer in layers)
+        masks = []
+        if masked:
+            reference = self.memory_class_token[names[0]]
+            dtype = self._backbone.final_norm.weight.dtype
+            keys = {}  # layers that read the same memories share their mask
+            for plan in plans:
+                if plan not in keys:
+                    keys[plan] = f"rows_{len(keys)}"
+                    blocks = [[plan.names.index(memory_names[i]) for i in task_reads if memory_names[i] in plan.names]
+                              for task_reads in reads]
+                    rows = task_mask_rows(len(names), list(plan.sizes), blocks, dtype, reference.device)
+                    self.task_masks.register_buffer(keys[plan], rows, persistent=False)
+                masks.append(keys[plan])
+        self._layout = Layout(tuple(names), masked, plans, tuple(masks) if masked else (None,) * len(plans))
+        if not self.training:
+            self.prepare_inference()
+        return self._layout
+
+    def prepare_inference(self) -> None:
+        """Compute the active memories' keys/values, which eager inference reads as constants. Runs by itself when
+        adapters are activated, on ``eval()`` and on moves/casts; call it after changing adapter weights in place in
+        eval mode (until then the forward computes them inline: always right, one op per layer more)."""
+        if self._layout is not None:
+            for layer, plan in zip(self._backbone.layers, self._layout.plans):
+                layer.prepare_constants(plan)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode and "_layout" in self.__dict__:
+            self.prepare_inference()
+        return self
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        if not self.training and "_layout" in self.__dict__:
+            self.prepare_inference()
+        return result
+
+    def _layout_for(self, names: list[str]) -> Layout:
+        layout = self._layout
+        if layout is None or layout.names != tuple(names):  # activated around set_adapter (e.g. peft internals)
+            layout = self._prepare_layout(names)
+        if layout is None:
+            self._memory_reads(names)  # raises the error that names what is missing
+        return layout
+
+    def _extended_loaded(self, names: list[str]) -> bool:
+        return all(s in self.peft_config for name in names for s in self.peft_config[name].extends or [])
 
     def _check_merge_allowed(self):
         raise InputError("Memory tokens are extra keys/values, not a weight delta: they cannot be merged into weights.")
@@ -148,11 +230,10 @@ class MemoryTokenModel(BaseTuner):
             raise TypeError(f"memory adapters do not take the argument(s) {sorted(kwargs)}.")
         if pixel_values is None:
             raise InputError("pixel_values is required (a float tensor of shape (batch, channels, height, width)).")
-        _, features = self.encode(pixel_values, names, interpolate_pos_encoding)
-        outputs = {
-            name: self._classify(name, features[:, t], _labels_for(labels, name, names), num_items)
-            for t, name in enumerate(names)
-        }
+        _, features = self._encode(pixel_values, names, interpolate_pos_encoding, with_base=False)
+        labels = [_labels_for(labels, name, names) for name in names]
+        logits = self._heads(names, features)
+        outputs = {name: self._classify(name, logits[t], labels[t], num_items) for t, name in enumerate(names)}
         if len(names) == 1:
             output = outputs[names[0]]
             return output if return_dict is not False else output.to_tuple()
@@ -166,23 +247,52 @@ class MemoryTokenModel(BaseTuner):
         Returns (base, features): ``base`` (B, 1 + N, D) is the unadapted model's final-normed output (masked mode; None
         in full mode, where the backbone's tokens change), ``features`` (B, T, D) the final-normed task class tokens.
         """
-        backbone = describe_backbone(self.model)
+        return self._encode(pixel_values, adapter_names, interpolate_pos_encoding, with_base=True)
+
+    def _encode(self, pixel_values, adapter_names, interpolate_pos_encoding, with_base: bool):
+        backbone, layout = self._backbone, self._layout_for(list(adapter_names))
         dtype = backbone.final_norm.weight.dtype
         pixel_values = backbone.check_pixels(pixel_values, bool(interpolate_pos_encoding))
         embedded = backbone.embed(pixel_values.to(dtype), bool(interpolate_pos_encoding))
-        class_tokens = torch.stack([self.memory_class_token[n] for n in adapter_names]).to(embedded.dtype)  # (T, D)
-        class_tokens = class_tokens.expand(embedded.shape[0], -1, -1)
-        if self.peft_config[adapter_names[0]].mode == "full":
-            x = torch.cat([class_tokens, embedded[:, 1:]], dim=1)
-            for layer in backbone.layers:
-                x = layer.forward_full(x, adapter_names[0])
+        batch, n, _ = embedded.shape
+        tokens = [self.memory_class_token[name] for name in adapter_names]  # T x (D,)
+        if tokens[0].dtype != embedded.dtype:
+            tokens = list(torch.stack(tokens).to(embedded.dtype))
+        tokens = [token.expand(batch, 1, -1) for token in tokens]
+        if not layout.masked:
+            x = torch.cat([tokens[0], embedded[:, 1:]], dim=1)
+            for layer, plan in zip(backbone.layers, layout.plans):
+                x = layer.forward_rows(x, plan)
             return None, backbone.final_norm(x[:, :1])
-        memory_names, reads = self._memory_reads(adapter_names)
-        x, n = torch.cat([embedded, class_tokens], dim=1), embedded.shape[1]
-        for layer in backbone.layers:
-            x = layer.forward_masked(x, n, memory_names, reads)
+        # the base rows are out of autograd in training (only the class-token path is differentiated), so they run
+        # as a stream of their own; at inference all rows run together through one set of kernels
+        streams = torch.is_grad_enabled() and not backbone.layers[0].attention_weights_train()
+        masks = self._task_masks(layout, n, embedded, base_rows=not streams)
+        if streams:
+            base, tokens = embedded, torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
+            for layer, plan, mask in zip(backbone.layers, layout.plans, layout.masks):
+                base, tokens = layer.forward_streams(base, tokens, plan, masks[mask])
+            if with_base:
+                with torch.no_grad():
+                    base = backbone.final_norm(base)
+            return base if with_base else None, backbone.final_norm(tokens)
+        x = torch.cat([embedded, *tokens], dim=1)
+        for layer, plan, mask in zip(backbone.layers, layout.plans, layout.masks):
+            x = layer.forward_rows(x, plan, masks[mask])
         x = backbone.final_norm(x)
         return x[:, :n], x[:, n:]
+
+    def _task_masks(self, layout: Layout, num_base: int, like: torch.Tensor, base_rows: bool) -> dict:
+        """The additive masks of this forward, one per distinct layer layout, in the dtype attention will use."""
+        dtype = like.dtype
+        if torch.is_autocast_enabled(like.device.type):
+            dtype = torch.get_autocast_dtype(like.device.type)
+        masks = {}
+        for name in layout.masks:
+            if name not in masks:
+                rows = getattr(self.task_masks, name).to(device=like.device, dtype=dtype)
+                masks[name] = with_base_columns(rows, num_base, base_rows)
+        return masks
 
     def _memory_reads(self, adapter_names: list[str]) -> tuple[list[str], list[list[int]]]:
         """Memory blocks side by side (the tasks' own, then those read only through extension) and, per task, the
@@ -200,17 +310,28 @@ class MemoryTokenModel(BaseTuner):
             reads.append([memory_names.index(name)] + [memory_names.index(s) for s in extends])
         return memory_names, reads
 
-    def _classify(self, name: str, feature: torch.Tensor, labels: Optional[torch.Tensor],
+    def _heads(self, names: list[str], features: torch.Tensor) -> list[torch.Tensor]:
+        """features (B, T, D) -> each task's logits (B, num_labels): heads of one shape run as one batched GEMM."""
+        heads = [self.memory_head[name] for name in names]
+        features = features.to(heads[0].weight.dtype)
+        if len(heads) == 1:
+            return [heads[0](features[:, 0])]
+        if len({(h.out_features, h.weight.dtype) for h in heads}) > 1:
+            return [head(features[:, t]) for t, head in enumerate(heads)]
+        weight = torch.stack([head.weight for head in heads])  # (T, num_labels, D)
+        bias = torch.stack([head.bias for head in heads])  # (T, num_labels)
+        return list(torch.baddbmm(bias[:, None], features.transpose(0, 1), weight.transpose(1, 2)).unbind(0))
+
+    def _classify(self, name: str, logits: torch.Tensor, labels: Optional[torch.Tensor],
                   num_items: Optional[int] = None) -> ImageClassifierOutput:
-        head = self.memory_head[name]
-        logits = head(feature.to(head.weight.dtype))
         loss = None
         if labels is not None:
             labels = labels.to(logits.device)
             if logits.shape[-1] == 1:
                 loss = nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
             else:
-                _check_label_range(labels, logits.shape[-1], name)
+                if not torch.compiler.is_compiling():  # compiled: cross_entropy's own range check (no graph break)
+                    _check_label_range(labels, logits.shape[-1], name)
                 if num_items is None:
                     loss = nn.functional.cross_entropy(logits.float(), labels.long())
                 else:
@@ -238,17 +359,24 @@ def _check_label_range(labels: torch.Tensor, num_labels: int, name: str) -> None
         )
 
 
+class _TunerForward:
+    """The base model's forward, routed through the tuner. A weak reference avoids a model <-> tuner cycle; a deep copy
+    of the model (inside a copy of the tuner, e.g. ``copy.deepcopy(peft_model)``) routes to the copied tuner."""
+
+    def __init__(self, tuner: MemoryTokenModel) -> None:
+        self.tuner = weakref.ref(tuner)
+        # transformers.Trainer keeps only the dataset columns named in forward's signature: show it the real one
+        signature = inspect.signature(MemoryTokenModel.memory_forward)
+        self.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+
+    def __call__(self, *args, **kwargs):
+        return self.tuner().memory_forward(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        tuner = self.tuner()
+        return _TunerForward(memo.get(id(tuner), tuner))
+
+
 def _install_forward(model: nn.Module, tuner: MemoryTokenModel) -> None:
-    """Route the base model's forward through the tuner; a weak reference avoids a model <-> tuner cycle."""
-    if "forward" in model.__dict__:
-        return
-    tuner_ref = weakref.ref(tuner)
-
-    def forward(*args, **kwargs):
-        return tuner_ref().memory_forward(*args, **kwargs)
-
-    # transformers.Trainer keeps only the dataset columns named in forward's signature: show it the real one
-    signature = inspect.signature(MemoryTokenModel.memory_forward)
-    forward.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
-
-    model.forward = forward
+    if "forward" not in model.__dict__:
+        model.forward = _TunerForward(tuner)

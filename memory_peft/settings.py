@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -36,3 +37,23 @@ def apply_setting(model: nn.Module, name: str, num_labels: int, m: int = 5, **ov
         for parameter in describe_backbone(peft_model.base_model.model).full_fine_tuning_parameters():
             parameter.requires_grad_(True)
     return peft_model
+
+
+def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """For training under autocast: store the frozen weights of linear and convolution layers in ``dtype``.
+
+    Autocast casts a weight to its lower precision at every use, and caches the cast only for weights that train; a
+    frozen backbone would be cast on every call, twice per layer in masked training (base rows and class-token path).
+    These are exactly the tensors autocast computes with, so results do not change; norms, embeddings, the tuner's
+    class tokens and heads, and everything that trains stay as they are. The model then needs autocast (or inputs of ``dtype``) to run. Returns how many
+    tensors were cast.
+    """
+    backbone = model.base_model.model if isinstance(model, PeftModel) else model  # heads and class tokens aside
+    cast = 0
+    for module in backbone.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            for parameter in module.parameters(recurse=False):
+                if not parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != dtype:
+                    parameter.data = parameter.data.to(dtype)
+                    cast += 1
+    return cast

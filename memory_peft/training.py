@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import TorchDynamoPlugin, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, get_cosine_schedule_with_warmup
@@ -32,7 +32,7 @@ from .data import collate, image_transform, load_image_data
 from .errors import InputError, MemoryPeftError, OutputExistsError
 from .metrics import load_top_k_accuracy
 from .reporting import JSONLinesTracker, model_card, plot_curves, read_log
-from .settings import SETTINGS, apply_setting
+from .settings import SETTINGS, apply_setting, cast_frozen_weights
 from .storage import write_atomically
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
@@ -66,6 +66,9 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--num_workers", type=int, default=-1,
                    help="DataLoader workers; -1: 4 on GPU, 0 on CPU (workers would take cores from the model)")
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's")
+    p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the model (inductor, one graph) with this mode; the same as `accelerate launch "
+                        "--dynamo_backend inductor`, which also works")
     p.add_argument("--output_dir", default="outputs/train")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true",
@@ -166,6 +169,8 @@ def train(args):
         log_with=[JSONLinesTracker("memory-peft", output_dir)],
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        **({"dynamo_plugin": TorchDynamoPlugin(backend="inductor", mode=args.compile, fullgraph=True)}
+           if args.compile else {}),
     )
     set_seed(args.seed)
 
@@ -183,6 +188,8 @@ def train(args):
     vit = load_backbone(args.backbone)
     model = apply_setting(vit, args.mode, num_labels=data.num_labels, m=args.m, label_names=data.label_names,
                           image_size=args.image_size)
+    if accelerator.mixed_precision in ("bf16", "fp16"):  # a frozen weight is cast once here, not at every use
+        cast_frozen_weights(model, torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
     steps_per_epoch = len(train_loader) // (args.grad_accum * accelerator.num_processes)

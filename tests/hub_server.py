@@ -138,3 +138,11 @@ def start_hub() -> tuple[ThreadingHTTPServer, HubState, str]:
     handler.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, state, handler.endpoint
+
+
+def hub_env(url, tmp_path, token=TOKEN):
+    env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_DISABLE_XET": "1"}
+    if token:
+        env["HF_TOKEN"] = token
+    return env

@@ -11,18 +11,9 @@ from transformers import ViTConfig, ViTModel
 from conftest import tiny_vit
 from memory_peft import MemoryTokenConfig
 from memory_peft.artifact import INDEX, load_multitask, merge_adapters, split_artifact
-from test_exactness import randomise_task
+from helpers import TINY_PIXELS, save_adapter
 
-PIXELS = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-
-
-def save_adapter(vit, path, seed, **config):
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(**{"mode": "masked", "init_std": 0.5, **config}))
-    randomise_task(model, "default", seed)
-    model.eval().save_pretrained(path)
-    with torch.no_grad():
-        return model(pixel_values=PIXELS).logits
+PIXELS = TINY_PIXELS
 
 
 def test_merge_load_split_round_trip(tmp_path):

@@ -1,5 +1,7 @@
 """Every supported backbone, on a tiny random config, against references built from its own stock layers.
 
+All in float64 (sdpa, the default): identity claims hold up to summation order.
+
 The references need no knowledge of our part tables: a stock layer run on [x; memory] with the memory rows dropped is
 the paper's layer (memory is read, never written), and a masked task's class token sees exactly what it would see as
 an extra token of a full-attention sequence [base; its class token; its memory].
@@ -13,14 +15,18 @@ from peft import PeftModel, get_peft_model
 from transformers import (CLIPVisionConfig, CLIPVisionModel, DeiTConfig, DeiTModel, Dinov2Config, Dinov2Model,
                           ViTConfig, ViTForImageClassification, ViTModel)
 
+from helpers import assert_identical, randomise_task
 from memory_peft import MemoryTokenConfig, activate
 from memory_peft.backbone import describe_backbone
-from test_exactness import randomise_task
 
 SIZE = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, image_size=16, patch_size=8)
 
 
 def build(name):
+    return _build(name).double()
+
+
+def _build(name):
     torch.manual_seed(0)
     if name == "ViTModel":
         return ViTModel(ViTConfig(intermediate_size=64, **SIZE), add_pooling_layer=False)
@@ -34,7 +40,7 @@ def build(name):
 
 
 BACKBONES = ["ViTModel", "ViTForImageClassification", "DeiTModel", "Dinov2Model", "CLIPVisionModel"]
-PIXELS = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+PIXELS = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
 def stock_final_states(model, pixels):
@@ -48,7 +54,8 @@ def adapted(base, seed, **config):
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base), MemoryTokenConfig(**{"init_std": 0.5, **config})).eval()
     randomise_task(model, "default", seed)
-    return model
+    # adapters load into fp32 parameters: keep every value fp32-representable so that save -> load stays exact
+    return model.float().double()
 
 
 def tuner_parts(model, name="default"):
@@ -72,7 +79,7 @@ def test_full_attention_model_equals_stock_layers_reading_memory(name):
             x = layer.base_layer(sequence, None)[:, : x.shape[1]]
         reference = tuner.memory_head["default"](backbone.final_norm(x[:, 0]))
     assert sorted(memories) == [0, 2]
-    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+    assert_identical(logits, reference)
 
 
 def masked_reference(backbone, class_token, memories, head, pixels):
@@ -100,18 +107,18 @@ def test_masked_adapters_keep_the_base_and_combine_exactly(name, tmp_path):
             reference = masked_reference(backbone, tuner.memory_class_token["default"], memories,
                                          tuner.memory_head["default"], PIXELS)
             base_states, _ = tuner.encode(PIXELS, ["default"])
-        torch.testing.assert_close(alone[task], reference, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(base_states, stock, atol=1e-5, rtol=0)  # the base model is untouched
+        assert_identical(alone[task], reference)
+        assert_identical(base_states, stock)  # the base model is untouched
         model.save_pretrained(tmp_path / task)
 
     combined = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a")
     combined.load_adapter(tmp_path / "b", adapter_name="b")
-    activate(combined.eval(), ["a", "b"])
+    activate(combined.double().eval(), ["a", "b"])
     with torch.no_grad():
         outputs = combined(pixel_values=PIXELS)
     for task in alone:  # one forward, each task as alone; save -> load exact
-        torch.testing.assert_close(outputs[task].logits, alone[task], atol=1e-5, rtol=0)
-    single = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b").eval()
+        assert_identical(outputs[task].logits, alone[task])
+    single = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b").double().eval()
     with torch.no_grad():
         assert torch.equal(single(pixel_values=PIXELS).logits, alone["b"])
 

@@ -294,7 +294,7 @@ def test_output_dir_holding_an_earlier_run_is_not_overwritten(adapter, tiny_data
 
 
 def test_resume_from_a_checkpoint_of_other_settings(tmp_path):
-    from test_train_script import train
+    from helpers import train
 
     train(tmp_path / "run", "--mode", "memory", "--m", "2", "--max_steps", "3", "--stop_after", "1")
     before = snapshot(tmp_path)
@@ -308,7 +308,7 @@ def test_resume_from_a_checkpoint_of_other_settings(tmp_path):
 # --- the Hub -------------------------------------------------------------------------------------------------------
 def hub_train(url, tmp_path, token, repo):
     from hub_server import TOKEN
-    from test_hub import hub_env
+    from hub_server import hub_env
 
     env = {**os.environ, **hub_env(url, tmp_path, token=TOKEN if token else None)}
     if not token:
@@ -338,7 +338,7 @@ def test_push_fails_before_training_with_a_clear_message(tmp_path, token, repo, 
 
 def test_loading_a_repo_that_does_not_exist(tmp_path):
     from hub_server import start_hub
-    from test_hub import hub_env
+    from hub_server import hub_env
 
     server, _, url = start_hub()
     code = ("import memory_peft\nfrom conftest import tiny_vit\nfrom peft import PeftModel\n"

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, SHARED, tiny_vit
 from memory_peft.cli import main
-from test_artifact import save_adapter
+from helpers import save_adapter
 
 SCRIPT = Path(sys.executable).parent / "memory-peft"
 
@@ -70,7 +70,7 @@ def test_merge_inspect_split(tmp_path, capsys):
 def test_train_then_evaluate_reproduces_the_accuracy(tmp_path):
     if not SCRIPT.exists() or not (SHARED / "data" / "cifar10").is_dir():
         pytest.skip("needs the installed script and the bundled CIFAR-10")
-    from test_train_script import TINY
+    from helpers import TRAIN_SCRIPT_TINY as TINY
 
     run("train", "--output_dir", tmp_path / "run", *TINY, "--mode", "memory-masked", "--m", "2", "--max_steps", "2")
     trained = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]

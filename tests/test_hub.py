@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REAL_VIT, ROOT
-from hub_server import TOKEN, USER, start_hub
-from test_save_load import make_trained_model
+from hub_server import TOKEN, USER, hub_env, start_hub
+from helpers import make_trained_model
 
 ROUND_TRIP = """
 import os, sys, torch, memory_peft
@@ -31,14 +31,6 @@ def hub(tmp_path):
     server, state, url = start_hub()
     yield state, url
     server.shutdown()
-
-
-def hub_env(url, tmp_path, token=TOKEN):
-    env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1",
-           "HF_HUB_DISABLE_XET": "1"}
-    if token:
-        env["HF_TOKEN"] = token
-    return env
 
 
 def test_push_to_hub_and_load_by_repo_id(real_vit_cached, images, hub, tmp_path):
@@ -70,7 +62,7 @@ def test_push_to_hub_and_load_by_repo_id(real_vit_cached, images, hub, tmp_path)
 
 
 def test_train_script_pushes_adapter_and_card(hub, tmp_path, monkeypatch):
-    from test_train_script import train
+    from helpers import train
 
     state, url = hub
     for key, value in hub_env(url, tmp_path).items():

@@ -109,3 +109,20 @@ def test_loaded_adapter_trains_when_asked(tmp_path):
     trainable = sorted(n.split("base_model.")[-1] for n, p in loaded.named_parameters() if p.requires_grad)
     assert trainable == ["memory_head.default.bias", "memory_head.default.weight",
                          "model.layers.0.memory_tokens.default", "model.layers.1.memory_tokens.default"]
+
+
+@pytest.mark.parametrize("mode", ["full", "masked"])
+def test_a_deep_copy_computes_with_its_own_weights(mode):
+    import copy
+
+    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, num_labels=4, mode=mode, init_std=1.0)).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.base_model.memory_head["default"].weight)
+        before = model(pixel_values=PIXELS).logits
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(pixel_values=PIXELS).logits, before)
+        twin.base_model.model.layers[0].memory_tokens["default"].add_(1.0)
+        torch.nn.init.normal_(twin.base_model.memory_head["default"].weight)
+        changed = twin(pixel_values=PIXELS).logits
+        assert torch.equal(model(pixel_values=PIXELS).logits, before)  # the original is untouched
+    assert (changed - before).abs().max() > 1e-3

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED, tiny_vit
-from test_train_script import TINY, adapter_tensors, train
+from helpers import TRAIN_SCRIPT_TINY as TINY, adapter_tensors, train
 
 SOURCES = [ROOT / "memory_peft", ROOT / "examples", ROOT / "benchmarks"]
 
@@ -91,7 +91,7 @@ def test_loading_adapters_and_artifacts_never_calls_torch_load(tmp_path, monkeyp
 
     from memory_peft import load_adapters
     from memory_peft.artifact import load_multitask, split_artifact
-    from test_artifact import save_adapter
+    from helpers import save_adapter
 
     calls = []
     real_load = torch.load

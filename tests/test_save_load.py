@@ -12,13 +12,7 @@ from transformers import ViTConfig, ViTModel
 
 from conftest import REAL_VIT, ROOT
 from memory_peft import MemoryTokenConfig
-from test_exactness import randomise_task
-
-
-def make_trained_model(vit, **config):
-    model = get_peft_model(vit, MemoryTokenConfig(**config))
-    randomise_task(model, "default", 7)
-    return model.eval()
+from helpers import make_trained_model
 
 
 def test_save_load_same_logits_and_only_adapter_tensors(real_vit_cached, images, tmp_path):

@@ -6,79 +6,69 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from conftest import load_real_vit, tiny_vit
+from conftest import tiny_vit
+from helpers import (DTYPES, assert_identical, assert_matches, masked_model, memories_of, randomise_task,
+                     real_vit_in)
 from memory_peft import MemoryTokenConfig
 from reference import attention_rows, mlp_block, reference_masked_model
-from test_exactness import memories_of, randomise_task
-
-
-def masked_model(vit, tasks):
-    """tasks: list of (name, m, layers) -> PeftModel with randomised class tokens and heads."""
-    model = None
-    for seed, (name, m, layers) in enumerate(tasks):
-        config = MemoryTokenConfig(m=m, num_labels=5, mode="masked", layers=layers, init_std=0.5)
-        if model is None:
-            model = get_peft_model(vit, config, adapter_name=name)
-        else:
-            model.add_adapter(name, config)
-        randomise_task(model, name, seed)
-    return model.eval()
 
 
 TASKS = [("a", 4, None), ("b", 2, [1, 4, 7]), ("c", 0, None), ("d", 6, [0, 11])]
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-def test_reused_forward_equals_plain_masked_reference_with_and_without_cache(implementation, images):
-    pixels = images[0][:3]
-    model = masked_model(load_real_vit(implementation), TASKS)
-    tuner = model.base_model
-    tolerance = 1e-5 if implementation == "eager" else 5e-5  # sdpa sums in another order over 12 fp32 layers
+def test_every_forward_path_equals_plain_masked_reference(implementation, images):
+    """Eager inference with memory constants, inline memory (compiled or stale constants), and training's two streams."""
+    pixels = images[0][:3].to(DTYPES[implementation])
+    model = masked_model(real_vit_in(implementation), TASKS).to(DTYPES[implementation])
+    tuner, layers = model.base_model, model.base_model.model.layers
     for count in (1, 2, 3, 4):
         active = [name for name, _, _ in TASKS[:count]]
         with torch.no_grad():
             ref_base, ref_tasks = reference_masked_model(
                 tuner.model, [tuner.memory_class_token[n] for n in active], [memories_of(model, n) for n in active],
                 pixels)
-            cold = tuner.encode(pixels, active, interpolate_pos_encoding=True)  # fills the cache
-            warm = tuner.encode(pixels, active, interpolate_pos_encoding=True)  # reads it
-        uncached = tuner.encode(pixels, active, interpolate_pos_encoding=True)  # grad mode: no cache
-        for base, tasks in (cold, warm, uncached):
-            torch.testing.assert_close(base, ref_base, atol=tolerance, rtol=0)
-            torch.testing.assert_close(tasks, ref_tasks, atol=tolerance, rtol=0)
-        assert torch.equal(cold[1], warm[1])
-    assert tuner.model.layers[0]._memory_cache == {}  # training mode (grad enabled) never keeps a cache
-    with torch.no_grad():
-        tuner.encode(pixels, active, interpolate_pos_encoding=True)
-    (stamp, blocks), = tuner.model.layers[0]._memory_cache.values()
-    assert blocks.sizes == [4, 0, 0, 6]  # c has no memory, b none in layer 0
-    assert blocks.keys.shape == (1, 10, 384)
+            with_constants = tuner.encode(pixels, active, interpolate_pos_encoding=True)
+            assert layers[0]._constants is not None  # prepared on activation (eval mode)
+            for layer in layers:
+                layer._constants = None
+            inline = tuner.encode(pixels, active, interpolate_pos_encoding=True)
+        streams = tuner.encode(pixels, active, interpolate_pos_encoding=True)  # grad mode: base rows apart
+        for base, tasks in (with_constants, inline, streams):
+            assert_matches(implementation, base, ref_base)
+            assert_matches(implementation, tasks, ref_tasks)
+    assert layers[0]._constants is None  # cleared above; activating again prepares them
+    tuner.set_adapter(active)
+    plan, _, _, memory_key, _ = layers[0]._constants
+    assert plan.names == ("a", "d") and plan.sizes == (4, 6)  # c has no memory, b none in layer 0
+    assert memory_key.shape == (10, 384)
 
 
-def test_cache_follows_weight_changes():
-    model = masked_model(tiny_vit(), [("a", 3, None)])
-    pixels = torch.randn(2, 3, 16, 16)
+def test_memory_constants_follow_weight_changes():
+    model = masked_model(tiny_vit().double(), [("a", 3, None)]).double()
+    pixels = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     with torch.no_grad():
         before = model(pixel_values=pixels).logits
         memory = model.base_model.model.layers[1].memory_tokens["a"]
-        memory.add_(torch.randn(memory.shape))  # in place, as an optimizer step (not a scale: LayerNorm ignores it)
-        after = model(pixel_values=pixels).logits
-        fresh = copy.deepcopy(model)
-        for layer in fresh.base_model.model.layers:
-            layer._memory_cache.clear()
-        expected = fresh(pixel_values=pixels).logits
-    assert not torch.allclose(before, after)
-    assert torch.equal(after, expected)
+        memory.add_(torch.randn(memory.shape, dtype=torch.float64))  # in place (not a scale: LayerNorm ignores it)
+        after = model(pixel_values=pixels).logits  # stale constants: computed inline
+        model.base_model.prepare_inference()
+        prepared = model(pixel_values=pixels).logits
+        model.base_model.model.to(torch.float32).to(torch.float64)  # a move gives new storage: prepared again
+        moved = model(pixel_values=pixels).logits
+    assert (before - after).abs().max() > 1e-3
+    assert_identical(prepared, after)
+    assert_identical(moved, after)
 
 
 def test_extension_reads_earlier_memory_and_keeps_earlier_outputs(images):
-    pixels = images[0][:3]
-    vit = load_real_vit("eager")
-    model = masked_model(vit, [("old", 4, None)])
+    pixels = images[0][:3].double()
+    model = masked_model(real_vit_in("sdpa"), [("old", 4, None)]).double()
     with torch.no_grad():
         _, old_alone = model.base_model.encode(pixels, ["old"], interpolate_pos_encoding=True)
     model.add_adapter("new", MemoryTokenConfig(m=3, num_labels=5, mode="masked", extends=["old"], init_std=0.5))
     model.add_adapter("plain", MemoryTokenConfig(m=3, num_labels=5, mode="masked", init_std=0.5))
+    model.double()
     tuner = model.base_model
     with torch.no_grad():
         tuner.memory_class_token["plain"].copy_(tuner.memory_class_token["new"])
@@ -98,9 +88,9 @@ def test_extension_reads_earlier_memory_and_keeps_earlier_outputs(images):
             out = attention_rows(layer.base_layer, torch.cat([x, memory], 1), mask)[:, : n + 1]
             x = mlp_block(layer.base_layer, x + out)
         reference = tuner.model.layernorm(x[:, n:])
-    torch.testing.assert_close(both[:, :1], old_alone, atol=1e-5, rtol=0)  # earlier task unchanged
-    torch.testing.assert_close(both[:, 1:], new_alone, atol=1e-5, rtol=0)
-    torch.testing.assert_close(new_alone, reference, atol=1e-5, rtol=0)
+    assert_identical(both[:, :1], old_alone)  # earlier task unchanged
+    assert_identical(both[:, 1:], new_alone)
+    assert_identical(new_alone, reference)
     assert (new_alone - plain).abs().max() > 1e-3  # reading the old memory matters
     # training the extension touches only the new task's parameters
     tuner.set_adapter("new")
@@ -144,7 +134,7 @@ def test_top_k_reads_exactly_the_best_entries():
     layer = model.base_model.model.layers[0]
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
-        ours = layer.forward_full(x, "default")
+        ours = layer.forward_rows(x, layer.plan(["default"]))
         base = layer.base_layer
         att = base.attention
         z = base.layernorm_before(x)

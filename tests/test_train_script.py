@@ -12,24 +12,7 @@ from safetensors.torch import load_file
 from transformers import ViTModel
 
 from conftest import REAL_VIT, ROOT, SHARED
-
-TINY = ["--train_size", "48", "--eval_size", "32", "--image_size", "56", "--batch_size", "8", "--num_workers", "0",
-        "--warmup_steps", "1", "--lr", "0.05"]
-
-
-def train(output_dir, *args, launcher=(sys.executable,), timeout=600):
-    if not (SHARED / "data" / "cifar10").is_dir():
-        pytest.skip("bundled CIFAR-10 not found")
-    command = [*launcher, str(ROOT / "examples" / "train.py"), "--output_dir", str(output_dir), *TINY, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def adapter_tensors(output_dir):
-    return load_file(output_dir / "adapter" / "adapter_model.safetensors")
-
+from helpers import TRAIN_SCRIPT_TINY as TINY, adapter_tensors, train
 
 def test_few_steps_write_everything_and_reload_to_same_accuracy(tmp_path):
     out = tmp_path / "run"

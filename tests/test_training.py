@@ -3,9 +3,11 @@
 import pytest
 import torch
 
+from peft import get_peft_model
+
+from helpers import assert_identical
 from memory_peft import MemoryTokenConfig
 from memory_peft.settings import SETTINGS, apply_setting
-from peft import get_peft_model
 
 D, LAYERS, CLASSES = 384, 12, 10
 
@@ -54,13 +56,15 @@ def test_each_fine_tune_setting_trains_what_it_should(real_vit, setting, expecte
 
 
 def test_head_setting_reads_the_pretrained_class_output(real_vit, images):
-    pixels = images[0][:4]
-    with torch.no_grad():
+    pixels = images[0][:4].double()
+    real_vit.double()
+    with torch.no_grad():  # the task's class token is stored in fp32: make cls + position 0 fp32-representable
+        real_vit.embeddings.position_embeddings[:, 0].zero_()
         stock = real_vit(pixels, interpolate_pos_encoding=True).last_hidden_state[:, 0]
-    model = apply_setting(real_vit, "head", num_labels=CLASSES)
+    model = apply_setting(real_vit, "head", num_labels=CLASSES).double()
     with torch.no_grad():
         _, features = model.base_model.encode(pixels, ["default"], interpolate_pos_encoding=True)
-    torch.testing.assert_close(features[:, 0], stock, atol=1e-5, rtol=0)
+    assert_identical(features[:, 0], stock)
 
 
 def saved_for_backward_bytes(model, pixels, labels):
@@ -91,3 +95,37 @@ def test_masked_training_differentiates_only_the_class_token_path(real_vit_cache
     # what masked mode must keep: per layer the keys and values the class token read (2 x n rows), against ~10 x n
     # rows of activations with full attention
     assert sizes["masked"] < 0.35 * sizes["full"], sizes
+
+
+def test_frozen_weights_cast_once_give_the_same_step_under_autocast():
+    """cast_frozen_weights stores what autocast computes with anyway: same loss and gradients, fewer casts."""
+    import copy
+
+    from transformers import ViTConfig, ViTModel
+
+    from memory_peft.diagnostics import count_ops
+    from memory_peft.settings import cast_frozen_weights
+
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             image_size=32, patch_size=8), add_pooling_layer=False)
+    pixels, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    plain = apply_setting(vit, "memory-masked", num_labels=CLASSES, m=3).train()
+    cast = copy.deepcopy(plain)
+    # weight and bias of q, k, v, o, fc1, fc2 in both layers, and of the patch convolution
+    assert cast_frozen_weights(cast, torch.bfloat16) == 2 * 6 * 2 + 2
+    results = {}
+    for name, model in (("plain", plain), ("cast", cast)):
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(pixel_values=pixels, labels=labels).loss
+            loss.backward()
+            return loss
+
+        ops = count_ops(step)
+        results[name] = (step().detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad], ops)
+    assert torch.equal(results["plain"][0], results["cast"][0])
+    for plain_grad, cast_grad in zip(results["plain"][1], results["cast"][1]):
+        assert torch.equal(plain_grad, cast_grad)
+    assert results["cast"][2]["_to_copy.default"] < results["plain"][2]["_to_copy.default"]
+    assert all(p.dtype == torch.float32 for p in cast.parameters() if p.requires_grad)
