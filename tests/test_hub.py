@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REAL_VIT, ROOT
 from hub_server import TOKEN, USER, hub_env, start_hub
-from helpers import make_trained_model
+from helpers import assert_identical, make_trained_model
 
 ROUND_TRIP = """
 import os, sys, torch, memory_peft
@@ -19,7 +19,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import ViTModel
 vit = ViTModel.from_pretrained(sys.argv[1], add_pooling_layer=False).eval()
-model = PeftModel.from_pretrained(vit, sys.argv[2])
+model = PeftModel.from_pretrained(vit, sys.argv[2]).double()  # fp32 weights, compared in float64
 with torch.no_grad():
     logits = model(pixel_values=load_file(sys.argv[3])["pixels"], interpolate_pos_encoding=True).logits
 save_file({"logits": logits.contiguous()}, sys.argv[4])
@@ -37,8 +37,9 @@ def test_push_to_hub_and_load_by_repo_id(real_vit_cached, images, hub, tmp_path)
     state, url = hub
     pixels = images[0][:4].contiguous()
     model = make_trained_model(copy.deepcopy(real_vit_cached), m=4, num_labels=6, mode="masked")
+    pixels = pixels.double()  # identity is checked in float64: thread counts may differ between the processes
     with torch.no_grad():
-        logits = model(pixel_values=pixels, interpolate_pos_encoding=True).logits
+        logits = copy.deepcopy(model).double()(pixel_values=pixels, interpolate_pos_encoding=True).logits
     # push in a subprocess so that HF_ENDPOINT is read at import time, as for a user
     env = hub_env(url, tmp_path)
     save_dir = tmp_path / "adapter"
@@ -58,7 +59,7 @@ def test_push_to_hub_and_load_by_repo_id(real_vit_cached, images, hub, tmp_path)
     subprocess.run([sys.executable, "-c", ROUND_TRIP, str(REAL_VIT), f"{USER}/memory-adapter",
                     str(tmp_path / "pixels.safetensors"), str(tmp_path / "logits.safetensors")],
                    check=True, cwd=ROOT, env={**os.environ, **env_reader}, timeout=300)
-    torch.testing.assert_close(load_file(tmp_path / "logits.safetensors")["logits"], logits, atol=1e-6, rtol=0)
+    assert_identical(load_file(tmp_path / "logits.safetensors")["logits"], logits)
 
 
 def test_train_script_pushes_adapter_and_card(hub, tmp_path, monkeypatch):

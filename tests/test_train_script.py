@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -109,3 +110,19 @@ def test_predict_runs_all_tasks_in_one_forward(tmp_path):
     assert "airplane" in cifar_names and all(label in cifar_names for label, _ in both["cifar"][0])
     assert [label for label, _ in both["fashion"][0]] == [label for label, _ in alone["fashion"][0]]
     assert [p for _, p in both["fashion"][1]] == pytest.approx([p for _, p in alone["fashion"][1]], abs=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
+@pytest.mark.parametrize("how", ["flag", "accelerate"])
+def test_compiled_training_through_accelerate(tmp_path, how):
+    """--compile default, or `accelerate launch --dynamo_backend inductor`: one inductor graph, trains and evaluates."""
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    if how == "flag":
+        result = train(tmp_path / "run", "--mode", "memory-masked", "--m", "2", "--max_steps", "2", "--compile",
+                       "default")
+    else:
+        launcher = (accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                    "--dynamo_backend", "inductor", "--num_cpu_threads_per_process", "2")
+        result = train(tmp_path / "run", "--mode", "memory", "--m", "2", "--max_steps", "2", launcher=launcher)
+    assert "final accuracy after 2 steps" in result.stdout
+    assert adapter_tensors(tmp_path / "run")["base_model.memory_head.weight"].abs().sum() > 0
