@@ -129,6 +129,7 @@ def inference(args, batch, device, dtype):
     vit = ViTModel(ViTConfig(patch_size=32), add_pooling_layer=False).eval()
     stock = copy.deepcopy(vit).to(device, dtype)
     full = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=5, num_labels=100, mode="full")).to(device, dtype)
+    full.eval()
     merged = masked_tasks_model(copy.deepcopy(vit), max(args.tasks), device).to(dtype)
     names = [f"task{t}" for t in range(max(args.tasks))]
     pixels = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)

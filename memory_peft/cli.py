@@ -74,9 +74,9 @@ def describe(source: str) -> dict:
     from safetensors import safe_open
 
     from .artifact import INDEX, read_index
-    from .storage import adapter_file, verify_adapter
+    from .storage import adapter_file, is_local, verify_adapter
 
-    is_artifact = (Path(source) / INDEX).is_file() if Path(source).is_dir() else _hub_has(source, INDEX)
+    is_artifact = (Path(source) / INDEX).is_file() if is_local(source) else _hub_has(source, INDEX)
     tasks = read_index(source)["tasks"] if is_artifact else [None]
     rows = []
     for task in tasks:
@@ -101,6 +101,9 @@ def _hub_has(repo_id: str, filename: str) -> bool:
         return file_exists(repo_id, filename)
     except HFValidationError:
         raise InputError(f"{repo_id} is neither a local folder nor a Hub repo id.") from None
+    except OSError as exc:  # the Hub could not be reached
+        raise InputError(f"{repo_id} is not a local folder, and the Hub could not be reached to look it up "
+                         f"({exc.__class__.__name__}). Check the path, or the network.") from None
 
 
 def inspect(args) -> int:
@@ -128,6 +131,9 @@ def named_sources(items: list[str], usage: str) -> dict[str, str]:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise InputError(f"{usage}, got {item!r}.")
+        if name in named:
+            raise InputError(f"Task name {name!r} is given twice ({named[name]!r} and {path!r}): each task needs a "
+                             "name of its own.")
         named[name] = path
     return named
 

@@ -176,6 +176,9 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
     def forward_rows(self, x: torch.Tensor, plan: MemoryPlan, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, L, D) -> (B, L, D). Every row reads the token and memory columns that ``mask`` (additive, (L, L + M))
         allows; None: all of them (full attention, the task's class token at position 0)."""
+        return self._checkpointed(self._rows, x, plan, mask)
+
+    def _rows(self, x, plan, mask):
         query, key, value, memory_key, memory_value = self._project(x, plan)
         attended = self._attend(query, [key], [value], memory_key, memory_value, plan, mask)
         return self._residual_and_mlp(x, attended)
@@ -187,10 +190,21 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         with torch.no_grad():
             base_query, base_key, base_value, _, _ = self._project(base, MemoryPlan())
             new_base = self._residual_and_mlp(base, attend(self.attention, base_query, base_key, base_value))
+        return new_base, self._checkpointed(self._task_rows, tasks, base_key, base_value, plan, task_mask)
+
+    def _task_rows(self, tasks, base_key, base_value, plan, task_mask):
         query, key, value, memory_key, memory_value = self._project(tasks, plan)
         attended = self._attend(query, [base_key, key], [base_value, value], memory_key, memory_value, plan,
                                 task_mask)
-        return new_base, self._residual_and_mlp(tasks, attended)
+        return self._residual_and_mlp(tasks, attended)
+
+    def _checkpointed(self, function, *args):
+        """``function(*args)``, recomputed in backward instead of kept when the model's gradient checkpointing is on
+        (``gradient_checkpointing_enable()`` marks the wrapped layer; its checkpoint function and options are used)."""
+        layer = self.base_layer
+        if getattr(layer, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+            return layer._gradient_checkpointing_func(function, *args)
+        return function(*args)
 
 
 def _apply_in_order(modules: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor:

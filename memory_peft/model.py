@@ -162,8 +162,7 @@ class MemoryTokenModel(BaseTuner):
                     self.task_masks.register_buffer(keys[plan], rows, persistent=False)
                 masks.append(keys[plan])
         self._layout = Layout(tuple(names), masked, plans, tuple(masks) if masked else (None,) * len(plans))
-        if not self.training:
-            self.prepare_inference()
+        self.prepare_inference()
         return self._layout
 
     def prepare_inference(self) -> None:
@@ -182,7 +181,7 @@ class MemoryTokenModel(BaseTuner):
 
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
-        if not self.training and "_layout" in self.__dict__:
+        if "_layout" in self.__dict__:
             self.prepare_inference()
         return result
 

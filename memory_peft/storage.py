@@ -70,10 +70,28 @@ def save_adapter(model, output_dir: str | os.PathLike, overwrite: bool = False, 
     return write_atomically(output_dir, lambda folder: model.save_pretrained(folder, **save_kwargs), overwrite=True)
 
 
+def is_local(source: str | os.PathLike) -> bool:
+    """True for a local folder, False for a name to look up on the Hub; a clear error, at once, for a string that
+    can only be a local path (no Hub id starts with '/', '.' or '~', holds a backslash or two '/', or starts with the
+    name of a local folder) but names nothing: a typo should not become a network error."""
+    path, text = Path(source), str(source)
+    if path.is_dir():
+        return True
+    first = text.split("/")[0]
+    if text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1 or text.endswith("/") \
+            or path.exists() or ("/" in text and Path(first).is_dir()):
+        parent = next((p for p in path.parents if p.is_dir()), None)
+        hint = f" ({parent} holds {sorted(c.name for c in parent.iterdir())[:10]})" if parent not in (None, Path(".")) \
+            else ""
+        what = "a file, not a folder" if path.is_file() else f"no such folder{hint}"
+        raise AdapterFileError(f"{text}: {what}, and not a Hub id ('name' or 'user/name'). Check the path.")
+    return False
+
+
 def adapter_file(source: str | os.PathLike, filename: str, subfolder: Optional[str] = None, **hub_kwargs) -> Path:
     """A file of a local adapter folder or a Hub repo (downloaded into the cache), or a clear error."""
     folder = Path(source, subfolder or "")
-    if Path(source).is_dir():
+    if is_local(source):
         if not (folder / filename).is_file():
             present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
             raise AdapterFileError(f"{folder / filename} is missing (the folder holds {present}): {source!s} is not a "
@@ -84,6 +102,9 @@ def adapter_file(source: str | os.PathLike, filename: str, subfolder: Optional[s
     except (HFValidationError, RepositoryNotFoundError, EntryNotFoundError, LocalEntryNotFoundError) as exc:
         raise AdapterFileError(f"{source!s} is neither a local folder nor a Hub repo holding "
                                f"{Path(subfolder or '', filename)} ({exc.__class__.__name__}).") from None
+    except OSError as exc:  # the Hub could not be reached
+        raise AdapterFileError(f"{source!s} is not a local folder, and the Hub could not be reached to look it up "
+                               f"({exc.__class__.__name__}). Check the path, or the network.") from None
 
 
 def verify_weights(path: Path, expected_m: Optional[int] = None, hidden_size: Optional[int] = None) -> None:

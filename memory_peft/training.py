@@ -130,9 +130,6 @@ def check_output_dir(args, output_dir: Path) -> None:
     elif earlier and not args.overwrite:
         raise OutputExistsError(f"{output_dir} already holds an earlier run ({', '.join(earlier)}): pass --resume to "
                                 "continue it, --overwrite to start over, or choose another --output_dir.")
-    elif earlier and PartialState().is_main_process:  # --overwrite: old checkpoints and log go now, the adapter last
-        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     if args.push_to_hub:
         check_hub_login(args.push_to_hub)
 
@@ -193,6 +190,11 @@ def train(args):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
     steps_per_epoch = len(train_loader) // (args.grad_accum * accelerator.num_processes)
+    if steps_per_epoch == 0:  # drop_last: not one full optimizer step in the data, and no progress ever
+        per_step = args.batch_size * args.grad_accum * accelerator.num_processes
+        raise InputError(f"{len(data.train)} training images make no full optimizer step of {per_step} images "
+                         f"(--batch_size {args.batch_size} x --grad_accum {args.grad_accum} x "
+                         f"{accelerator.num_processes} process(es)): lower --batch_size or raise --train_size.")
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     # accelerate steps a prepared scheduler once per process at each optimizer step: count in those units
     processes = accelerator.num_processes
@@ -200,6 +202,11 @@ def train(args):
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
+    if args.overwrite and not args.resume and accelerator.is_main_process:
+        # every check passed: the earlier run's checkpoints and log go now, its adapter only when the new one is saved
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     accelerator.init_trackers("memory-peft", config={k: v for k, v in vars(args).items()})
     metric = load_top_k_accuracy(num_process=accelerator.num_processes, process_id=accelerator.process_index)
 

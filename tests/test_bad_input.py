@@ -350,3 +350,50 @@ def test_loading_a_repo_that_does_not_exist(tmp_path):
         server.shutdown()
     assert result.returncode != 0
     assert "Can't find 'adapter_config.json' at 'tester/no-such-adapter'" in result.stderr
+
+
+def test_fewer_training_images_than_one_batch(tiny_dataset, tmp_path):
+    (tmp_path / "out" / "checkpoints").mkdir(parents=True)  # an earlier run: --overwrite must not touch it yet
+    (tmp_path / "out" / "metrics.jsonl").write_text("{}\n")
+    before = snapshot(tmp_path)
+    error = run_train("--dataset", tiny_dataset, "--output_dir", tmp_path / "out", "--batch_size", "8", "--overwrite")
+    assert ("4 training images make no full optimizer step of 8 images (--batch_size 8 x --grad_accum 1 x 1 "
+            "process(es)): lower --batch_size or raise --train_size") in error
+    assert snapshot(tmp_path) == before
+
+
+def test_a_mistyped_local_path_is_refused_at_once_not_looked_up_on_the_hub(tmp_path, monkeypatch, capsys):
+    from memory_peft.cli import main as cli
+
+    (tmp_path / "runs" / "cifar").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    looked_up = []
+    monkeypatch.setattr("memory_peft.storage.hf_hub_download", lambda *a, **k: looked_up.append(a))
+    monkeypatch.setattr("huggingface_hub.file_exists", lambda *a, **k: looked_up.append(a))
+    cases = {"runs/nope": "runs/nope: no such folder (runs holds ['cifar'])", "./nope": "./nope: no such folder",
+             str(tmp_path / "x" / "y"): "no such folder", "a/b/c": "a/b/c: no such folder",
+             "runs\\cifar": "no such folder"}
+    for source, message in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message) + r".*and not a Hub id \('name' or 'user/name'\)"):
+            load_adapters(tiny_vit(), {"task": source})
+        assert cli(["inspect", source]) == 1
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: ") and message in error and error.count("\n") == 1
+    assert looked_up == []
+
+
+def test_merge_refuses_a_task_name_given_twice(tmp_path, capsys):
+    from memory_peft.cli import main as cli
+
+    assert cli(["merge", "a=x", "a=y", "--output", str(tmp_path / "out")]) == 1
+    assert "Task name 'a' is given twice ('x' and 'y'): each task needs a name of its own." in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_activate_takes_one_name_as_a_name():
+    from memory_peft import activate
+
+    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, mode="masked"), adapter_name="fashion")
+    model.add_adapter("cifar", MemoryTokenConfig(m=2, mode="masked"))
+    activate(model, "fashion")
+    assert model.base_model.active_adapters == ["fashion"]

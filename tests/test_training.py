@@ -129,3 +129,27 @@ def test_frozen_weights_cast_once_give_the_same_step_under_autocast():
         assert torch.equal(plain_grad, cast_grad)
     assert results["cast"][2]["_to_copy.default"] < results["plain"][2]["_to_copy.default"]
     assert all(p.dtype == torch.float32 for p in cast.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("setting", ["memory", "memory-masked"])
+def test_gradient_checkpointing_keeps_less_and_gives_the_same_gradients(real_vit_cached, images, setting):
+    """gradient_checkpointing_enable() applies to memory layers: activations are recomputed in backward."""
+    import copy
+
+    pixels, labels = images[0][:8], images[1][:8]
+    results = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = apply_setting(copy.deepcopy(real_vit_cached), setting, num_labels=CLASSES, m=5).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        saved = saved_for_backward_bytes(model, pixels, labels)
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results[checkpointing] = saved, grads
+    if setting == "memory":
+        assert results[True][0] < 0.25 * results[False][0], (results[True][0], results[False][0])
+    else:  # only the class-token path is recomputed; the base keys/values it reads stay: 2 x 17 rows x 12 layers
+        base_keys_and_values = 2 * 8 * 17 * 384 * 4 * 12
+        assert results[True][0] < 1.05 * base_keys_and_values < 0.7 * results[False][0], results
+    for plain, checkpointed in zip(results[False][1], results[True][1]):
+        torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
