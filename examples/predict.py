@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory_peft import load_adapters  # noqa: E402
 from memory_peft.artifact import load_multitask  # noqa: E402
 from memory_peft.backbone import load_backbone  # noqa: E402
-from memory_peft.cli import named_sources  # noqa: E402
-from memory_peft.errors import InputError  # noqa: E402
+from memory_peft.cli import describe, named_sources  # noqa: E402
+from memory_peft.errors import InputError, MemoryPeftError  # noqa: E402
 from memory_peft.assets import default_backbone  # noqa: E402
 
 
@@ -39,14 +39,27 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict[str, list[list[tuple[str, float]]]]:
+    """Bad input ends in one ``error: ...`` line (exit status 1), not a traceback."""
     args = parse_args(argv)
     if bool(args.adapter) == bool(args.artifact):
-        raise SystemExit("Give either --adapter NAME=PATH (repeatable) or --artifact PATH.")
+        raise SystemExit("error: give either --adapter NAME=PATH (repeatable) or --artifact PATH.")
     try:
-        adapters = named_sources(args.adapter, "--adapter expects NAME=PATH_OR_HUB_ID")
-    except InputError as exc:
+        return predict(args)
+    except MemoryPeftError as exc:
         raise SystemExit(f"error: {exc}") from None
-    backbone = args.backbone or default_backbone()
+
+
+def base_model_of(sources: list[str]) -> str:
+    """The base model the adapters record (base_model_name_or_path), else the bundled default."""
+    bases = {describe(source)["base_model"] for source in sources} - {None}
+    if len(bases) > 1:
+        raise InputError(f"The adapters were trained on different base models {sorted(bases)}: pass --backbone.")
+    return next(iter(bases), None) or default_backbone()
+
+
+def predict(args) -> dict[str, list[list[tuple[str, float]]]]:
+    adapters = named_sources(args.adapter, "--adapter expects NAME=PATH_OR_HUB_ID")
+    backbone = args.backbone or base_model_of([args.artifact] if args.artifact else list(adapters.values()))
     vit = load_backbone(backbone)
     model = load_multitask(vit, args.artifact) if args.artifact else load_adapters(vit, adapters)
     model.eval()

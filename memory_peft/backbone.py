@@ -126,6 +126,9 @@ class Backbone:
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise InputError(f"pixel_values must be a tensor of shape (batch, channels, height, width); got {shape}.")
+        if not pixel_values.is_floating_point():
+            raise InputError(f"pixel_values are {pixel_values.dtype}: the model takes normalised float images. Pass "
+                             "the images through the backbone's image processor (AutoImageProcessor) first.")
         channels, height, width = pixel_values.shape[1:]
         if channels == 1 and self.num_channels != 1:
             pixel_values = pixel_values.expand(-1, self.num_channels, -1, -1)

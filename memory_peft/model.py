@@ -112,11 +112,18 @@ class MemoryTokenModel(BaseTuner):
         self._set_task_trainability()
 
     def _set_task_trainability(self, inference_mode: bool = False) -> None:
+        """Active adapters train unless loaded for inference (their config's inference_mode), whatever the call order
+        of train()/eval() and activation."""
         active = set(self.active_adapters)
+        trains = {name: name in active and not inference_mode and not self.peft_config[name].inference_mode
+                  for name in self.memory_class_token}
         for name, token in self.memory_class_token.items():
-            trains = name in active and not inference_mode and not self.peft_config[name].inference_mode
-            token.requires_grad_(trains and self.peft_config[name].train_class_token)
-            self.memory_head[name].requires_grad_(trains)
+            token.requires_grad_(trains[name] and self.peft_config[name].train_class_token)
+            self.memory_head[name].requires_grad_(trains[name])
+        for layer in self._backbone.layers:
+            for name, memory in getattr(layer, "memory_tokens", {}).items():
+                if not trains.get(name, False):
+                    memory.requires_grad_(False)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)

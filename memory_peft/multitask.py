@@ -15,9 +15,10 @@ def activate(model: PeftModel, adapter_names: str | Iterable[str]) -> PeftModel:
     """Make these adapters run together: their class tokens are appended and their memories placed side by side.
 
     The forward then returns ``{adapter name: ImageClassifierOutput}``. Only ``mode='masked'`` adapters combine.
+    Adapters train (memory, class token, head) unless they were loaded for inference (``is_trainable=False``).
     """
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)  # one name, not its letters
-    model.base_model.set_adapter(names if len(names) > 1 else names[0], inference_mode=not model.training)
+    model.base_model.set_adapter(names if len(names) > 1 else names[0])
     return model
 
 

@@ -34,6 +34,7 @@ def write_atomically(output_dir: str | os.PathLike, fill: Callable[[Path], None]
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp's private 0700, made what a plain mkdir would have given
         fill(staging)
         if output_dir.exists():
             old = output_dir.with_name(f".{output_dir.name}.old")
@@ -57,6 +58,12 @@ def write_atomically(output_dir: str | os.PathLike, fill: Callable[[Path], None]
             shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def save_adapter(model, output_dir: str | os.PathLike, overwrite: bool = False, **save_kwargs) -> Path:

@@ -397,3 +397,21 @@ def test_activate_takes_one_name_as_a_name():
     model.add_adapter("cifar", MemoryTokenConfig(m=2, mode="masked"))
     activate(model, "fashion")
     assert model.base_model.active_adapters == ["fashion"]
+
+
+def test_integer_pixels_are_refused_with_a_pointer_to_the_image_processor():
+    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2)).eval()
+    with pytest.raises(ValueError, match=r"pixel_values are torch.uint8: the model takes normalised float images.*"
+                                         r"image processor"):
+        model(pixel_values=torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8))
+
+
+def test_saved_folders_get_the_permissions_of_a_plain_mkdir(tmp_path):
+    from memory_peft.storage import save_adapter as save
+
+    old = os.umask(0o022)
+    try:
+        save(get_peft_model(tiny_vit(), MemoryTokenConfig(m=2)), tmp_path / "adapter")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755

@@ -80,3 +80,25 @@ def test_train_then_evaluate_reproduces_the_accuracy(tmp_path):
     assert report["accuracy"]["default"] == trained
     bad = run("evaluate", tmp_path / "nothing", check=False)
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_predict_uses_the_adapters_base_model_and_ends_errors_in_one_line(tmp_path, capsys):
+    from peft import get_peft_model
+    from PIL import Image
+    from transformers import ViTImageProcessor, ViTModel
+
+    from memory_peft import MemoryTokenConfig
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import predict
+
+    tiny_vit().save_pretrained(tmp_path / "base")  # a backbone of its own, not the bundled one
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "base")
+    vit = ViTModel.from_pretrained(tmp_path / "base", add_pooling_layer=False)
+    get_peft_model(vit, MemoryTokenConfig(m=2, num_labels=3, mode="masked")).save_pretrained(tmp_path / "adapter")
+    Image.new("RGB", (20, 20), "blue").save(tmp_path / "a.png")
+    predictions = predict.main(["--adapter", f"task={tmp_path / 'adapter'}", "--images", str(tmp_path / "a.png")])
+    assert len(predictions["task"][0]) == 3  # loaded onto tmp_path/base: the bundled ViT-S/14 would refuse it
+    with pytest.raises(SystemExit, match=r"^error: .*nope: no such folder") as exit_info:
+        predict.main(["--adapter", f"task={tmp_path / 'nope'}", "--images", str(tmp_path / "a.png")])
+    assert "\n" not in str(exit_info.value.code)

@@ -126,3 +126,24 @@ def test_a_deep_copy_computes_with_its_own_weights(mode):
         changed = twin(pixel_values=PIXELS).logits
         assert torch.equal(model(pixel_values=PIXELS).logits, before)  # the original is untouched
     assert (changed - before).abs().max() > 1e-3
+
+
+def test_what_trains_does_not_depend_on_call_order(tmp_path):
+    from memory_peft import activate, load_adapters
+
+    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, num_labels=4, mode="masked"), adapter_name="a")
+    model.add_adapter("b", MemoryTokenConfig(m=2, num_labels=4, mode="masked"))
+    per_adapter = 2 * 2 * 32 + 32 + 4 * 32 + 4  # memory in 2 layers, class token, head
+    model.eval()
+    activate(model, ["a", "b"])
+    model.train()
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * per_adapter
+    activate(model, "a")
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == per_adapter
+    model.save_pretrained(tmp_path, selected_adapters=["a"])  # into tmp_path / "a"
+    loaded = load_adapters(tiny_vit(), {"a": tmp_path / "a"})
+    loaded.train()
+    activate(loaded, "a")
+    assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference: nothing trains
+    trainable = load_adapters(tiny_vit(), {"a": tmp_path / "a"}, is_trainable=True).train()
+    assert sum(p.numel() for p in trainable.parameters() if p.requires_grad) == per_adapter
