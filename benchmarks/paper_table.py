@@ -285,7 +285,7 @@ def main(argv=None):
             model.save_pretrained(folder)
             card = model_card(TEMPLATE, dict(
                 title=f"memory-peft {column} on {data['name']}", base_model=args.backbone, dataset=source,
-                mode=column.split()[0], m=int(column.split("=")[1]), num_labels=data["num_labels"],
+                setting=column.split()[0], m=int(column.split("=")[1]), num_labels=data["num_labels"],
                 image_size=args.image_size, steps=args.epochs * (len(data["train"][1]) // args.batch_size),
                 eval_examples=len(data["test"][1]), metrics={"top1": rows[column]["test"][0]},
                 command="python benchmarks/paper_table.py " + " ".join(sys.argv[1:] if argv is None else argv)))

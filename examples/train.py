@@ -1,7 +1,7 @@
 """Train a memory adapter (or any of the paper's fine-tune settings) with accelerate.
 
-    accelerate launch examples/train.py --mode memory --m 5          # GPU(s), CPU, mixed precision via accelerate
-    python examples/train.py --mode head --max_steps 100              # the same, single process
+    accelerate launch examples/train.py --setting memory --m 5          # GPU(s), CPU, mixed precision via accelerate
+    python examples/train.py --setting head --max_steps 100              # the same, single process
 
 The training loop lives in ``memory_peft.training`` (also the ``memory-peft train`` command); see ``--help``.
 """

@@ -22,9 +22,10 @@ from peft import PeftModel
 from safetensors import safe_open
 from torch import nn
 
+from .config import verify_adapter
 from .errors import InputError, OutputExistsError
 from .multitask import activate
-from .storage import adapter_file, read_config_file, verify_adapter, write_atomically
+from .storage import adapter_file, read_config_file, write_atomically
 
 FORMAT = "memory-peft-multitask"
 INDEX = "memory_tasks.json"

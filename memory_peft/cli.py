@@ -1,6 +1,6 @@
 """The ``memory-peft`` command: train, evaluate, merge, split, inspect.
 
-    memory-peft train --mode memory --m 5 --output_dir outputs/cifar
+    memory-peft train --setting memory --m 5 --output_dir outputs/cifar
     memory-peft evaluate outputs/cifar/adapter --dataset ../shared/data/cifar10
     memory-peft merge cifar=outputs/cifar/adapter fashion=user/fashion-memory --output outputs/merged
     memory-peft split outputs/merged --output outputs/single
@@ -74,7 +74,8 @@ def describe(source: str) -> dict:
     from safetensors import safe_open
 
     from .artifact import INDEX, read_index
-    from .storage import adapter_file, is_local, verify_adapter
+    from .config import verify_adapter
+    from .storage import adapter_file, is_local
 
     is_artifact = (Path(source) / INDEX).is_file() if is_local(source) else _hub_has(source, INDEX)
     tasks = read_index(source)["tasks"] if is_artifact else [None]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from .errors import InputError
+from .errors import AdapterFileError, InputError
+from .registration import MEMORY_TOKENS, PEFT_TYPE_NAME
+from .storage import CONFIG_FILE, WEIGHTS_FILE, adapter_file, read_config_file, verify_weights
 
 MODES = ("full", "masked")
 
@@ -62,8 +66,6 @@ class MemoryTokenConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from .registration import MEMORY_TOKENS
-
         self.peft_type = MEMORY_TOKENS
         self.validate()
 
@@ -137,11 +139,22 @@ class MemoryTokenConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None, **kwargs):
         """Load the config and check the adapter's weights file (present, complete, matching shapes) before peft
         builds anything from it."""
-        from .storage import WEIGHTS_FILE, adapter_file, verify_weights
-
         hub_kwargs = {k: v for k, v in cls._split_kwargs(kwargs)[0].items() if k not in ("subfolder", "user_agent")}
         source = str(pretrained_model_name_or_path)
         config = super().from_pretrained(source, subfolder=subfolder, **kwargs)
         hidden = (config.backbone or {}).get("hidden_size")
         verify_weights(adapter_file(source, WEIGHTS_FILE, subfolder, **hub_kwargs), config.m, hidden)
         return config
+
+
+def verify_adapter(source: str | os.PathLike, subfolder: Optional[str] = None, **hub_kwargs) -> tuple[dict, Path, Path]:
+    """Check a memory adapter (local folder or Hub id) before loading it: (config dict, config path, weights path)."""
+    config_path = adapter_file(source, CONFIG_FILE, subfolder, **hub_kwargs)
+    config = read_config_file(config_path)
+    if config.get("peft_type") != PEFT_TYPE_NAME:
+        raise AdapterFileError(f"{source!s} is a {config.get('peft_type')!r} adapter, not a memory-tokens adapter "
+                               f"(adapter_config.json: peft_type={config.get('peft_type')!r}).")
+    checked = MemoryTokenConfig(**MemoryTokenConfig.check_kwargs(**config))  # unknown keys, wrong types
+    weights_path = adapter_file(source, WEIGHTS_FILE, subfolder, **hub_kwargs)
+    verify_weights(weights_path, checked.m, (checked.backbone or {}).get("hidden_size"))
+    return config, config_path, weights_path

@@ -8,7 +8,7 @@ from peft import PeftModel
 from torch import nn
 
 from .errors import InputError
-from .storage import verify_adapter
+from .config import verify_adapter
 
 
 def activate(model: PeftModel, adapter_names: str | Iterable[str]) -> PeftModel:

@@ -1,4 +1,4 @@
-"""The one place where memory tokens become a PEFT method of the installed ``peft`` package.
+"""The peft type of memory tokens: a member added to the installed ``peft``'s ``PeftType``, and the names peft uses.
 
 peft's ``register_peft_method`` requires ``name.upper()`` to be a member of ``PeftType`` already, and an outside
 package cannot edit that enum's source; so we add the member the way ``enum`` itself builds members, once.
@@ -6,7 +6,7 @@ package cannot edit that enum's source; so we add the member the way ``enum`` it
 
 from __future__ import annotations
 
-from peft.utils import PeftType, register_peft_method
+from peft.utils import PeftType
 
 PEFT_TYPE_NAME = "MEMORY_TOKENS"
 PREFIX = "memory_"
@@ -28,17 +28,3 @@ def _add_peft_type_member(name: str) -> PeftType:
 
 
 MEMORY_TOKENS = _add_peft_type_member(PEFT_TYPE_NAME)
-
-
-def register() -> None:
-    """Register config and tuner with peft (idempotent)."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-
-    from .config import MemoryTokenConfig
-    from .model import MemoryTokenModel
-
-    if PEFT_TYPE_TO_TUNER_MAPPING.get(MEMORY_TOKENS) is MemoryTokenModel:
-        return
-    register_peft_method(
-        name=PEFT_TYPE_NAME.lower(), config_cls=MemoryTokenConfig, model_cls=MemoryTokenModel, prefix=PREFIX
-    )

@@ -75,7 +75,7 @@ def model_card(template: str | os.PathLike, info: dict[str, Any]) -> ModelCard:
         datasets=[info["dataset"]] if not os.path.isdir(info["dataset"]) else None,
         library_name="peft",
         pipeline_tag="image-classification",
-        tags=["memory-peft", "learnable-memory", "vision-transformer", f"mode-{info['mode']}"],
+        tags=["memory-peft", "learnable-memory", "vision-transformer", f"setting-{info['setting']}"],
         license="apache-2.0",
     )
     metric_rows = "\n".join(f"| {name} | {100 * value:.2f} |" for name, value in metrics.items())

@@ -143,19 +143,3 @@ def read_config_file(path: Path) -> dict:
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path} must hold a JSON object, got {type(config).__name__}.")
     return config
-
-
-def verify_adapter(source: str | os.PathLike, subfolder: Optional[str] = None, **hub_kwargs) -> tuple[dict, Path, Path]:
-    """Check a memory adapter (local folder or Hub id) before loading it: (config dict, config path, weights path)."""
-    from .config import MemoryTokenConfig
-    from .registration import PEFT_TYPE_NAME
-
-    config_path = adapter_file(source, CONFIG_FILE, subfolder, **hub_kwargs)
-    config = read_config_file(config_path)
-    if config.get("peft_type") != PEFT_TYPE_NAME:
-        raise AdapterFileError(f"{source!s} is a {config.get('peft_type')!r} adapter, not a memory-tokens adapter "
-                               f"(adapter_config.json: peft_type={config.get('peft_type')!r}).")
-    checked = MemoryTokenConfig(**MemoryTokenConfig.check_kwargs(**config))  # unknown keys, wrong types
-    weights_path = adapter_file(source, WEIGHTS_FILE, subfolder, **hub_kwargs)
-    verify_weights(weights_path, checked.m, (checked.backbone or {}).get("hidden_size"))
-    return config, config_path, weights_path

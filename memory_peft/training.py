@@ -1,8 +1,11 @@
 """Train a memory adapter (or any of the paper's fine-tune settings) with accelerate.
 
-    accelerate launch examples/train.py --mode memory --m 5          # GPU(s), CPU, mixed precision via accelerate
-    python examples/train.py --mode head --max_steps 100              # the same, single process
-    memory-peft train --mode head --max_steps 100                     # the same, as the console script
+    accelerate launch examples/train.py --setting memory --m 5       # GPU(s), CPU, mixed precision via accelerate
+    python examples/train.py --setting head --max_steps 100           # the same, single process
+    memory-peft train --setting head --max_steps 100                  # the same, as the console script
+
+--setting is one of the paper's fine-tune settings (full, head, head+cls, memory, memory-masked); an adapter's
+attention is its config's ``mode`` (full or masked). --mode is the old name of --setting (deprecated).
 
 Defaults: the bundled backbone and CIFAR-10 from ../shared (MEMORY_PEFT_SHARED), else the paper's Hub ids; the
 paper's recipe: SGD momentum 0.9, cosine schedule with linear warmup, gradient clipping 1.0.
@@ -17,6 +20,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +41,7 @@ from .storage import write_atomically
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 # the arguments a checkpoint must share with the run that resumes it
-RUN_DEFINING = ("backbone", "dataset", "image_column", "label_column", "train_size", "image_size", "mode", "m", "lr",
+RUN_DEFINING = ("backbone", "dataset", "image_column", "label_column", "train_size", "image_size", "setting", "m", "lr",
                 "batch_size", "grad_accum", "epochs", "max_steps", "warmup_steps", "grad_clip", "augment", "seed")
 
 
@@ -50,7 +54,9 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--train_size", type=int, default=2000, help="train subset (0: all)")
     p.add_argument("--eval_size", type=int, default=1000, help="eval subset (0: all)")
     p.add_argument("--image_size", type=int, default=98, help="square input size; multiple of the patch size")
-    p.add_argument("--mode", default="memory", choices=sorted(SETTINGS))
+    p.add_argument("--setting", default=None, choices=sorted(SETTINGS), help="the paper's fine-tune setting "
+                   "(default: memory)")
+    p.add_argument("--mode", default=None, choices=sorted(SETTINGS), help="deprecated: the old name of --setting")
     p.add_argument("--m", type=int, default=5, help="memory tokens per layer")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch_size", type=int, default=32, help="per process")
@@ -77,7 +83,17 @@ def parse_args(argv=None, prog=None):
                    help="leave after this many optimizer steps in this session (time-sliced jobs; resume later)")
     p.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
     p.add_argument("--private", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.mode is not None:
+        if args.setting not in (None, args.mode):
+            raise InputError(f"--mode {args.mode} and --setting {args.setting} disagree: give --setting only.")
+        warnings.warn("--mode is deprecated and will be removed in the next release: use --setting (the paper's "
+                      "fine-tune setting; 'mode' is an adapter's attention, full or masked).", FutureWarning,
+                      stacklevel=2)
+        print("warning: --mode is deprecated; use --setting", file=sys.stderr)
+    args.setting = args.setting or args.mode or "memory"
+    del args.mode
+    return args
 
 
 def evaluate_model(model, loader, accelerator, k=5, metric=None) -> dict[str, float]:
@@ -183,7 +199,7 @@ def train(args):
     eval_loader = DataLoader(evaluation, **loader_args)
 
     vit = load_backbone(args.backbone)
-    model = apply_setting(vit, args.mode, num_labels=data.num_labels, m=args.m, label_names=data.label_names,
+    model = apply_setting(vit, args.setting, num_labels=data.num_labels, m=args.m, label_names=data.label_names,
                           image_size=args.image_size)
     if accelerator.mixed_precision in ("bf16", "fp16"):  # a frozen weight is cast once here, not at every use
         cast_frozen_weights(model, torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
@@ -215,7 +231,7 @@ def train(args):
         step, epoch, batches_done = resume(accelerator, args, output_dir)
 
     started = time.time()
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc=args.mode)
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc=args.setting)
     model.train()
     while step < total_steps:
         train_loader.set_epoch(epoch)
@@ -299,13 +315,13 @@ def resume(accelerator, args, output_dir: Path) -> tuple[int, int, int]:
 def finish(model, args, data, scores, step, train_seconds, output_dir: Path) -> None:
     adapter_dir = output_dir / "adapter"
     command = "accelerate launch examples/train.py " + shlex.join(args.argv)
-    results = {"mode": args.mode, "m": args.m, "lr": args.lr, "steps": step, "train_seconds": round(train_seconds, 1),
+    results = {"setting": args.setting, "m": args.m, "lr": args.lr, "steps": step, "train_seconds": round(train_seconds, 1),
                "train_examples": len(data.train), "eval_examples": len(data.eval), "metrics": scores,
                "backbone": args.backbone, "dataset": args.dataset, "command": command}
-    title = f"memory-peft {args.mode} adapter on {Path(args.dataset).name}"
+    title = f"memory-peft {args.setting} adapter on {Path(args.dataset).name}"
     plot_curves(read_log(output_dir / "metrics.jsonl"), output_dir / "curves.png", title)
-    card = model_card(TEMPLATE, dict(title=title, base_model=args.backbone, dataset=args.dataset, mode=args.mode,
-                                     m=args.m if "memory" in args.mode else 0, num_labels=data.num_labels,
+    card = model_card(TEMPLATE, dict(title=title, base_model=args.backbone, dataset=args.dataset, setting=args.setting,
+                                     m=args.m if "memory" in args.setting else 0, num_labels=data.num_labels,
                                      image_size=args.image_size, steps=step, eval_examples=len(data.eval),
                                      metrics=scores, command=command))
 
@@ -316,7 +332,7 @@ def finish(model, args, data, scores, step, train_seconds, output_dir: Path) -> 
     write_atomically(adapter_dir, save_with_card, overwrite=True)  # an earlier run's adapter stays until the swap
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     summary = ", ".join(f"{k} {100 * v:.2f}%" for k, v in scores.items())
-    print(f"[{args.mode}] final accuracy after {step} steps ({train_seconds:.0f} s): {summary}")
+    print(f"[{args.setting}] final accuracy after {step} steps ({train_seconds:.0f} s): {summary}")
     if args.push_to_hub:
         push(model, card, args.push_to_hub, args.private, adapter_dir)
 

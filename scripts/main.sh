@@ -8,8 +8,8 @@ bash scripts/setup.sh
 launch=(.venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
         --num_cpu_threads_per_process "$(nproc)")
 common=(--train_size 2000 --eval_size 1000 --image_size 98 --epochs 2 --batch_size 32 --seed 0 "$@")
-"${launch[@]}" examples/train.py --mode memory --m 5 --lr 0.1 --output_dir outputs/main/memory "${common[@]}"
-"${launch[@]}" examples/train.py --mode head --lr 0.1 --output_dir outputs/main/head "${common[@]}"
+"${launch[@]}" examples/train.py --setting memory --m 5 --lr 0.1 --output_dir outputs/main/memory "${common[@]}"
+"${launch[@]}" examples/train.py --setting head --lr 0.1 --output_dir outputs/main/head "${common[@]}"
 .venv/bin/python - <<'PY'
 import json
 memory, head = (json.load(open(f"outputs/main/{m}/results.json")) for m in ("memory", "head"))

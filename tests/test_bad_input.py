@@ -296,9 +296,9 @@ def test_output_dir_holding_an_earlier_run_is_not_overwritten(adapter, tiny_data
 def test_resume_from_a_checkpoint_of_other_settings(tmp_path):
     from helpers import train
 
-    train(tmp_path / "run", "--mode", "memory", "--m", "2", "--max_steps", "3", "--stop_after", "1")
+    train(tmp_path / "run", "--setting", "memory", "--m", "2", "--max_steps", "3", "--stop_after", "1")
     before = snapshot(tmp_path)
-    error = run_train("--output_dir", tmp_path / "run", "--resume", "--mode", "memory", "--m", "3", "--max_steps", "3",
+    error = run_train("--output_dir", tmp_path / "run", "--resume", "--setting", "memory", "--m", "3", "--max_steps", "3",
                       "--train_size", "48", "--eval_size", "32", "--image_size", "56", "--batch_size", "8",
                       "--warmup_steps", "1", "--lr", "0.05")
     assert "was made by a run with other settings (--m 2 there, 3 now)" in error
@@ -313,7 +313,7 @@ def hub_train(url, tmp_path, token, repo):
     env = {**os.environ, **hub_env(url, tmp_path, token=TOKEN if token else None)}
     if not token:
         env.pop("HF_TOKEN", None)
-    command = [sys.executable, str(ROOT / "examples" / "train.py"), "--mode", "head", "--max_steps", "1",
+    command = [sys.executable, str(ROOT / "examples" / "train.py"), "--setting", "head", "--max_steps", "1",
                "--output_dir", str(tmp_path / "run"), "--push_to_hub", repo]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -415,3 +415,13 @@ def test_saved_folders_get_the_permissions_of_a_plain_mkdir(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+
+
+def test_mode_is_a_deprecated_alias_of_setting():
+    from memory_peft.training import parse_args
+
+    with pytest.warns(FutureWarning, match="--mode is deprecated.*use --setting"):
+        assert parse_args(["--mode", "head"]).setting == "head"
+    assert parse_args([]).setting == "memory" and parse_args(["--setting", "head+cls"]).setting == "head+cls"
+    with pytest.raises(ValueError, match="--mode head and --setting full disagree: give --setting only"):
+        parse_args(["--mode", "head", "--setting", "full"])

@@ -23,7 +23,7 @@ def run(*args, check=True):
 
 @pytest.mark.parametrize("command, options", [
     ([], ["train", "evaluate", "merge", "split", "inspect"]),
-    (["train"], ["--mode", "--m", "--resume", "--overwrite", "--push_to_hub"]),
+    (["train"], ["--setting", "--m", "--resume", "--overwrite", "--push_to_hub"]),
     (["evaluate"], ["--backbone", "--dataset", "--task", "--eval_size"]),
     (["merge"], ["TASK=PATH", "--output", "--overwrite"]),
     (["split"], ["artifact", "--output", "--overwrite"]),
@@ -72,7 +72,7 @@ def test_train_then_evaluate_reproduces_the_accuracy(tmp_path):
         pytest.skip("needs the installed script and the bundled CIFAR-10")
     from helpers import TRAIN_SCRIPT_TINY as TINY
 
-    run("train", "--output_dir", tmp_path / "run", *TINY, "--mode", "memory-masked", "--m", "2", "--max_steps", "2")
+    run("train", "--output_dir", tmp_path / "run", *TINY, "--setting", "memory-masked", "--m", "2", "--max_steps", "2")
     trained = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
     result = run("evaluate", tmp_path / "run" / "adapter", "--eval_size", "32", "--batch_size", "8")
     report = json.loads(result.stdout)

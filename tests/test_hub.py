@@ -68,7 +68,7 @@ def test_train_script_pushes_adapter_and_card(hub, tmp_path, monkeypatch):
     state, url = hub
     for key, value in hub_env(url, tmp_path).items():
         monkeypatch.setenv(key, value)  # the training subprocess inherits them
-    train(tmp_path / "run", "--mode", "head", "--max_steps", "2", "--push_to_hub", f"{USER}/cifar-head", "--private")
+    train(tmp_path / "run", "--setting", "head", "--max_steps", "2", "--push_to_hub", f"{USER}/cifar-head", "--private")
     files = state.repos[f"{USER}/cifar-head"]
     assert files["adapter_model.safetensors"] == (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
     card = files["README.md"].decode()

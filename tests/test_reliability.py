@@ -23,7 +23,7 @@ def test_sigkill_mid_epoch_then_resume_reaches_the_same_weights(tmp_path):
     if not (SHARED / "data" / "cifar10").is_dir():
         pytest.skip("bundled CIFAR-10 not found")
     interval = 2
-    common = ["--mode", "memory-masked", "--m", "2", "--max_steps", "10", "--seed", "5",
+    common = ["--setting", "memory-masked", "--m", "2", "--max_steps", "10", "--seed", "5",
               "--checkpoint_every", str(interval)]
     train(tmp_path / "straight", *common)
 

@@ -17,7 +17,7 @@ from helpers import TRAIN_SCRIPT_TINY as TINY, adapter_tensors, train
 
 def test_few_steps_write_everything_and_reload_to_same_accuracy(tmp_path):
     out = tmp_path / "run"
-    result = train(out, "--mode", "memory", "--m", "2", "--max_steps", "4", "--eval_every", "2")
+    result = train(out, "--setting", "memory", "--m", "2", "--max_steps", "4", "--eval_every", "2")
     assert "final accuracy after 4 steps" in result.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 4 and set(results["metrics"]) == {"top1", "top5"}
@@ -48,7 +48,7 @@ def test_few_steps_write_everything_and_reload_to_same_accuracy(tmp_path):
 
 def test_stop_and_resume_equals_straight_run(tmp_path):
     straight, sliced = tmp_path / "straight", tmp_path / "sliced"
-    common = ["--mode", "memory-masked", "--m", "2", "--max_steps", "6", "--seed", "3"]
+    common = ["--setting", "memory-masked", "--m", "2", "--max_steps", "6", "--seed", "3"]
     train(straight, *common)
     result = train(sliced, *common, "--stop_after", "3")
     assert "continue with --resume" in result.stdout and not (sliced / "adapter").exists()
@@ -63,7 +63,7 @@ def test_stop_and_resume_equals_straight_run(tmp_path):
 
 def test_bf16_mixed_precision_on_cpu(tmp_path):
     out = tmp_path / "bf16"
-    train(out, "--mode", "memory", "--m", "2", "--max_steps", "2", "--mixed_precision", "bf16")
+    train(out, "--setting", "memory", "--m", "2", "--max_steps", "2", "--mixed_precision", "bf16")
     tensors = adapter_tensors(out)
     assert all(t.dtype == torch.float32 for t in tensors.values())  # master weights stay fp32
     assert tensors["base_model.memory_head.weight"].abs().sum() > 0  # it trained
@@ -74,7 +74,7 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     launcher = (accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no")
-    common = ["--mode", "memory", "--m", "2", "--max_steps", "3", "--seed", "1", "--lr", "0.1"]
+    common = ["--setting", "memory", "--m", "2", "--max_steps", "3", "--seed", "1", "--lr", "0.1"]
     train(tmp_path / "two", *common, "--batch_size", "4", launcher=launcher)
     train(tmp_path / "one", *common, "--batch_size", "8")
     two, one = adapter_tensors(tmp_path / "two"), adapter_tensors(tmp_path / "one")
@@ -95,7 +95,7 @@ def test_predict_runs_all_tasks_in_one_forward(tmp_path):
     sys.path.insert(0, str(ROOT / "examples"))
     import predict
 
-    common = ["--mode", "memory-masked", "--m", "2", "--max_steps", "2"]
+    common = ["--setting", "memory-masked", "--m", "2", "--max_steps", "2"]
     train(tmp_path / "cifar", *common)
     train(tmp_path / "fashion", *common, "--dataset", str(SHARED / "data" / "fashion_mnist"))
     images = []
@@ -118,11 +118,11 @@ def test_compiled_training_through_accelerate(tmp_path, how):
     """--compile default, or `accelerate launch --dynamo_backend inductor`: one inductor graph, trains and evaluates."""
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     if how == "flag":
-        result = train(tmp_path / "run", "--mode", "memory-masked", "--m", "2", "--max_steps", "2", "--compile",
+        result = train(tmp_path / "run", "--setting", "memory-masked", "--m", "2", "--max_steps", "2", "--compile",
                        "default")
     else:
         launcher = (accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
                     "--dynamo_backend", "inductor", "--num_cpu_threads_per_process", "2")
-        result = train(tmp_path / "run", "--mode", "memory", "--m", "2", "--max_steps", "2", launcher=launcher)
+        result = train(tmp_path / "run", "--setting", "memory", "--m", "2", "--max_steps", "2", launcher=launcher)
     assert "final accuracy after 2 steps" in result.stdout
     assert adapter_tensors(tmp_path / "run")["base_model.memory_head.weight"].abs().sum() > 0
