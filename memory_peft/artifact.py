@@ -25,7 +25,7 @@ from torch import nn
 from .config import verify_adapter
 from .errors import InputError, OutputExistsError
 from .multitask import activate
-from .storage import adapter_file, read_config_file, write_atomically
+from .storage import CONFIG_FILE, adapter_file, is_local, read_config_file, write_atomically
 
 FORMAT = "memory-peft-multitask"
 INDEX = "memory_tasks.json"
@@ -101,6 +101,9 @@ def _card(read: list[dict], index: dict) -> ModelCard:
 
 
 def read_index(source: str) -> dict:
+    if is_local(source) and not (Path(source) / INDEX).is_file() and (Path(source) / CONFIG_FILE).is_file():
+        raise InputError(f"{source} is a single adapter ({CONFIG_FILE}), not a multi-task artifact: there is nothing "
+                         "to split. Load it with PeftModel.from_pretrained, or merge it with others (merge_adapters).")
     index = read_config_file(adapter_file(source, INDEX))
     if index.get("format") != FORMAT:
         raise InputError(f"{source} is not a memory-peft multi-task artifact ({INDEX} has format {index.get('format')!r}).")

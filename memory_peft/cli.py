@@ -88,6 +88,7 @@ def describe(source: str) -> dict:
         rows.append({"task": task or "default", "mode": config["mode"], "m": config["m"],
                      "layers": config.get("layers") or "all", "classes": config["num_labels"],
                      "extends": config.get("extends"), "top_k": config.get("top_k"), "parameters": parameters,
+                     "image_size": config.get("image_size"), "labels": config.get("label_names"),
                      "bytes": weights.stat().st_size + adapter_file(source, "adapter_config.json", task).stat().st_size})
     base = config.get("base_model_name_or_path")
     return {"source": source, "kind": "multi-task artifact" if is_artifact else "adapter", "base_model": base,
@@ -116,9 +117,13 @@ def inspect(args) -> int:
     print(f"{info['source']}: {info['kind']} on {info['base_model']} "
           f"(hidden {backbone.get('hidden_size')}, {backbone.get('num_layers')} layers, "
           f"patch {backbone.get('patch_size')})")
-    print("| task | mode | m | layers | classes | parameters | size on disk |\n|---|---|---|---|---|---|---|")
+    print("| task | mode | m | layers | classes | trained at | parameters | size on disk |\n"
+          "|---|---|---|---|---|---|---|---|")
     for row in info["tasks"]:
-        print(f"| {row['task']} | {row['mode']} | {row['m']} | {row['layers']} | {row['classes']} | "
+        labels = row["labels"] or []
+        named = f" ({', '.join(labels[:5])}{', ...' if len(labels) > 5 else ''})" if labels else ""
+        size = f"{row['image_size']} px" if row["image_size"] else "?"
+        print(f"| {row['task']} | {row['mode']} | {row['m']} | {row['layers']} | {row['classes']}{named} | {size} | "
               f"{row['parameters']:,} | {row['bytes'] / 1e6:.3f} MB |")
     total = sum(r["parameters"] for r in info["tasks"])
     print(f"{len(info['tasks'])} task(s), {total:,} parameters, {sum(r['bytes'] for r in info['tasks']) / 1e6:.3f} MB")

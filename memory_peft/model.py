@@ -204,7 +204,8 @@ class MemoryTokenModel(BaseTuner):
         return all(s in self.peft_config for name in names for s in self.peft_config[name].extends or [])
 
     def _check_merge_allowed(self):
-        raise InputError("Memory tokens are extra keys/values, not a weight delta: they cannot be merged into weights.")
+        raise InputError("Memory tokens are extra keys/values, not a weight delta: they cannot be merged into weights. "
+                         "To get the plain backbone back, call unload() (the adapters are then no longer used).")
 
     def _unload_and_optionally_merge(self, merge=True, *args, **kwargs):
         if merge:

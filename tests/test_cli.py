@@ -54,7 +54,13 @@ def test_merge_inspect_split(tmp_path, capsys):
     assert info["tasks"][0]["bytes"] == size
     assert main(["inspect", str(tmp_path / "a")]) == 0
     table = capsys.readouterr().out
-    assert "adapter on None (hidden 32, 2 layers, patch 8)" in table and "| default | masked | 3 | all | 10 | 554 |" in table
+    assert "adapter on None (hidden 32, 2 layers, patch 8)" in table and "| default | masked | 3 | all | 10 | ? | 554 |" in table
+    save_adapter(vit, tmp_path / "named", 2, m=1, num_labels=6, image_size=56, label_names=list("abcdef"))
+    assert main(["inspect", str(tmp_path / "named")]) == 0
+    assert "| 6 (a, b, c, d, e, ...) | 56 px |" in capsys.readouterr().out
+    assert main(["split", str(tmp_path / "a"), "--output", tmp_path / "nothing"]) == 1
+    assert "is a single adapter (adapter_config.json), not a multi-task artifact: there is nothing to split" in \
+        capsys.readouterr().err
 
     assert main(["split", str(tmp_path / "merged"), "--output", tmp_path / "single"]) == 0
     for task in "ab":

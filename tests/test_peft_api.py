@@ -147,3 +147,12 @@ def test_what_trains_does_not_depend_on_call_order(tmp_path):
     assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference: nothing trains
     trainable = load_adapters(tiny_vit(), {"a": tmp_path / "a"}, is_trainable=True).train()
     assert sum(p.numel() for p in trainable.parameters() if p.requires_grad) == per_adapter
+
+
+def test_merge_and_unload_points_to_unload():
+    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2))
+    with pytest.raises(ValueError, match=r"cannot be merged into weights\. To get the plain backbone back, call "
+                                         r"unload\(\)"):
+        model.merge_and_unload()
+    plain = model.unload()
+    assert type(plain).__name__ == "ViTModel" and "forward" not in plain.__dict__
