@@ -17,7 +17,7 @@ weight they come from is unchanged (same storage, same version counter); otherwi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -40,6 +40,19 @@ class MemoryPlan:
         return self.through_norm + self.raw
 
 
+NO_MEMORY = MemoryPlan()  # the base rows' plan: the stock layer
+
+
+class MemoryConstants(NamedTuple):
+    """A layer's memory keys/values for one plan, computed outside any forward, and what they were computed from."""
+
+    plan: MemoryPlan
+    sources: tuple[torch.Tensor, ...]
+    stamp: tuple  # (version, storage) of each source when computed
+    key: torch.Tensor  # (M, D)
+    value: torch.Tensor  # (M, D)
+
+
 class MemoryLayer(nn.Module, BaseTunerLayer):
     """Wraps a pre-LN ViT-family layer (norm -> attention -> norm -> MLP; part names from ``LayerParts``)."""
 
@@ -56,7 +69,7 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = []
-        self._constants = None  # (plan, sources, their stamp, memory key (M, D), memory value (M, D))
+        self._constants: Optional[MemoryConstants] = None
         # the wrapped modules, found once: the forward runs per layer per call and nn.Module lookups cost host time
         self._resolved = _Resolved(base_layer, parts)
 
@@ -113,7 +126,8 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         (M, D) (None without memory here): one LayerNorm and one GEMM per projection over all rows."""
         if plan.sizes and self._constants_hold(plan, x):
             parts, normed = self._resolved, self.norm_before(x)
-            return parts.query(normed), parts.key(normed), parts.value(normed), *self._constants[3:]
+            return parts.query(normed), parts.key(normed), parts.value(normed), self._constants.key, \
+                self._constants.value
         batch, length, width = x.shape
         rows = x.reshape(batch * length, width)
         through = [self._memory(name, x.dtype) for name in plan.through_norm]
@@ -150,14 +164,14 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
             empty = reference.new_zeros(1, 0, reference.shape[0])
             _, _, _, memory_key, memory_value = self._project(empty, plan)
             sources = self._sources(plan)
-            self._constants = (plan, sources, self._stamp(sources), memory_key, memory_value)
+            self._constants = MemoryConstants(plan, sources, self._stamp(sources), memory_key, memory_value)
 
     def _constants_hold(self, plan: MemoryPlan, x: torch.Tensor) -> bool:
         if torch.compiler.is_compiling() or torch.is_grad_enabled() or self._constants is None:
             return False  # compiled and training forwards compute them inline: no state crosses calls
-        constants_plan, sources, stamp, memory_key, _ = self._constants
-        return (constants_plan is plan and memory_key.dtype == x.dtype and memory_key.device == x.device
-                and not torch.is_autocast_enabled(x.device.type) and stamp == self._stamp(sources))
+        constants = self._constants
+        return (constants.plan is plan and constants.key.dtype == x.dtype and constants.key.device == x.device
+                and not torch.is_autocast_enabled(x.device.type) and constants.stamp == self._stamp(constants.sources))
 
     def _attend(self, query, keys: list, values: list, memory_key, memory_value, plan: MemoryPlan, mask):
         """query (B, Lq, D) over the token columns ``keys``/``values`` (lists of (B, *, D)), then the memory columns."""
@@ -188,7 +202,7 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         """base (B, n, D), tasks (B, T, D) -> both after this layer. ``task_mask`` (T, n + T + M): what each task row
         reads among [base; task class tokens; memories]. The base rows are the stock layer, run without autograd."""
         with torch.no_grad():
-            base_query, base_key, base_value, _, _ = self._project(base, MemoryPlan())
+            base_query, base_key, base_value, _, _ = self._project(base, NO_MEMORY)
             new_base = self._residual_and_mlp(base, attend(self.attention, base_query, base_key, base_value))
         return new_base, self._checkpointed(self._task_rows, tasks, base_key, base_value, plan, task_mask)
 

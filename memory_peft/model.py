@@ -150,10 +150,11 @@ class MemoryTokenModel(BaseTuner):
             self._layout = None
             return None
         masked = self.peft_config[names[0]].mode == "masked"
-        if masked and not self._extended_loaded(names):
-            self._layout = None  # extension mode before its earlier adapters are loaded: the forward will say so
+        try:
+            memory_names, reads = self._memory_reads(names) if masked else (list(names), [])
+        except InputError:  # extension mode before its earlier adapters are loaded: the forward will say so
+            self._layout = None
             return None
-        memory_names, reads = self._memory_reads(names) if masked else (list(names), [])
         plans = tuple(layer.plan(memory_names) for layer in layers)
         masks = []
         if masked:
@@ -199,9 +200,6 @@ class MemoryTokenModel(BaseTuner):
         if layout is None:
             self._memory_reads(names)  # raises the error that names what is missing
         return layout
-
-    def _extended_loaded(self, names: list[str]) -> bool:
-        return all(s in self.peft_config for name in names for s in self.peft_config[name].extends or [])
 
     def _check_merge_allowed(self):
         raise InputError("Memory tokens are extra keys/values, not a weight delta: they cannot be merged into weights. "

@@ -45,8 +45,8 @@ def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> int:
     Autocast casts a weight to its lower precision at every use, and caches the cast only for weights that train; a
     frozen backbone would be cast on every call, twice per layer in masked training (base rows and class-token path).
     These are exactly the tensors autocast computes with, so results do not change; norms, embeddings, the tuner's
-    class tokens and heads, and everything that trains stay as they are. The model then needs autocast (or inputs of ``dtype``) to run. Returns how many
-    tensors were cast.
+    class tokens and heads, and everything that trains stay as they are. The model then needs autocast (or inputs of
+    ``dtype``) to run. Returns how many tensors were cast.
     """
     backbone = model.base_model.model if isinstance(model, PeftModel) else model  # heads and class tokens aside
     cast = 0

@@ -39,7 +39,7 @@ def test_every_forward_path_equals_plain_masked_reference(implementation, images
             assert_matches(implementation, tasks, ref_tasks)
     assert layers[0]._constants is None  # cleared above; activating again prepares them
     tuner.set_adapter(active)
-    plan, _, _, memory_key, _ = layers[0]._constants
+    plan, memory_key = layers[0]._constants.plan, layers[0]._constants.key
     assert plan.names == ("a", "d") and plan.sizes == (4, 6)  # c has no memory, b none in layer 0
     assert memory_key.shape == (10, 384)
 
