@@ -45,7 +45,8 @@ def main(argv=None):
         eager_out, compiled_out = model(pixel_values=pixels, interpolate_pos_encoding=True), \
             compiled(pixel_values=pixels, interpolate_pos_encoding=True)
     compile_seconds = time.perf_counter() - started
-    difference = max((eager_out[t].logits - compiled_out[t].logits).abs().max().item() for t in eager_out)
+    difference = max((eager_out.tasks[t].logits - compiled_out.tasks[t].logits).abs().max().item()
+                     for t in eager_out.tasks)
     ratios, eager_times = [], []
     for _ in range(args.repeats):  # interleaved; each ratio from two neighbouring measurements
         eager, fast = seconds(model, pixels), seconds(compiled, pixels)

@@ -60,7 +60,7 @@ def rss_growth(model, pixels: torch.Tensor, forwards: int, warmup: int = 50) -> 
         gc.collect()
         after = rss_mb()
     return {"rss_before_mb": before, "rss_after_mb": after, "growth_mb": after - before,
-            "seconds": time.perf_counter() - started, "tasks": len(outputs)}
+            "seconds": time.perf_counter() - started, "tasks": len(outputs.tasks)}
 
 
 def main(argv=None):

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from torch import nn
-from transformers import AutoImageProcessor, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory_peft.artifact import load_multitask, merge_adapters  # noqa: E402
 from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
 from memory_peft.backbone import describe_backbone, load_backbone  # noqa: E402
-from memory_peft.data import image_transform, load_image_data  # noqa: E402
+from memory_peft.data import image_processor, image_transform, load_image_data  # noqa: E402
 from memory_peft.reporting import model_card  # noqa: E402
 from memory_peft.settings import apply_setting  # noqa: E402
 from memory_peft.training import TEMPLATE  # noqa: E402
@@ -262,8 +262,7 @@ def main(argv=None):
     def log(line):
         accelerator.print(line, flush=True)
 
-    processor = AutoImageProcessor.from_pretrained(args.backbone)
-    processor.size = {"height": args.image_size, "width": args.image_size}
+    processor = image_processor(args.backbone, args.image_size)
     vit = load_backbone(args.backbone).to(accelerator.device).eval()
     results, masked, alone_masked, datasets = {}, {}, {}, {}
     for source in args.datasets:
@@ -301,7 +300,7 @@ def main(argv=None):
         model = load_multitask(copy.deepcopy(vit).cpu(), merged).to(accelerator.device).eval()
         for name, data in datasets.items():
             predict = lambda pixels, name=name: model(pixel_values=pixels.to(accelerator.device),  # noqa: E731
-                                                      interpolate_pos_encoding=True)[name].logits
+                                                      interpolate_pos_encoding=True).tasks[name].logits
             merged_scores[name] = accuracy(predict, *data["test"])
             log(f"multi-task check {name}: alone {alone_masked[name] * 100:.2f} %, merged {merged_scores[name] * 100:.2f} %")
     table = markdown(results, args)

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory_peft import load_adapters  # noqa: E402
 from memory_peft.artifact import load_multitask  # noqa: E402
 from memory_peft.backbone import load_backbone  # noqa: E402
 from memory_peft.cli import describe, named_sources  # noqa: E402
+from memory_peft.data import image_processor  # noqa: E402
 from memory_peft.errors import InputError, MemoryPeftError  # noqa: E402
 from memory_peft.assets import default_backbone  # noqa: E402
 
@@ -66,16 +66,13 @@ def predict(args) -> dict[str, list[list[tuple[str, float]]]]:
     configs = model.peft_config
     tasks = model.base_model.active_adapters
     size = args.image_size or configs[tasks[0]].image_size or vit.config.image_size
-    processor = AutoImageProcessor.from_pretrained(backbone)
-    processor.size = {"height": size, "width": size}
+    processor = image_processor(backbone, size)
     images = [Image.open(path).convert("RGB") for path in args.images]
     pixels = processor(images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        outputs = model(pixel_values=pixels, interpolate_pos_encoding=True)  # one forward for every task
-    if len(tasks) == 1:
-        outputs = {tasks[0]: outputs}
+        outputs = model.forward_tasks(pixel_values=pixels, interpolate_pos_encoding=True)  # one forward, every task
     predictions = {}
-    for task, output in outputs.items():
+    for task, output in outputs.tasks.items():
         names = configs[task].label_names or [str(i) for i in range(configs[task].num_labels)]
         probabilities = output.logits.softmax(-1)
         top = probabilities.topk(min(args.top, probabilities.shape[-1]), dim=-1)

@@ -11,6 +11,7 @@ from .config import MemoryTokenConfig
 from .layer import MemoryLayer
 from .model import MemoryTokenModel
 from .multitask import activate, load_adapters
+from .outputs import MultiTaskImageClassifierOutput
 from .registration import MEMORY_TOKENS, PEFT_TYPE_NAME, PREFIX
 from .settings import SETTINGS, make_setting
 
@@ -29,6 +30,7 @@ __all__ = [
     "MemoryLayer",
     "MemoryTokenConfig",
     "MemoryTokenModel",
+    "MultiTaskImageClassifierOutput",
     "SETTINGS",
     "activate",
     "load_adapters",

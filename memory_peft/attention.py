@@ -12,23 +12,24 @@ def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(*x.shape[:2], -1, head_dim).transpose(1, 2)
 
 
-def attend(attention: torch.nn.Module, query, key, value, mask=None) -> torch.Tensor:
-    """Scaled dot-product attention of a ViTAttention module with its configured implementation.
+def attend(parts, query, key, value, mask=None, with_weights: bool = False):
+    """Scaled dot-product attention of one layer's attention module, through transformers' registry.
 
-    query (B, Lq, D), key/value (B, Lk, D), additive float mask (Lq, Lk) or (B, H, Lq, Lk) or None -> (B, Lq, D),
-    before o_proj.
+    ``parts``: the layer's resolved parts (``attention`` module, ``head_dim``, ``scaling``, ``dropout``). query (B, Lq,
+    D), key/value (B, Lk, D), additive float mask (Lq, Lk) or (B, H, Lq, Lk) or None -> (output (B, Lq, D) before
+    o_proj, probabilities (B, H, Lq, Lk) or None). ``with_weights`` runs the eager implementation, the one that forms
+    the probabilities (the configured one, e.g. sdpa, otherwise).
     """
-    head_dim = attention.head_dim
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
-    q, k, v = (split_heads(t, head_dim) for t in (query, key, value))
+    attention = parts.attention
+    implementation = "eager" if with_weights else attention.config._attn_implementation
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    q, k, v = (split_heads(t, parts.head_dim) for t in (query, key, value))
     if mask is not None:
         mask = mask.to(q.dtype)
         mask = mask[None, None] if mask.dim() == 2 else mask
-    # ViT-style modules name them attention_dropout / scaling, CLIP's dropout / scale
-    dropout = getattr(attention, "attention_dropout", getattr(attention, "dropout", 0.0))
-    scaling = getattr(attention, "scaling", getattr(attention, "scale", head_dim**-0.5))
-    out, _ = interface(attention, q, k, v, mask, dropout=dropout if attention.training else 0.0, scaling=scaling)
-    return out.reshape(*query.shape[:2], -1)
+    dropout = parts.dropout if attention.training else 0.0
+    out, weights = interface(attention, q, k, v, mask, dropout=dropout, scaling=parts.scaling)
+    return out.reshape(*query.shape[:2], -1), weights if with_weights else None
 
 
 def task_mask_rows(num_tasks: int, memory_sizes: list[int], reads: list[list[int]], dtype, device) -> torch.Tensor:
@@ -59,9 +60,8 @@ def with_base_columns(rows: torch.Tensor, num_base: int, base_rows: bool) -> tor
     return torch.cat([padded[:1].expand(num_base, -1), padded[1:]])
 
 
-def top_k_memory(attention, query, memory_key, k: int) -> torch.Tensor:
+def top_k_memory(head_dim: int, query, memory_key, k: int) -> torch.Tensor:
     """Which memory entries each query reads under top-K: bool (B, H, Lq, m), True for its k best-scoring entries."""
-    head_dim = attention.head_dim
     q = split_heads(query, head_dim)
     keys = split_heads(memory_key.expand(query.shape[0], -1, -1), head_dim)
     scores = q @ keys.transpose(-1, -2)
@@ -69,18 +69,18 @@ def top_k_memory(attention, query, memory_key, k: int) -> torch.Tensor:
     return keep.scatter_(-1, scores.topk(min(k, scores.shape[-1]), dim=-1).indices, True)
 
 
-def restrict_to_top_k(mask, attention, query, memory_blocks) -> torch.Tensor:
+def restrict_to_top_k(mask, head_dim: int, query, memory_blocks) -> torch.Tensor:
     """Add top-K restrictions to an additive (Lq, Lk) mask (or None) -> (B, H, Lq, Lk).
 
     ``memory_blocks``: (column offset, memory keys (m, D), k) for each memory read under top-K.
     """
     batch, rows = query.shape[:2]
-    dtype, num_heads = query.dtype, attention.config.num_attention_heads
+    dtype, num_heads = query.dtype, query.shape[-1] // head_dim
     total = max(offset + keys.shape[0] for offset, keys, _ in memory_blocks)
     if mask is None:
         mask = torch.zeros(rows, total, dtype=dtype, device=query.device)
     mask = mask.to(dtype).expand(batch, num_heads, rows, mask.shape[-1]).clone()
     for offset, keys, k in memory_blocks:
-        dropped = ~top_k_memory(attention, query, keys, k)
+        dropped = ~top_k_memory(head_dim, query, keys, k)
         mask[..., offset : offset + keys.shape[0]].masked_fill_(dropped, torch.finfo(dtype).min)
     return mask

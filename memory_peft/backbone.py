@@ -53,6 +53,8 @@ class LayerParts:
     mlp: str
     post_attention: tuple[str, ...] = ()  # applied in order to the attention branch (dropout, LayerScale, ...)
     post_mlp: tuple[str, ...] = ()
+    scaling: str = "scaling"  # inside ``attention``: the softmax scale and the attention-probability dropout
+    dropout: str = "attention_dropout"
 
 
 _VIT_LAYER = LayerParts("layernorm_before", "attention", ("q_proj", "k_proj", "v_proj", "o_proj"), "layernorm_after",
@@ -63,7 +65,7 @@ LAYERS = {
     "Dinov2Layer": LayerParts("norm1", "attention", ("q_proj", "k_proj", "v_proj", "o_proj"), "norm2", "mlp",
                               ("layer_scale1", "drop_path"), ("layer_scale2", "drop_path")),
     "CLIPEncoderLayer": LayerParts("layer_norm1", "self_attn", ("q_proj", "k_proj", "v_proj", "out_proj"),
-                                   "layer_norm2", "mlp"),
+                                   "layer_norm2", "mlp", scaling="scale", dropout="dropout"),
 }
 
 

@@ -166,12 +166,11 @@ def evaluate(args) -> int:
     import torch
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
-    from transformers import AutoImageProcessor
 
     from .artifact import load_multitask
     from .assets import default_dataset
     from .backbone import load_backbone
-    from .data import collate, image_transform, load_image_data
+    from .data import collate, image_processor, image_transform, load_image_data
     from .multitask import load_adapters
     from .training import evaluate_model
 
@@ -190,8 +189,7 @@ def evaluate(args) -> int:
     data = load_image_data(args.dataset or default_dataset("cifar10"), args.image_column, args.label_column,
                            train_size=1, eval_size=args.eval_size or None)
     size = args.image_size or model.peft_config[tasks[0]].image_size or base.config.image_size
-    processor = AutoImageProcessor.from_pretrained(backbone_id)
-    processor.size = {"height": size, "width": size}
+    processor = image_processor(backbone_id, size)
     loader = DataLoader(data.eval.with_transform(image_transform(processor, data.image_column, data.label_column)),
                         batch_size=args.batch_size, collate_fn=collate)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

@@ -82,6 +82,18 @@ def load_image_data(
     return ImageData(train, evaluation, image_column, label_column, label_names)
 
 
+def image_processor(backbone: str, image_size: int):
+    """The backbone's image processor (a local folder or Hub id), giving image_size x image_size pixels: the size an
+    adapter is trained at and served at (crop too, for processors that crop after resizing)."""
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(backbone)
+    processor.size = {"height": image_size, "width": image_size}
+    if getattr(processor, "crop_size", None) is not None:
+        processor.crop_size = {"height": image_size, "width": image_size}
+    return processor
+
+
 def image_transform(processor, image_column: str, label_column: str, augment: bool = False):
     """A `with_transform` function: RGB (grayscale converted), the backbone's processor, optional flip."""
 

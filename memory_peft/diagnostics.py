@@ -40,3 +40,23 @@ def graph_breaks(fn: Callable, *args, **kwargs) -> tuple[int, list[str]]:
     torch._dynamo.reset()
     explained = torch._dynamo.explain(fn)(*args, **kwargs)
     return explained.graph_break_count, [str(reason.reason).splitlines()[0] for reason in explained.break_reasons]
+
+
+@torch.no_grad()
+def memory_attention_share(model, pixel_values: torch.Tensor, **forward_kwargs) -> dict[str, list[float]]:
+    """How much each active task's class token reads its memory: per task, per layer, the share of its attention
+    probability on memory columns (mean over heads and images; 0 where the layer has no memory for it).
+
+    The method's most direct diagnostic: untrained memory is already read (the pre-attention LayerNorm normalises it),
+    and training shows which layers the task leans on.
+    """
+    output = model.forward_tasks(pixel_values=pixel_values, output_attentions=True, **forward_kwargs)
+    names = list(output.tasks)
+    masked = model.peft_config[names[0]].mode == "masked"
+    shares = {name: [] for name in names}
+    for probabilities in output.attentions:  # (B, H, L, L + M): L token rows, then the memory columns
+        rows = probabilities.shape[-2]
+        for t, name in enumerate(names):
+            row = rows - len(names) + t if masked else 0  # masked: task rows last; full: the class token at 0
+            shares[name].append(probabilities[:, :, row, rows:].sum(-1).mean().item())
+    return shares

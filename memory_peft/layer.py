@@ -173,8 +173,10 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         return (constants.plan is plan and constants.key.dtype == x.dtype and constants.key.device == x.device
                 and not torch.is_autocast_enabled(x.device.type) and constants.stamp == self._stamp(constants.sources))
 
-    def _attend(self, query, keys: list, values: list, memory_key, memory_value, plan: MemoryPlan, mask):
-        """query (B, Lq, D) over the token columns ``keys``/``values`` (lists of (B, *, D)), then the memory columns."""
+    def _attend(self, query, keys: list, values: list, memory_key, memory_value, plan: MemoryPlan, mask,
+                with_weights: bool = False):
+        """query (B, Lq, D) over the token columns ``keys``/``values`` (lists of (B, *, D)), then the memory columns
+        -> (output (B, Lq, D), probabilities (B, H, Lq, Lk) when ``with_weights``, else None)."""
         batch, token_columns = query.shape[0], sum(k.shape[1] for k in keys)
         if memory_key is not None:
             keys = [*keys, memory_key.expand(batch, -1, -1)]
@@ -183,19 +185,21 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         value = torch.cat(values, 1) if len(values) > 1 else values[0]
         if plan.top_k:
             blocks = [(token_columns + start, memory_key[start : start + size], k) for start, size, k in plan.top_k]
-            mask = restrict_to_top_k(mask, self.attention, query, blocks)
-        return attend(self.attention, query, key, value, mask)
+            mask = restrict_to_top_k(mask, self._resolved.head_dim, query, blocks)
+        return attend(self._resolved, query, key, value, mask, with_weights)
 
     # --- one stream: full attention (mask None) or masked inference (mask over base + task rows) ---------------------
-    def forward_rows(self, x: torch.Tensor, plan: MemoryPlan, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, L, D) -> (B, L, D). Every row reads the token and memory columns that ``mask`` (additive, (L, L + M))
-        allows; None: all of them (full attention, the task's class token at position 0)."""
-        return self._checkpointed(self._rows, x, plan, mask)
+    def forward_rows(self, x: torch.Tensor, plan: MemoryPlan, mask: Optional[torch.Tensor] = None,
+                     with_weights: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x (B, L, D) -> (x after this layer (B, L, D), attention probabilities (B, H, L, L + M) when
+        ``with_weights``, else None). Every row reads the token and memory columns that ``mask`` (additive,
+        (L, L + M)) allows; None: all of them (full attention, the task's class token at position 0)."""
+        return self._checkpointed(self._rows, x, plan, mask, with_weights)
 
-    def _rows(self, x, plan, mask):
+    def _rows(self, x, plan, mask, with_weights):
         query, key, value, memory_key, memory_value = self._project(x, plan)
-        attended = self._attend(query, [key], [value], memory_key, memory_value, plan, mask)
-        return self._residual_and_mlp(x, attended)
+        attended, weights = self._attend(query, [key], [value], memory_key, memory_value, plan, mask, with_weights)
+        return self._residual_and_mlp(x, attended), weights
 
     # --- masked training: base rows without autograd, only the class-token path is differentiated -------------------
     def forward_streams(self, base: torch.Tensor, tasks: torch.Tensor, plan: MemoryPlan, task_mask: torch.Tensor):
@@ -203,13 +207,14 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         reads among [base; task class tokens; memories]. The base rows are the stock layer, run without autograd."""
         with torch.no_grad():
             base_query, base_key, base_value, _, _ = self._project(base, NO_MEMORY)
-            new_base = self._residual_and_mlp(base, attend(self.attention, base_query, base_key, base_value))
+            attended, _ = attend(self._resolved, base_query, base_key, base_value)
+            new_base = self._residual_and_mlp(base, attended)
         return new_base, self._checkpointed(self._task_rows, tasks, base_key, base_value, plan, task_mask)
 
     def _task_rows(self, tasks, base_key, base_value, plan, task_mask):
         query, key, value, memory_key, memory_value = self._project(tasks, plan)
-        attended = self._attend(query, [base_key, key], [base_value, value], memory_key, memory_value, plan,
-                                task_mask)
+        attended, _ = self._attend(query, [base_key, key], [base_value, value], memory_key, memory_value, plan,
+                                   task_mask)
         return self._residual_and_mlp(tasks, attended)
 
     def _checkpointed(self, function, *args):
@@ -233,6 +238,9 @@ class _Resolved:
     def __init__(self, layer: nn.Module, parts) -> None:
         self.norm_before = getattr(layer, parts.norm_before)
         self.attention = getattr(layer, parts.attention)
+        self.head_dim = self.attention.head_dim
+        self.scaling = getattr(self.attention, parts.scaling)
+        self.dropout = getattr(self.attention, parts.dropout)
         self.query, self.key, self.value, self.output = (getattr(self.attention, name) for name in parts.projections)
         self.norm_after = getattr(layer, parts.norm_after)
         self.mlp = getattr(layer, parts.mlp)

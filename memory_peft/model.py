@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -21,6 +21,7 @@ from .backbone import Backbone, check_signature, describe_backbone, layer_parts
 from .config import MemoryTokenConfig
 from .errors import InputError
 from .layer import MemoryLayer, MemoryPlan
+from .outputs import MultiTaskImageClassifierOutput, single_task
 from .registration import PREFIX
 
 
@@ -218,16 +219,42 @@ class MemoryTokenModel(BaseTuner):
         pixel_values: Optional[torch.Tensor] = None,
         labels: Any = None,
         interpolate_pos_encoding: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         **kwargs,
     ):
-        names = self.active_adapters
-        if not self._memory_enabled or not names:
+        """The model's forward: one active adapter gives the stock ``ImageClassifierOutput``, several a
+        ``MultiTaskImageClassifierOutput`` (``return_dict=False``: their tuple forms)."""
+        if not self._memory_enabled or not self.active_adapters:
             if labels is not None:
                 kwargs["labels"] = labels
             return type(self.model).forward(
-                self.model, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+                self.model, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                return_dict=return_dict, **kwargs,
             )
+        output = self.forward_tasks(pixel_values, labels, interpolate_pos_encoding, output_attentions,
+                                    output_hidden_states, **kwargs)
+        if len(output.tasks) == 1:
+            output = single_task(output)
+            return output if return_dict is not False else output.to_tuple()
+        return output if return_dict is not False else output.as_tuple()
+
+    def forward_tasks(
+        self,
+        pixel_values: Optional[torch.Tensor] = None,
+        labels: Any = None,
+        interpolate_pos_encoding: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        **kwargs,
+    ) -> MultiTaskImageClassifierOutput:
+        """The active adapters' outputs in one forward, as a ``MultiTaskImageClassifierOutput`` whatever their number
+        (for code that serves any number of tasks). ``labels``: a tensor (one adapter) or ``{adapter name: tensor}``."""
+        names = self.active_adapters
+        if not names:
+            raise InputError("No adapter is active: activate one or more with memory_peft.activate(model, names).")
         # Trainer passes the number of labelled examples over all accumulated batches: the loss is then a sum over
         # this batch divided by it, so that accumulated gradients equal one big batch's
         num_items = kwargs.pop("num_items_in_batch", None)
@@ -235,14 +262,16 @@ class MemoryTokenModel(BaseTuner):
             raise TypeError(f"memory adapters do not take the argument(s) {sorted(kwargs)}.")
         if pixel_values is None:
             raise InputError("pixel_values is required (a float tensor of shape (batch, channels, height, width)).")
-        _, features = self._encode(pixel_values, names, interpolate_pos_encoding, with_base=False)
+        config = self.model.config
+        hidden = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        weights = output_attentions if output_attentions is not None else config.output_attentions
+        encoded = self._encode(pixel_values, names, interpolate_pos_encoding, False, hidden, weights)
         labels = [_labels_for(labels, name, names) for name in names]
-        logits = self._heads(names, features)
-        outputs = {name: self._classify(name, logits[t], labels[t], num_items) for t, name in enumerate(names)}
-        if len(names) == 1:
-            output = outputs[names[0]]
-            return output if return_dict is not False else output.to_tuple()
-        return outputs
+        logits = self._heads(names, encoded.features)
+        tasks = {name: self._classify(name, logits[t], labels[t], num_items) for t, name in enumerate(names)}
+        losses = [task.loss for task in tasks.values() if task.loss is not None]
+        return MultiTaskImageClassifierOutput(loss=sum(losses[1:], losses[0]) if losses else None, tasks=tasks,
+                                              hidden_states=encoded.hidden_states, attentions=encoded.attentions)
 
     def encode(
         self, pixel_values: torch.Tensor, adapter_names: list[str], interpolate_pos_encoding: Optional[bool] = None
@@ -252,9 +281,11 @@ class MemoryTokenModel(BaseTuner):
         Returns (base, features): ``base`` (B, 1 + N, D) is the unadapted model's final-normed output (masked mode; None
         in full mode, where the backbone's tokens change), ``features`` (B, T, D) the final-normed task class tokens.
         """
-        return self._encode(pixel_values, adapter_names, interpolate_pos_encoding, with_base=True)
+        encoded = self._encode(pixel_values, adapter_names, interpolate_pos_encoding, with_base=True)
+        return encoded.base, encoded.features
 
-    def _encode(self, pixel_values, adapter_names, interpolate_pos_encoding, with_base: bool):
+    def _encode(self, pixel_values, adapter_names, interpolate_pos_encoding, with_base: bool, hidden: bool = False,
+                weights: bool = False) -> _Encoded:
         backbone, layout = self._backbone, self._layout_for(list(adapter_names))
         dtype = backbone.final_norm.weight.dtype
         pixel_values = backbone.check_pixels(pixel_values, bool(interpolate_pos_encoding))
@@ -266,12 +297,14 @@ class MemoryTokenModel(BaseTuner):
         tokens = [token.expand(batch, 1, -1) for token in tokens]
         if not layout.masked:
             x = torch.cat([tokens[0], embedded[:, 1:]], dim=1)
-            for layer, plan in zip(backbone.layers, layout.plans):
-                x = layer.forward_rows(x, plan)
-            return None, backbone.final_norm(x[:, :1])
+            x, states, probabilities = self._run_rows(x, layout, {None: None}, weights)
+            return _Encoded(None, backbone.final_norm(x[:, :1]), states if hidden else None,
+                            probabilities if weights else None)
         # the base rows are out of autograd in training (only the class-token path is differentiated), so they run
-        # as a stream of their own; at inference all rows run together through one set of kernels
-        streams = torch.is_grad_enabled() and not backbone.layers[0].attention_weights_train()
+        # as a stream of their own; at inference (and when hidden states or attentions are asked for) all rows run
+        # together through one set of kernels
+        streams = torch.is_grad_enabled() and not backbone.layers[0].attention_weights_train() and not hidden \
+            and not weights
         masks = self._task_masks(layout, n, embedded, base_rows=not streams)
         if streams:
             base, tokens = embedded, torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
@@ -280,12 +313,20 @@ class MemoryTokenModel(BaseTuner):
             if with_base:
                 with torch.no_grad():
                     base = backbone.final_norm(base)
-            return base if with_base else None, backbone.final_norm(tokens)
-        x = torch.cat([embedded, *tokens], dim=1)
-        for layer, plan, mask in zip(backbone.layers, layout.plans, layout.masks):
-            x = layer.forward_rows(x, plan, masks[mask])
+            return _Encoded(base if with_base else None, backbone.final_norm(tokens))
+        x, states, probabilities = self._run_rows(torch.cat([embedded, *tokens], dim=1), layout, masks, weights)
         x = backbone.final_norm(x)
-        return x[:, :n], x[:, n:]
+        return _Encoded(x[:, :n], x[:, n:], states if hidden else None, probabilities if weights else None)
+
+    def _run_rows(self, x: torch.Tensor, layout: Layout, masks: dict, weights: bool):
+        """x (B, L, D) through every layer as one stream -> (x, the rows entering each layer and leaving the last,
+        each layer's attention probabilities (None unless ``weights``))."""
+        states, probabilities = [x], []
+        for layer, plan, mask in zip(self._backbone.layers, layout.plans, layout.masks):
+            x, layer_weights = layer.forward_rows(x, plan, masks[mask], weights)
+            states.append(x)
+            probabilities.append(layer_weights)
+        return x, tuple(states), tuple(probabilities)
 
     def _task_masks(self, layout: Layout, num_base: int, like: torch.Tensor, base_rows: bool) -> dict:
         """The additive masks of this forward, one per distinct layer layout, in the dtype attention will use."""
@@ -337,11 +378,19 @@ class MemoryTokenModel(BaseTuner):
             else:
                 if not torch.compiler.is_compiling():  # compiled: cross_entropy's own range check (no graph break)
                     _check_label_range(labels, logits.shape[-1], name)
+                scores = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 heads: fp32 loss
                 if num_items is None:
-                    loss = nn.functional.cross_entropy(logits.float(), labels.long())
+                    loss = nn.functional.cross_entropy(scores, labels.long())
                 else:
-                    loss = nn.functional.cross_entropy(logits.float(), labels.long(), reduction="sum") / num_items
+                    loss = nn.functional.cross_entropy(scores, labels.long(), reduction="sum") / num_items
         return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+class _Encoded(NamedTuple):
+    base: Optional[torch.Tensor]  # (B, n, D) final-normed base rows (masked mode, when asked for), else None
+    features: torch.Tensor  # (B, T, D) final-normed task class tokens
+    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
+    attentions: Optional[tuple[torch.Tensor, ...]] = None
 
 
 def _names_of(model: nn.Module, module: nn.Module) -> list[str]:

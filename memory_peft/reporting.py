@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 import os
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,23 @@ def plot_curves(records: list[dict], path: str | os.PathLike, title: str) -> Non
     plt.close(fig)
 
 
+def plot_memory_attention(shares: dict[str, list[float]], path: str | os.PathLike, title: str) -> None:
+    """Per layer, each task's share of class-token attention on its memory (``diagnostics.memory_attention_share``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, values in shares.items():
+        ax.plot(range(len(values)), [100 * v for v in values], marker="o", label=name)
+    ax.set(xlabel="layer", ylabel="attention on memory (%)", title=title, ylim=(0, None))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def model_card(template: str | os.PathLike, info: dict[str, Any]) -> ModelCard:
     """Render ``template`` with Hub metadata (base model, dataset, metrics) and the run's details."""
     metrics = info.get("metrics", {})
@@ -79,4 +97,5 @@ def model_card(template: str | os.PathLike, info: dict[str, Any]) -> ModelCard:
         license="apache-2.0",
     )
     metric_rows = "\n".join(f"| {name} | {100 * value:.2f} |" for name, value in metrics.items())
+    info = {"attention_plot": False, "version": version("memory-peft"), **info}
     return ModelCard.from_template(data, template_path=str(template), metric_rows=metric_rows, **info)

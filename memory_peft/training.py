@@ -28,14 +28,15 @@ from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import TorchDynamoPlugin, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
 from .assets import default_backbone, default_dataset
 from .backbone import load_backbone
-from .data import collate, image_transform, load_image_data
+from .data import collate, image_processor, image_transform, load_image_data
 from .errors import InputError, MemoryPeftError, OutputExistsError
 from .metrics import load_top_k_accuracy
-from .reporting import JSONLinesTracker, model_card, plot_curves, read_log
+from .diagnostics import memory_attention_share
+from .reporting import JSONLinesTracker, model_card, plot_curves, plot_memory_attention, read_log
 from .settings import SETTINGS, apply_setting, cast_frozen_weights
 from .storage import write_atomically
 
@@ -121,10 +122,30 @@ def main(argv=None, prog=None):
     """Run training; bad input ends in one ``error: ...`` line (exit status 1), not a traceback."""
     try:
         args = parse_args(argv, prog)
-        args.argv = list(sys.argv[1:] if argv is None else argv)
+        args.command = command_line(list(sys.argv[1:] if argv is None else argv), prog)
         return train(args)
     except MemoryPeftError as exc:
         raise SystemExit(f"error: {exc}") from None
+
+
+def command_line(argv: list[str], prog=None) -> str:
+    """The command as it was run (launcher, its options, script or CLI, arguments), for results.json and the card."""
+    if prog:
+        program = prog.split()
+    else:
+        script = Path(sys.argv[0]).resolve()
+        program = [str(script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script)]
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:  # set by `accelerate launch` for its processes
+        launcher = ["accelerate", "launch"]
+        if os.environ["ACCELERATE_MIXED_PRECISION"] != "no":
+            launcher += ["--mixed_precision", os.environ["ACCELERATE_MIXED_PRECISION"]]
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            launcher += ["--num_processes", os.environ["WORLD_SIZE"]]
+        if os.environ.get("ACCELERATE_DYNAMO_BACKEND", "NO") != "NO":
+            launcher += ["--dynamo_backend", os.environ["ACCELERATE_DYNAMO_BACKEND"].lower()]
+    else:
+        launcher = [] if prog else ["python"]
+    return shlex.join([*launcher, *program, *argv])
 
 
 def check_output_dir(args, output_dir: Path) -> None:
@@ -189,8 +210,7 @@ def train(args):
 
     data = load_image_data(args.dataset, args.image_column, args.label_column, args.train_size or None,
                            args.eval_size or None, args.seed)
-    processor = AutoImageProcessor.from_pretrained(args.backbone)
-    processor.size = {"height": args.image_size, "width": args.image_size}
+    processor = image_processor(args.backbone, args.image_size)
     train = data.train.with_transform(image_transform(processor, data.image_column, data.label_column, args.augment))
     evaluation = data.eval.with_transform(image_transform(processor, data.image_column, data.label_column))
     workers = args.num_workers if args.num_workers >= 0 else (4 if accelerator.device.type != "cpu" else 0)
@@ -274,7 +294,10 @@ def train(args):
     scores = evaluate_model(model, eval_loader, accelerator, metric=metric)
     accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
     if accelerator.is_main_process:
-        finish(accelerator.unwrap_model(model), args, data, scores, step, train_seconds, output_dir)
+        model = accelerator.unwrap_model(model)
+        with accelerator.autocast():  # frozen weights may be stored in bf16/fp16 (cast_frozen_weights)
+            shares = attention_to_memory(model, data, args) if "memory" in args.setting else None
+        finish(model, args, data, scores, step, train_seconds, output_dir, shares)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return scores
@@ -312,9 +335,9 @@ def resume(accelerator, args, output_dir: Path) -> tuple[int, int, int]:
     return step, progress["epoch"], progress["batches_done"]
 
 
-def finish(model, args, data, scores, step, train_seconds, output_dir: Path) -> None:
+def finish(model, args, data, scores, step, train_seconds, output_dir: Path, shares=None) -> None:
     adapter_dir = output_dir / "adapter"
-    command = "accelerate launch examples/train.py " + shlex.join(args.argv)
+    command = args.command
     results = {"setting": args.setting, "m": args.m, "lr": args.lr, "steps": step, "train_seconds": round(train_seconds, 1),
                "train_examples": len(data.train), "eval_examples": len(data.eval), "metrics": scores,
                "backbone": args.backbone, "dataset": args.dataset, "command": command}
@@ -323,11 +346,13 @@ def finish(model, args, data, scores, step, train_seconds, output_dir: Path) -> 
     card = model_card(TEMPLATE, dict(title=title, base_model=args.backbone, dataset=args.dataset, setting=args.setting,
                                      m=args.m if "memory" in args.setting else 0, num_labels=data.num_labels,
                                      image_size=args.image_size, steps=step, eval_examples=len(data.eval),
-                                     metrics=scores, command=command))
+                                     metrics=scores, command=command, attention_plot=bool(shares)))
 
     def save_with_card(folder):
         model.save_pretrained(folder)
         card.save(Path(folder) / "README.md")
+        if shares:
+            plot_memory_attention(shares, Path(folder) / "attention_to_memory.png", f"{title}: attention to memory")
 
     write_atomically(adapter_dir, save_with_card, overwrite=True)  # an earlier run's adapter stays until the swap
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -335,6 +360,16 @@ def finish(model, args, data, scores, step, train_seconds, output_dir: Path) -> 
     print(f"[{args.setting}] final accuracy after {step} steps ({train_seconds:.0f} s): {summary}")
     if args.push_to_hub:
         push(model, card, args.push_to_hub, args.private, adapter_dir)
+
+
+def attention_to_memory(model, data, args, images: int = 16) -> dict[str, list[float]]:
+    """The trained task's share of class-token attention on memory, per layer, on evaluation images."""
+    processor = image_processor(args.backbone, args.image_size)
+    transform = image_transform(processor, data.image_column, data.label_column)
+    batch = collate(data.eval.select(range(min(images, len(data.eval)))).with_transform(transform))
+    device = next(model.parameters()).device
+    model.eval()
+    return memory_attention_share(model, batch["pixel_values"].to(device), interpolate_pos_encoding=True)
 
 
 def push(model, card, repo_id: str, private: bool, adapter_dir: Path) -> None:

@@ -31,7 +31,7 @@ def test_merge_load_split_round_trip(tmp_path):
     with torch.no_grad():
         outputs = model(pixel_values=PIXELS)
     for name, logits in alone.items():
-        torch.testing.assert_close(outputs[name].logits, logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(outputs.tasks[name].logits, logits, atol=1e-6, rtol=0)
 
     parts = split_artifact(merged, tmp_path / "split")
     for name, folder in parts.items():

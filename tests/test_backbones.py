@@ -117,7 +117,7 @@ def test_masked_adapters_keep_the_base_and_combine_exactly(name, tmp_path):
     with torch.no_grad():
         outputs = combined(pixel_values=PIXELS)
     for task in alone:  # one forward, each task as alone; save -> load exact
-        assert_identical(outputs[task].logits, alone[task])
+        assert_identical(outputs.tasks[task].logits, alone[task])
     single = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b").double().eval()
     with torch.no_grad():
         assert torch.equal(single(pixel_values=PIXELS).logits, alone["b"])

@@ -12,7 +12,7 @@ import torch
 from peft import get_peft_model
 from transformers import ViTConfig, ViTModel
 
-from memory_peft import MemoryTokenConfig, activate
+from memory_peft import MemoryTokenConfig, MultiTaskImageClassifierOutput, activate
 from memory_peft.diagnostics import count_ops, graph_breaks
 from memory_peft.settings import apply_setting
 
@@ -64,7 +64,9 @@ def tensors_held(model) -> set:
 
 
 def logits_of(outputs):
-    return {name: out.logits for name, out in outputs.items()} if isinstance(outputs, dict) else {"": outputs.logits}
+    if isinstance(outputs, MultiTaskImageClassifierOutput):
+        return {name: out.logits for name, out in outputs.tasks.items()}
+    return {"": outputs.logits}
 
 
 @pytest.mark.parametrize("count", [1, 3])
@@ -138,7 +140,7 @@ def test_compiled_serving_equals_eager_across_calls():
     calls = [dict(pixel_values=torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(s))) for s in (1, 2)]
     with torch.no_grad():
         first, second = compiled_equals_eager(model, calls, "inductor")
-    assert not torch.allclose(first["t0"].logits, second["t0"].logits)
+    assert not torch.allclose(first.tasks["t0"].logits, second.tasks["t0"].logits)
 
 
 @pytest.mark.parametrize("setting", ["memory-masked", "memory"])

@@ -49,11 +49,11 @@ def test_three_adapters_in_one_forward_equal_each_alone(real_vit_cached, images,
     with torch.no_grad():
         combined = combined_model(pixel_values=eval_pixels, interpolate_pos_encoding=True)
     assert len(calls) == 12  # one pass through the 12 layers for all three tasks
-    assert sorted(combined) == sorted(paths)
+    assert sorted(combined.tasks) == sorted(paths)
     for name, _, _, _ in TASKS:
-        assert_identical(combined[name].logits, alone[name])
+        assert_identical(combined.tasks[name].logits, alone[name])
     # different tasks really give different predictions
-    assert not torch.allclose(combined["cifar"].logits[:, :3], combined["coarse"].logits, atol=1e-3)
+    assert not torch.allclose(combined.tasks["cifar"].logits[:, :3], combined.tasks["coarse"].logits, atol=1e-3)
 
 
 def test_labels_per_task_give_losses(real_vit, images):
@@ -64,5 +64,5 @@ def test_labels_per_task_give_losses(real_vit, images):
     out = model(pixel_values=pixels[:4], labels={"default": labels[:4], "b": labels[:4] % 2},
                 interpolate_pos_encoding=True)
     # zero-initialised heads predict uniformly: the loss is log(num_labels)
-    assert abs(out["default"].loss.item() - torch.log(torch.tensor(10.0)).item()) < 1e-5
-    assert abs(out["b"].loss.item() - torch.log(torch.tensor(2.0)).item()) < 1e-5
+    assert abs(out.tasks["default"].loss.item() - torch.log(torch.tensor(10.0)).item()) < 1e-5
+    assert abs(out.tasks["b"].loss.item() - torch.log(torch.tensor(2.0)).item()) < 1e-5

@@ -69,4 +69,4 @@ def test_torch_compile_gives_the_same_logits():
         eager = model(pixel_values=pixels)
         compiled = torch.compile(model)(pixel_values=pixels)
     for task in ("default", "second"):
-        torch.testing.assert_close(compiled[task].logits, eager[task].logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled.tasks[task].logits, eager.tasks[task].logits, atol=1e-5, rtol=1e-5)

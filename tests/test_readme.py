@@ -15,8 +15,8 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
-    assert sorted(namespace["both"]) == ["default", "fashion"]
-    assert namespace["both"]["fashion"].logits.shape == (2, 10)
+    assert list(namespace["both"].tasks) == ["default", "fashion"]
+    assert namespace["both"].tasks["fashion"].logits.shape == (2, 10)
     assert namespace["out"].loss.item() == torch.log(torch.tensor(10.0)).item() or abs(
         namespace["out"].loss.item() - 2.302585) < 1e-5
     saved = sorted(os.listdir(tmp_path / "outputs" / "quickstart"))

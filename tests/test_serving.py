@@ -134,7 +134,7 @@ def test_top_k_reads_exactly_the_best_entries():
     layer = model.base_model.model.layers[0]
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
-        ours = layer.forward_rows(x, layer.plan(["default"]))
+        ours, _ = layer.forward_rows(x, layer.plan(["default"]))
         base = layer.base_layer
         att = base.attention
         z = base.layernorm_before(x)

@@ -24,6 +24,11 @@ def test_few_steps_write_everything_and_reload_to_same_accuracy(tmp_path):
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     card = (out / "adapter" / "README.md").read_text()
     assert "library_name: peft" in card and "memory" in card and f"{100 * results['metrics']['top1']:.2f}" in card
+    assert "https://arxiv.org/abs/2203.15243" in card and "](https://github.com/)" not in card
+    assert "![attention to memory](attention_to_memory.png)" in card  # the plot beside the card
+    assert (out / "adapter" / "attention_to_memory.png").read_bytes()[:4] == b"\x89PNG"
+    assert results["command"] == "python examples/train.py --output_dir " + str(out) + " " + " ".join(TINY) + \
+        " --setting memory --m 2 --max_steps 4 --eval_every 2"  # the command as run, not a guess
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "train/loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in log if "eval/top1" in r] == [2, 4]
@@ -32,14 +37,12 @@ def test_few_steps_write_everything_and_reload_to_same_accuracy(tmp_path):
     sys.path.insert(0, str(ROOT / "examples"))
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
-    from transformers import AutoImageProcessor
 
-    from memory_peft.data import collate, image_transform, load_image_data
+    from memory_peft.data import collate, image_processor, image_transform, load_image_data
     from train import evaluate_model
 
     data = load_image_data(str(SHARED / "data" / "cifar10"), train_size=48, eval_size=32, seed=0)
-    processor = AutoImageProcessor.from_pretrained(REAL_VIT)
-    processor.size = {"height": 56, "width": 56}
+    processor = image_processor(str(REAL_VIT), 56)
     loader = DataLoader(data.eval.with_transform(image_transform(processor, data.image_column, data.label_column)),
                         batch_size=8, collate_fn=collate)
     model = PeftModel.from_pretrained(ViTModel.from_pretrained(REAL_VIT, add_pooling_layer=False), out / "adapter")
