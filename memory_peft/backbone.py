@@ -24,10 +24,11 @@ class Architecture:
     final_norm: str  # LayerNorm that the heads read
     pre_norm: Optional[str] = None  # CLIP: LayerNorm on the embeddings before the first layer
     interpolates: bool = False  # Dinov2: the embeddings always interpolate the position embedding (no flag)
+    wrapper: str = ""  # where a task model (e.g. ViTForImageClassification) keeps the backbone: "vit."
 
 
-def _vit(prefix: str = "") -> Architecture:
-    return Architecture(f"{prefix}embeddings", f"{prefix}layers", f"{prefix}layernorm")
+def _vit(wrapper: str = "") -> Architecture:
+    return Architecture(f"{wrapper}embeddings", f"{wrapper}layers", f"{wrapper}layernorm", wrapper=wrapper)
 
 
 # DeiT: the distillation token (position 1) is a base token like the patches: every class token reads it, nothing in
@@ -40,6 +41,15 @@ ARCHITECTURES = {
     "CLIPVisionModel": Architecture("embeddings", "encoder.layers", "post_layernorm", pre_norm="pre_layrnorm"),
 }
 SUPPORTED_BACKBONES = tuple(ARCHITECTURES)
+WRAPPERS = tuple(sorted({arch.wrapper for arch in ARCHITECTURES.values()} - {""}))
+
+
+def relative_to_backbone(key: str, model_prefix: str) -> str:
+    """A state-dict key under ``model_prefix`` with the task model's wrapper removed ('vit.layers.0' -> 'layers.0'),
+    so that an adapter's files name the same tensors whichever class of the backbone it was trained on."""
+    relative = key[len(model_prefix):]
+    wrapper = next((w for w in WRAPPERS if relative.startswith(w)), "")
+    return model_prefix + relative[len(wrapper):]
 
 
 @dataclass(frozen=True)

@@ -160,10 +160,11 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         self._constants = None
         reference = self.norm_before.weight
         # weights of mixed dtypes (cast_frozen_weights) only run under autocast, which computes them inline anyway
-        if plan.sizes and self._resolved.key.weight.dtype == reference.dtype:
+        sources = self._sources(plan)
+        # peft's low_cpu_mem_usage injects adapters on the meta device and loads their weights after
+        if plan.sizes and self._resolved.key.weight.dtype == reference.dtype and not any(t.is_meta for t in sources):
             empty = reference.new_zeros(1, 0, reference.shape[0])
             _, _, _, memory_key, memory_value = self._project(empty, plan)
-            sources = self._sources(plan)
             self._constants = MemoryConstants(plan, sources, self._stamp(sources), memory_key, memory_value)
 
     def _constants_hold(self, plan: MemoryPlan, x: torch.Tensor) -> bool:

@@ -7,6 +7,7 @@ model instance (restored on ``unload``): embeddings -> class tokens in place/app
 from __future__ import annotations
 
 import inspect
+import re
 import weakref
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
@@ -17,12 +18,15 @@ from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .attention import task_mask_rows, with_base_columns
-from .backbone import Backbone, check_signature, describe_backbone, layer_parts
+from .backbone import Backbone, check_signature, describe_backbone, layer_parts, relative_to_backbone
 from .config import MemoryTokenConfig
-from .errors import InputError
+from .errors import AdapterFileError, InputError
 from .layer import MemoryLayer, MemoryPlan
 from .outputs import MultiTaskImageClassifierOutput, single_task
 from .registration import PREFIX
+
+
+_MODEL_PREFIX = "base_model.model."  # where a PeftModel's state dict keeps the base model's entries
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,32 @@ class MemoryTokenModel(BaseTuner):
         nn.init.zeros_(head.weight)  # a zero head starts every task at the uniform prediction
         nn.init.zeros_(head.bias)
         self.memory_head[adapter_name] = head
+
+    # --- files: memory keys relative to the backbone, so that an adapter loads onto any supported class of it -------
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """peft's selection, with each key as if the backbone were the whole model ('model.vit.layers.0...' ->
+        'model.layers.0...'): ViTModel and ViTForImageClassification save the same file."""
+        entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return {relative_to_backbone(key, _MODEL_PREFIX) if key.startswith(_MODEL_PREFIX) else key: value
+                for key, value in entries.items()}
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Backbone-relative keys (and those of files saved before they were, with a wrapper such as 'vit.') to where
+        this model keeps its layers, then peft's remapping."""
+        wrapper = model.base_model._backbone.architecture.wrapper
+        state_dict = {_MODEL_PREFIX + wrapper + relative_to_backbone(key, _MODEL_PREFIX)[len(_MODEL_PREFIX):]
+                      if key.startswith(_MODEL_PREFIX) else key: value for key, value in state_dict.items()}
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        own = re.compile(rf"(^|\.)memory_(tokens|class_token|head)\.{re.escape(adapter_name)}(\.|$)")
+        missing = [key for key in model.state_dict() if own.search(key) and key not in remapped]
+        if missing:  # peft would only warn, and the adapter would run with untrained tensors
+            raise AdapterFileError(
+                f"The adapter's weights lack {len(missing)} of its tensors (e.g. {missing[:2]}): its file does not "
+                "match its adapter_config.json or this backbone. Save or download it again."
+            )
+        return remapped
 
     def _prepare_adapter_config(self, peft_config, model_config):
         return peft_config
@@ -167,7 +197,9 @@ class MemoryTokenModel(BaseTuner):
                     keys[plan] = f"rows_{len(keys)}"
                     blocks = [[plan.names.index(memory_names[i]) for i in task_reads if memory_names[i] in plan.names]
                               for task_reads in reads]
-                    rows = task_mask_rows(len(names), list(plan.sizes), blocks, dtype, reference.device)
+                    # structure only: never on the meta device (low_cpu_mem_usage), whatever the weights are on
+                    device = reference.device if not reference.is_meta else torch.device("cpu")
+                    rows = task_mask_rows(len(names), list(plan.sizes), blocks, dtype, device)
                     self.task_masks.register_buffer(keys[plan], rows, persistent=False)
                 masks.append(keys[plan])
         self._layout = Layout(tuple(names), masked, plans, tuple(masks) if masked else (None,) * len(plans))

@@ -99,6 +99,14 @@ def adapter_file(source: str | os.PathLike, filename: str, subfolder: Optional[s
     """A file of a local adapter folder or a Hub repo (downloaded into the cache), or a clear error."""
     folder = Path(source, subfolder or "")
     if is_local(source):
+        pickled = folder / "adapter_model.bin"
+        if filename == WEIGHTS_FILE and not (folder / filename).is_file() and pickled.is_file():
+            raise AdapterFileError(
+                f"{folder} holds {pickled.name}, a pickle (saved with safe_serialization=False), and no {WEIGHTS_FILE}: "
+                "memory-peft loads safetensors only, since unpickling a file can run code. Save the adapter again with "
+                "save_pretrained(folder) (safetensors is the default), or, for a file you trust, convert it: "
+                "safetensors.torch.save_file(torch.load(path, weights_only=True), folder/'adapter_model.safetensors')."
+            )
         if not (folder / filename).is_file():
             present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
             raise AdapterFileError(f"{folder / filename} is missing (the folder holds {present}): {source!s} is not a "
