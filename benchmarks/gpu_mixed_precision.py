@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from transformers import ViTConfig, ViTModel, get_cosine_schedule_with_warmup
+from transformers import ViTConfig, ViTModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memory_peft.recipe import GRAD_CLIP, paper_recipe  # noqa: E402
 from memory_peft.settings import apply_setting  # noqa: E402
 
 
@@ -34,9 +35,7 @@ def run(precision: str, steps: int = 40, size: int = 32):
     torch.manual_seed(0)
     vit = ViTModel(ViTConfig(patch_size=32), add_pooling_layer=False)
     model = apply_setting(vit, "memory", num_labels=10, m=5)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.5, momentum=0.9)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, 4, steps)
+    params, optimizer, scheduler = paper_recipe(model, lr=0.5, warmup_steps=4, total_steps=steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     generator = torch.Generator().manual_seed(1)
     losses, times = [], []
@@ -47,7 +46,7 @@ def run(precision: str, steps: int = 40, size: int = 32):
         start = time.perf_counter()
         loss = model(pixel_values=pixels, labels=labels).loss
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
+        accelerator.clip_grad_norm_(params, GRAD_CLIP)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()

@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory_peft.artifact import load_multitask, merge_adapters  # noqa: E402
 from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
-from memory_peft.backbone import describe_backbone, load_backbone  # noqa: E402
+from memory_peft.tuner.backbone import describe_backbone, load_backbone  # noqa: E402
 from memory_peft.data import image_processor, image_transform, load_image_data  # noqa: E402
 from memory_peft.reporting import model_card  # noqa: E402
+from memory_peft.recipe import GRAD_CLIP, paper_recipe  # noqa: E402
 from memory_peft.settings import apply_setting  # noqa: E402
 from memory_peft.training import TEMPLATE  # noqa: E402
 
@@ -90,10 +90,8 @@ def prepare(dataset: str, args, processor) -> dict:
 
 def fit(model: nn.Module, loss_of, n: int, lr: float, seed: int, args, accelerator: Accelerator) -> None:
     """The paper's recipe over ``epochs`` seeded passes of ``n`` examples; ``loss_of(model, indices)``."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=lr, momentum=0.9)
     steps_per_epoch = n // args.batch_size
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.epochs * steps_per_epoch)
+    trainable, optimizer, scheduler = paper_recipe(model, lr, args.warmup_steps, args.epochs * steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(seed)
     model.train()
@@ -102,7 +100,7 @@ def fit(model: nn.Module, loss_of, n: int, lr: float, seed: int, args, accelerat
         for step in range(steps_per_epoch):
             loss = loss_of(model, order[step * args.batch_size : (step + 1) * args.batch_size])
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(trainable, 1.0)
+            accelerator.clip_grad_norm_(trainable, GRAD_CLIP)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()

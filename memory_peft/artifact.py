@@ -22,10 +22,10 @@ from peft import PeftModel
 from safetensors import safe_open
 from torch import nn
 
-from .config import verify_adapter
-from .errors import InputError, OutputExistsError
-from .multitask import activate
-from .storage import CONFIG_FILE, adapter_file, is_local, read_config_file, write_atomically
+from .tuner.config import verify_adapter
+from .tuner.errors import InputError, OutputExistsError
+from .tuner.multitask import activate
+from .tuner.storage import CONFIG_FILE, adapter_file, is_local, read_config_file, write_atomically
 
 FORMAT = "memory-peft-multitask"
 INDEX = "memory_tasks.json"

@@ -15,7 +15,7 @@ import math
 import sys
 from pathlib import Path
 
-from .errors import InputError, MemoryPeftError
+from .tuner.errors import InputError, MemoryPeftError
 
 PROG = "memory-peft"
 
@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="top-1/top-5 accuracy of an adapter or of each task of an artifact")
     evaluate.add_argument("source", help="adapter or merged artifact: local folder or Hub id")
     evaluate.add_argument("--backbone", default=None, help="default: the adapter's base_model_name_or_path")
-    evaluate.add_argument("--dataset", default=None, help="Hub id or local folder in Hub layout (default: CIFAR-10)")
+    evaluate.add_argument("--dataset", action="append", default=None, metavar="[TASK=]DATASET",
+                          help="Hub id or local folder in Hub layout; TASK=DATASET for one task (default: the dataset "
+                               "each task was trained on, as recorded in its config)")
     evaluate.add_argument("--task", action="append", default=None, help="artifact tasks to evaluate (default: all)")
     evaluate.add_argument("--eval_size", type=int, default=0, help="evaluation subset (0: the whole split)")
     evaluate.add_argument("--image_size", type=int, default=None, help="default: the adapter's training size")
@@ -74,8 +76,8 @@ def describe(source: str) -> dict:
     from safetensors import safe_open
 
     from .artifact import INDEX, read_index
-    from .config import verify_adapter
-    from .storage import adapter_file, is_local
+    from .tuner.config import verify_adapter
+    from .tuner.storage import adapter_file, is_local
 
     is_artifact = (Path(source) / INDEX).is_file() if is_local(source) else _hub_has(source, INDEX)
     tasks = read_index(source)["tasks"] if is_artifact else [None]
@@ -89,6 +91,7 @@ def describe(source: str) -> dict:
                      "layers": config.get("layers") or "all", "classes": config["num_labels"],
                      "extends": config.get("extends"), "top_k": config.get("top_k"), "parameters": parameters,
                      "image_size": config.get("image_size"), "labels": config.get("label_names"),
+                     "dataset": config.get("dataset"),
                      "bytes": weights.stat().st_size + adapter_file(source, "adapter_config.json", task).stat().st_size})
     base = config.get("base_model_name_or_path")
     return {"source": source, "kind": "multi-task artifact" if is_artifact else "adapter", "base_model": base,
@@ -168,38 +171,66 @@ def evaluate(args) -> int:
     from torch.utils.data import DataLoader
 
     from .artifact import load_multitask
-    from .assets import default_dataset
-    from .backbone import load_backbone
+    from .tuner.backbone import load_backbone
     from .data import collate, image_processor, image_transform, load_image_data
-    from .multitask import load_adapters
+    from .tuner.multitask import load_adapters
     from .training import evaluate_model
 
     info = describe(args.source)
     backbone_id = args.backbone or info["base_model"]
     if not backbone_id:
         raise InputError(f"{args.source} does not name its base model; pass --backbone.")
+    tasks = args.task or [row["task"] for row in info["tasks"]]
+    datasets = task_datasets(info, tasks, args.dataset or [])  # checked before anything is loaded
     base = load_backbone(backbone_id)
-    if info["kind"] == "adapter":
-        model = load_adapters(base, {"default": args.source})
-        tasks = ["default"]
-    else:
-        tasks = args.task or [row["task"] for row in info["tasks"]]
-        model = load_multitask(base, args.source, tasks)
+    model = load_adapters(base, {"default": args.source}) if info["kind"] == "adapter" else \
+        load_multitask(base, args.source, tasks)
     model.eval()
-    data = load_image_data(args.dataset or default_dataset("cifar10"), args.image_column, args.label_column,
-                           train_size=1, eval_size=args.eval_size or None)
-    size = args.image_size or model.peft_config[tasks[0]].image_size or base.config.image_size
-    processor = image_processor(backbone_id, size)
-    loader = DataLoader(data.eval.with_transform(image_transform(processor, data.image_column, data.label_column)),
-                        batch_size=args.batch_size, collate_fn=collate)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    results = {}
-    for task in tasks:  # one task at a time: evaluate_model reads the single-task output
-        model.base_model.set_adapter(task)
-        results[task] = evaluate_model(model, loader, accelerator)
-    print(json.dumps({"dataset": args.dataset or default_dataset("cifar10"), "examples": len(data.eval),
-                      "image_size": size, "accuracy": results}, indent=2))
+    report = {}
+    for dataset in dict.fromkeys(datasets.values()):  # each dataset loaded once, for the tasks trained on it
+        data = load_image_data(dataset, args.image_column, args.label_column, train_size=1,
+                               eval_size=args.eval_size or None)
+        for task in [t for t in tasks if datasets[t] == dataset]:
+            config = model.peft_config[task]
+            check_classes(task, config, data)
+            size = args.image_size or config.image_size or base.config.image_size
+            transform = image_transform(image_processor(backbone_id, size), data.image_column, data.label_column)
+            loader = DataLoader(data.eval.with_transform(transform), batch_size=args.batch_size, collate_fn=collate)
+            model.base_model.set_adapter(task)  # one task at a time: evaluate_model reads the single-task output
+            report[task] = {"dataset": dataset, "examples": len(data.eval), "image_size": size,
+                            "accuracy": evaluate_model(model, loader, accelerator)}
+    print(json.dumps(report, indent=2))
     return 0
+
+
+def task_datasets(info: dict, tasks: list[str], given: list[str]) -> dict[str, str]:
+    """Which dataset scores each task: ``--dataset TASK=PATH`` for that task, ``--dataset PATH`` for every task, else
+    the dataset recorded at training time. A task with none of these is an error, not a guess."""
+    known = {row["task"]: row for row in info["tasks"]}
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise InputError(f"{info['source']} has no task(s) {unknown}; its tasks: {sorted(known)}.")
+    per_task = named_sources([g for g in given if "=" in g], "--dataset expects PATH_OR_HUB_ID or TASK=PATH_OR_HUB_ID")
+    for_all = [g for g in given if "=" not in g]
+    if len(for_all) > 1:
+        raise InputError(f"--dataset given {len(for_all)} times without a task name: give one, or TASK=DATASET each.")
+    chosen = {t: per_task.get(t) or (for_all[0] if for_all else known[t].get("dataset")) for t in tasks}
+    missing = [t for t, d in chosen.items() if not d]
+    if missing:
+        raise InputError(f"Task(s) {missing} record no training dataset (adapters saved before memory-peft recorded "
+                         "it): pass --dataset PATH_OR_HUB_ID, or --dataset TASK=PATH_OR_HUB_ID per task.")
+    return chosen
+
+
+def check_classes(task: str, config, data) -> None:
+    """The dataset must have the task's classes: same count, and the same names where both record them."""
+    if data.num_labels != config.num_labels or (config.label_names and data.label_names
+                                                and list(config.label_names) != list(data.label_names)):
+        names = f" ({config.label_names[:5]}...)" if config.label_names else ""
+        raise InputError(f"Task '{task}' classifies {config.num_labels} classes{names}, but the dataset has "
+                         f"{data.num_labels} ({(data.label_names or [])[:5]}...): score it on its own dataset "
+                         f"(--dataset {task}=PATH_OR_HUB_ID).")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Optional
 import datasets
 import torch
 
-from .errors import InputError
+from .tuner.errors import InputError
 
 EVAL_SPLITS = ("test", "validation", "valid", "val")
 

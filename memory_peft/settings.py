@@ -6,9 +6,9 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from .backbone import describe_backbone
-from .config import MemoryTokenConfig
-from .errors import InputError
+from .tuner.backbone import describe_backbone
+from .tuner.config import MemoryTokenConfig
+from .tuner.errors import InputError
 
 # setting -> (config fields, whether the backbone trains too)
 SETTINGS: dict[str, tuple[dict, bool]] = {

@@ -28,17 +28,17 @@ from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import TorchDynamoPlugin, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from .assets import default_backbone, default_dataset
-from .backbone import load_backbone
+from .tuner.backbone import load_backbone
 from .data import collate, image_processor, image_transform, load_image_data
-from .errors import InputError, MemoryPeftError, OutputExistsError
+from .tuner.errors import InputError, MemoryPeftError, OutputExistsError
 from .metrics import load_top_k_accuracy
 from .diagnostics import memory_attention_share
+from .recipe import GRAD_CLIP, paper_recipe
 from .reporting import JSONLinesTracker, model_card, plot_curves, plot_memory_attention, read_log
 from .settings import SETTINGS, apply_setting, cast_frozen_weights
-from .storage import write_atomically
+from .tuner.storage import write_atomically
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 # the arguments a checkpoint must share with the run that resumes it
@@ -65,7 +65,7 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max_steps", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--warmup_steps", type=int, default=10)
-    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--grad_clip", type=float, default=GRAD_CLIP)
     p.add_argument("--augment", action="store_true", help="random horizontal flips")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval_every", type=int, default=0, help="steps between evaluations (0: only at the end)")
@@ -219,12 +219,11 @@ def train(args):
     eval_loader = DataLoader(evaluation, **loader_args)
 
     vit = load_backbone(args.backbone)
+    recorded = str(Path(args.dataset).resolve()) if Path(args.dataset).is_dir() else args.dataset  # for `evaluate`
     model = apply_setting(vit, args.setting, num_labels=data.num_labels, m=args.m, label_names=data.label_names,
-                          image_size=args.image_size)
+                          image_size=args.image_size, dataset=recorded)
     if accelerator.mixed_precision in ("bf16", "fp16"):  # a frozen weight is cast once here, not at every use
         cast_frozen_weights(model, torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
     steps_per_epoch = len(train_loader) // (args.grad_accum * accelerator.num_processes)
     if steps_per_epoch == 0:  # drop_last: not one full optimizer step in the data, and no progress ever
         per_step = args.batch_size * args.grad_accum * accelerator.num_processes
@@ -234,7 +233,8 @@ def train(args):
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     # accelerate steps a prepared scheduler once per process at each optimizer step: count in those units
     processes = accelerator.num_processes
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps * processes, total_steps * processes)
+    trainable, optimizer, scheduler = paper_recipe(model, args.lr, args.warmup_steps * processes,
+                                                   total_steps * processes)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )

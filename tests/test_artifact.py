@@ -5,11 +5,9 @@ import json
 
 import pytest
 import torch
-from peft import get_peft_model
 from transformers import ViTConfig, ViTModel
 
 from conftest import tiny_vit
-from memory_peft import MemoryTokenConfig
 from memory_peft.artifact import INDEX, load_multitask, merge_adapters, split_artifact
 from helpers import TINY_PIXELS, save_adapter
 

@@ -17,7 +17,7 @@ from transformers import (CLIPVisionConfig, CLIPVisionModel, DeiTConfig, DeiTMod
 
 from helpers import assert_identical, randomise_task
 from memory_peft import MemoryTokenConfig, activate
-from memory_peft.backbone import describe_backbone
+from memory_peft.tuner.backbone import describe_backbone
 
 SIZE = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, image_size=16, patch_size=8)
 

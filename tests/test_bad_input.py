@@ -1,6 +1,5 @@
 """Bad input ends in one clear error that names the problem, and leaves every file on disk as it was."""
 
-import copy
 import json
 import os
 import re
@@ -15,8 +14,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from conftest import ROOT, SHARED, tiny_vit
 from memory_peft import MemoryTokenConfig, load_adapters
 from memory_peft.artifact import merge_adapters
-from memory_peft.errors import AdapterFileError, InputError, MemoryPeftError, OutputExistsError, StorageError
-from memory_peft.storage import save_adapter
+from memory_peft.tuner.errors import AdapterFileError, InputError, MemoryPeftError, OutputExistsError, StorageError
+from memory_peft.tuner.storage import save_adapter
 
 PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -368,7 +367,7 @@ def test_a_mistyped_local_path_is_refused_at_once_not_looked_up_on_the_hub(tmp_p
     (tmp_path / "runs" / "cifar").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     looked_up = []
-    monkeypatch.setattr("memory_peft.storage.hf_hub_download", lambda *a, **k: looked_up.append(a))
+    monkeypatch.setattr("memory_peft.tuner.storage.hf_hub_download", lambda *a, **k: looked_up.append(a))
     monkeypatch.setattr("huggingface_hub.file_exists", lambda *a, **k: looked_up.append(a))
     cases = {"runs/nope": "runs/nope: no such folder (runs holds ['cifar'])", "./nope": "./nope: no such folder",
              str(tmp_path / "x" / "y"): "no such folder", "a/b/c": "a/b/c: no such folder",
@@ -407,7 +406,7 @@ def test_integer_pixels_are_refused_with_a_pointer_to_the_image_processor():
 
 
 def test_saved_folders_get_the_permissions_of_a_plain_mkdir(tmp_path):
-    from memory_peft.storage import save_adapter as save
+    from memory_peft.tuner.storage import save_adapter as save
 
     old = os.umask(0o022)
     try:

@@ -81,9 +81,10 @@ def test_train_then_evaluate_reproduces_the_accuracy(tmp_path):
     run("train", "--output_dir", tmp_path / "run", *TINY, "--setting", "memory-masked", "--m", "2", "--max_steps", "2")
     trained = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
     result = run("evaluate", tmp_path / "run" / "adapter", "--eval_size", "32", "--batch_size", "8")
-    report = json.loads(result.stdout)
+    report = json.loads(result.stdout)["default"]
     assert report["examples"] == 32 and report["image_size"] == 56
-    assert report["accuracy"]["default"] == trained
+    assert report["dataset"] == str((SHARED / "data" / "cifar10").resolve())  # recorded at training time
+    assert report["accuracy"] == trained
     bad = run("evaluate", tmp_path / "nothing", check=False)
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
@@ -108,3 +109,38 @@ def test_predict_uses_the_adapters_base_model_and_ends_errors_in_one_line(tmp_pa
     with pytest.raises(SystemExit, match=r"^error: .*nope: no such folder") as exit_info:
         predict.main(["--adapter", f"task={tmp_path / 'nope'}", "--images", str(tmp_path / "a.png")])
     assert "\n" not in str(exit_info.value.code)
+
+
+def test_evaluate_scores_each_task_of_an_artifact_on_its_own_dataset(real_vit_cached, tmp_path, capsys):
+    import copy
+
+    from peft import get_peft_model
+
+    from memory_peft import MemoryTokenConfig
+    from memory_peft.artifact import merge_adapters
+    from memory_peft.data import load_image_data
+
+    folders = {}
+    for task in ("cifar10", "fashion_mnist"):
+        dataset = str(SHARED / "data" / task)
+        names = load_image_data(dataset, train_size=1, eval_size=1).label_names
+        config = MemoryTokenConfig(m=1, num_labels=10, mode="masked", label_names=names, image_size=28,
+                                   dataset=dataset)
+        folders[task] = tmp_path / task
+        get_peft_model(copy.deepcopy(real_vit_cached), config).save_pretrained(folders[task])
+    merge_adapters(folders, tmp_path / "merged")
+    common = ["--eval_size", "8", "--batch_size", "8", "--backbone", str(SHARED / "models" / "vit-small-patch14-dinov2")]
+    assert main(["evaluate", str(tmp_path / "merged"), *common]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {task: row["dataset"] for task, row in report.items()} == {t: str(SHARED / "data" / t) for t in folders}
+    assert all(row["examples"] == 8 and row["image_size"] == 28 for row in report.values())
+    # one dataset for a task of other classes is refused, naming the way out
+    assert main(["evaluate", str(tmp_path / "merged"), *common, "--dataset", str(SHARED / "data" / "cifar10")]) == 1
+    assert "Task 'fashion_mnist' classifies 10 classes" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "merged"), *common, "--task", "fashion_mnist",
+                 "--dataset", f"fashion_mnist={SHARED / 'data' / 'fashion_mnist'}"]) == 0
+    assert list(json.loads(capsys.readouterr().out)) == ["fashion_mnist"]
+    bare = tmp_path / "bare"
+    get_peft_model(copy.deepcopy(real_vit_cached), MemoryTokenConfig(m=1, num_labels=10)).save_pretrained(bare)
+    assert main(["evaluate", str(bare), *common]) == 1
+    assert "record no training dataset" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REAL_VIT, ROOT
-from hub_server import TOKEN, USER, hub_env, start_hub
+from hub_server import USER, hub_env, start_hub
 from helpers import assert_identical, make_trained_model
 
 ROUND_TRIP = """

@@ -12,17 +12,28 @@ from conftest import ROOT
 PACKAGE = ROOT / "memory_peft"
 
 
+def module_name(path) -> str:
+    """memory_peft/tuner/config.py -> 'tuner.config'; a package's __init__ -> the package ('' for the top)."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def package_imports() -> dict[str, set[str]]:
     """module -> the package modules it imports, wherever the import statement stands."""
-    modules = {path.stem for path in PACKAGE.glob("*.py")}
+    paths = [p for p in PACKAGE.rglob("*.py") if "metrics" not in p.parts]
+    modules = {module_name(path) for path in paths}
     graph = {}
-    for path in PACKAGE.glob("*.py"):
+    for path in paths:
+        name = module_name(path)
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
         imported = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                names = [node.module.split(".")[0]] if node.module else [alias.name for alias in node.names]
-                imported.update(name for name in names if name in modules)
-        graph[path.stem] = imported - {path.stem}
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                base = package[: len(package) - (node.level - 1)]
+                targets = [".".join([*base, node.module])] if node.module else \
+                    [".".join([*base, alias.name]) for alias in node.names]
+                imported.update(t for t in targets if t in modules)
+        graph[name] = imported - {name}
     return graph
 
 
@@ -49,17 +60,27 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 
 def test_no_import_circles():
     graph = package_imports()
-    assert {"config", "storage", "registration", "model", "layer"} <= set(graph)
+    assert {"tuner.config", "tuner.storage", "tuner.registration", "tuner.model", "training"} <= set(graph)
     assert find_cycle(graph) == []
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check can fail
 
 
-def test_registration_happens_once_in_the_package_init():
-    registering = [path.name for path in PACKAGE.glob("*.py") if "register_peft_method(" in path.read_text()]
-    assert registering == ["__init__.py"]
+def test_the_tuner_never_imports_the_application_around_it():
+    graph = package_imports()
+    tuner = {name for name in graph if name == "tuner" or name.startswith("tuner.")}
+    assert len(tuner) >= 10 and "tuner.model" in tuner
+    assert {name: sorted(graph[name] - tuner) for name in tuner if graph[name] - tuner} == {}
+    assert "tuner.storage" in graph["training"]  # the check sees imports from the application wing
 
 
-@pytest.mark.parametrize("module", ["registration", "storage", "config", "layer", "model", "settings"])
+def test_registration_happens_once_in_the_tuner_init():
+    registering = [str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+                   if "register_peft_method(" in path.read_text()]
+    assert registering == ["tuner/__init__.py"]
+
+
+@pytest.mark.parametrize("module", ["tuner.registration", "tuner.storage", "tuner.config", "tuner.layer",
+                                    "tuner.model", "settings", "pipelines", "training"])
 def test_a_core_module_imports_in_a_fresh_interpreter(module):
     code = f"import memory_peft.{module}, peft; assert peft.PeftType.MEMORY_TOKENS"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)

@@ -18,7 +18,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from conftest import tiny_vit
 from helpers import TINY_PIXELS, assert_identical, randomise_task
 from memory_peft import MemoryTokenConfig
-from memory_peft.errors import AdapterFileError, InputError
+from memory_peft.tuner.errors import AdapterFileError, InputError
 
 PIXELS = TINY_PIXELS.double()
 CASES = [(mode, head) for mode in ("full", "masked") for head in ("zero", "random")]

@@ -126,7 +126,7 @@ def test_top_k_equals_dense_when_k_is_m_and_selects_otherwise(mode):
 
 def test_top_k_reads_exactly_the_best_entries():
     """One full-attention layer: top-K equals attention over base keys plus only the k best memory keys."""
-    from memory_peft.attention import split_heads
+    from memory_peft.tuner.attention import split_heads
 
     torch.manual_seed(1)
     vit = tiny_vit(num_hidden_layers=1)

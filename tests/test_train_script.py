@@ -3,13 +3,11 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import ViTModel
 
 from conftest import REAL_VIT, ROOT, SHARED

@@ -41,7 +41,8 @@ class MemoryTokenConfig(PeftConfig):
         top_k: top-K memory attention for large memories: each query reads only its ``top_k`` highest-scoring
             memory entries of each memory it reads (None: all ``m``).
         target_modules: filled in by the tuner with the names of the adapted layers; not to be set by hand.
-        label_names, image_size: metadata recorded by the training script, read by ``examples/predict.py``.
+        label_names, image_size, dataset: metadata recorded by the training script (class names, training image
+            size, the dataset's Hub id or folder), read by ``examples/predict.py``, pipelines and ``evaluate``.
         backbone: recorded by the tuner (hidden size, depth, patch size of the base model it was created on); an
             adapter refuses to load onto a base model of another shape.
     """
@@ -60,6 +61,7 @@ class MemoryTokenConfig(PeftConfig):
     top_k: Optional[int] = field(default=None, metadata={"help": "each query reads only its k best memory entries"})
     label_names: Optional[list[str]] = field(default=None, metadata={"help": "class names of the head, in order"})
     image_size: Optional[int] = field(default=None, metadata={"help": "input size the adapter was trained at"})
+    dataset: Optional[str] = field(default=None, metadata={"help": "Hub id or folder of the training dataset"})
     backbone: Optional[dict] = field(
         default=None, metadata={"help": "set by the tuner: hidden_size, num_layers, patch_size of the trained-on base"}
     )
@@ -95,6 +97,8 @@ class MemoryTokenConfig(PeftConfig):
         if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
                                             or self.image_size < 1):
             raise InputError(f"MemoryTokenConfig.image_size must be None or an int >= 1, got {self.image_size!r}.")
+        if self.dataset is not None and not isinstance(self.dataset, str):
+            raise InputError(f"MemoryTokenConfig.dataset must be None or a Hub id / folder name, got {self.dataset!r}.")
         if self.label_names is not None and not (
             isinstance(self.label_names, (list, tuple)) and all(isinstance(n, str) for n in self.label_names)
         ):
