@@ -1,14 +1,14 @@
-"""The paper's Table 2 offline: every fine-tune mode on one backbone and any image datasets, side by side.
+"""The paper's Table 2 offline: every fine-tune setting on one backbone and any image datasets, side by side.
 
     python benchmarks/paper_table.py                      # bundled ViT-S/14, ../shared cifar10 + fashion_mnist
     python benchmarks/paper_table.py --datasets uoft-cs/cifar100 --backbone google/vit-base-patch32-224-in21k \\
         --train_size 0 --test_size 0 --epochs 10          # the same script at full scale on a GPU
 
 Per dataset: head only (on cached frozen features), head + class token, full fine-tuning, memory (full attention)
-m = 1, 5, 10, 20, memory-masked m = 5. Each mode, and each memory size, sweeps its LR on a validation split carved
-from train (never the test split). Head and memory m = 5 run ``--seeds`` seeds. All modes
+m = 1, 5, 10, 20, memory-masked m = 5. Each setting, and each memory size, sweeps its LR on a validation split carved
+from train (never the test split). Head and memory m = 5 run ``--seeds`` seeds. All settings
 see the same images, steps and seeds, with the paper's recipe (SGD momentum 0.9, cosine with warmup, clip 1.0).
-The modes that train more than a head start from the head-only solution (``--head_init probe``; see README).
+The settings that train more than a head start from the head-only solution (``--head_init probe``; see README).
 Then the masked adapters of all datasets are merged and each dataset is scored again through the merged model.
 """
 
@@ -65,8 +65,8 @@ def parse_args(argv=None):
     args.backbone = args.backbone or default_backbone()
     args.grids = dict(LR_GRIDS)
     for item in args.lr:
-        mode, _, values = item.partition("=")
-        args.grids[mode] = [float(v) for v in values.split(",")]
+        setting, _, values = item.partition("=")
+        args.grids[setting] = [float(v) for v in values.split(",")]
     return args
 
 
@@ -142,12 +142,12 @@ def run_head(data, features, lr, seed, args, accelerator):
     return head.cpu()
 
 
-def run_mode(vit, data, mode, m, lr, seed, probe, args, accelerator):
+def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator):
     torch.manual_seed(seed)
-    model = apply_setting(copy.deepcopy(vit), mode, num_labels=data["num_labels"], m=m,
+    model = apply_setting(copy.deepcopy(vit), setting, num_labels=data["num_labels"], m=m,
                           label_names=data["label_names"], image_size=args.image_size)
     if probe is not None:
-        model.base_model.memory_head["default"].load_state_dict(probe.state_dict())
+        model.base_model.initialise_head("default", probe)
     x, y = data["train"]
     device = accelerator.device
     fit(model, lambda mdl, idx: mdl(pixel_values=x[idx].to(device), labels=y[idx].to(device),
@@ -167,7 +167,7 @@ def sweep(train_one, grid, score_val):
 
 
 def table_for(data, vit, args, accelerator, log) -> dict:
-    """All modes on one dataset: {column: {"test": [acc per seed], "lr": lr, "val": {lr: acc}, "seconds": s}}."""
+    """All settings on one dataset: {column: {"test": [acc per seed], "lr": lr, "val": {lr: acc}, "seconds": s}}."""
     device = accelerator.device
     started = time.perf_counter()
     features = {split: frozen_features(vit, data[split][0], device) for split in ("train", "val", "test")}
@@ -188,20 +188,20 @@ def table_for(data, vit, args, accelerator, log) -> dict:
     record("head", lr, val, [accuracy(h, features["test"], data["test"][1]) for h in heads], began)
     init = probe if args.head_init == "probe" else None
 
-    def mode_row(column, mode, m, grid, seeds=1):
+    def setting_row(column, setting, m, grid, seeds=1):
         began = time.perf_counter()
         score = lambda model: accuracy(model_logits(model, device), *data["val"])  # noqa: E731
-        lr, model, val = sweep(lambda lr: run_mode(vit, data, mode, m, lr, 0, init, args, accelerator), grid, score)
-        models = [model] + [run_mode(vit, data, mode, m, lr, s, init, args, accelerator) for s in range(1, seeds)]
+        lr, model, val = sweep(lambda lr: run_setting(vit, data, setting, m, lr, 0, init, args, accelerator), grid, score)
+        models = [model] + [run_setting(vit, data, setting, m, lr, s, init, args, accelerator) for s in range(1, seeds)]
         return record(column, lr, val, [accuracy(model_logits(x, device), *data["test"]) for x in models], began,
                       model)
 
-    mode_row("head+cls", "head+cls", 0, args.grids["head+cls"])
-    mode_row("full", "full", 0, args.grids["full"])
-    adapters = {"memory m=5": mode_row("memory m=5", "memory", 5, args.grids["memory"], seeds=args.seeds)}
+    setting_row("head+cls", "head+cls", 0, args.grids["head+cls"])
+    setting_row("full", "full", 0, args.grids["full"])
+    adapters = {"memory m=5": setting_row("memory m=5", "memory", 5, args.grids["memory"], seeds=args.seeds)}
     for m in (m for m in args.memory_sizes if m != 5):  # its own sweep: larger memories want smaller LRs
-        adapters[f"memory m={m}"] = mode_row(f"memory m={m}", "memory", m, args.grids["memory"])
-    adapters["memory-masked m=5"] = mode_row("memory-masked m=5", "memory-masked", 5, args.grids["memory-masked"])
+        adapters[f"memory m={m}"] = setting_row(f"memory m={m}", "memory", m, args.grids["memory"])
+    adapters["memory-masked m=5"] = setting_row("memory-masked m=5", "memory-masked", 5, args.grids["memory-masked"])
     return {"rows": rows, "adapters": adapters}
 
 
@@ -242,7 +242,7 @@ def bar_plot(name: str, rows: dict, path: Path) -> None:
     ax.bar(range(len(columns)), values, color=["#777"] * 3 + ["#36c"] * (len(columns) - 3))
     ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
     ax.set_ylim(max(0, min(values) - 10), min(100, max(values) + 5))
-    ax.set(ylabel="test accuracy (%)", title=f"fine-tune modes on {name}")
+    ax.set(ylabel="test accuracy (%)", title=f"fine-tune settings on {name}")
     for i, v in enumerate(values):
         ax.text(i, v + 0.3, f"{v:.1f}", ha="center", fontsize=8)
     fig.tight_layout()

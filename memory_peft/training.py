@@ -37,15 +37,11 @@ from .metrics import load_top_k_accuracy
 from .diagnostics import memory_attention_share
 from .recipe import GRAD_CLIP, paper_recipe
 from .reporting import JSONLinesTracker, model_card, plot_curves, plot_memory_attention, read_log
+from .checkpoints import checkpoint_dirs, resume, run_definition, save_checkpoint
 from .settings import SETTINGS, apply_setting, cast_frozen_weights
 from .tuner.storage import write_atomically
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
-# the arguments a checkpoint must share with the run that resumes it
-RUN_DEFINING = ("backbone", "dataset", "image_column", "label_column", "train_size", "image_size", "setting", "m", "lr",
-                "batch_size", "grad_accum", "epochs", "max_steps", "warmup_steps", "grad_clip", "augment", "seed")
-
-
 def parse_args(argv=None, prog=None):
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default=None, help="Hub id or local folder of a ViT (default: bundled ViT-S/14)")
@@ -111,11 +107,6 @@ def evaluate_model(model, loader, accelerator, k=5, metric=None) -> dict[str, fl
     model.train()
     scores = metric.compute(k=k)
     return {name: float(value) for name, value in (scores or {}).items()}
-
-
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    found = [p for p in (output_dir / "checkpoints").glob("step_*") if (p / "progress.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
 def main(argv=None, prog=None):
@@ -301,38 +292,6 @@ def train(args):
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return scores
-
-
-def run_definition(args) -> dict:
-    return {key: getattr(args, key) for key in RUN_DEFINING}
-
-
-def save_checkpoint(accelerator, args, output_dir: Path, step: int, epoch: int, batches_done: int) -> None:
-    path = output_dir / "checkpoints" / f"step_{step}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:  # written last: a checkpoint without it is incomplete and never resumed from
-        progress = {"step": step, "epoch": epoch, "batches_done": batches_done, "run": run_definition(args)}
-        (path / "progress.json").write_text(json.dumps(progress))
-    accelerator.wait_for_everyone()
-
-
-def resume(accelerator, args, output_dir: Path) -> tuple[int, int, int]:
-    """Load the newest complete checkpoint, after checking that it belongs to this run's settings."""
-    checkpoint = checkpoint_dirs(output_dir)[-1]
-    progress = json.loads((checkpoint / "progress.json").read_text())
-    try:
-        accelerator.load_state(str(checkpoint))
-    except (RuntimeError, KeyError, FileNotFoundError) as exc:
-        raise InputError(f"--resume: {checkpoint} does not fit this model ({str(exc).splitlines()[0]}). Resume with "
-                         "the same arguments, or start over with --overwrite.") from None
-    step = progress["step"]
-    if accelerator.is_main_process:  # the log keeps only what the resumed state has seen
-        log = output_dir / "metrics.jsonl"
-        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step] \
-            if log.exists() else []
-        log.write_text("".join(f"{line}\n" for line in kept))
-    accelerator.print(f"resumed from {checkpoint} at step {step}")
-    return step, progress["epoch"], progress["batches_done"]
 
 
 def finish(model, args, data, scores, step, train_seconds, output_dir: Path, shares=None) -> None:

@@ -1,7 +1,7 @@
 """MemoryTokenModel: the peft tuner. Wraps every ViT layer in a MemoryLayer and owns per-task class tokens and heads.
 
 peft's PeftModel calls the base model's ``forward`` directly, so the tuner installs its own forward on the base
-model instance (restored on ``unload``): embeddings -> class tokens in place/appended -> layers -> final norm -> heads.
+model instance (restored on ``unload``); the forward itself is ``forward.MemoryForward``.
 """
 
 from __future__ import annotations
@@ -9,37 +9,25 @@ from __future__ import annotations
 import inspect
 import re
 import weakref
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
-from transformers.modeling_outputs import ImageClassifierOutput
 
-from .attention import task_mask_rows, with_base_columns
+from .attention import task_mask_rows
 from .backbone import Backbone, check_signature, describe_backbone, layer_parts, relative_to_backbone
 from .config import MemoryTokenConfig
 from .errors import AdapterFileError, InputError
-from .layer import MemoryLayer, MemoryPlan
-from .outputs import MultiTaskImageClassifierOutput, single_task
+from .forward import Layout, MemoryForward
+from .layer import MemoryLayer
 from .registration import PREFIX
 
 
 _MODEL_PREFIX = "base_model.model."  # where a PeftModel's state dict keeps the base model's entries
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How the backbone runs for one set of active adapters (no tensors: the mask rows are buffers of the tuner)."""
-
-    names: tuple[str, ...]
-    masked: bool
-    plans: tuple[MemoryPlan, ...]  # per layer
-    masks: tuple[Optional[str], ...]  # per layer: name of its task-mask rows in ``tuner.task_masks`` (masked mode)
-
-
-class MemoryTokenModel(BaseTuner):
+class MemoryTokenModel(MemoryForward, BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = MemoryLayer
     target_module_mapping: dict = {}
@@ -68,6 +56,17 @@ class MemoryTokenModel(BaseTuner):
             raise
         self._memory_enabled = True
         _install_forward(model, self)
+
+    @torch.no_grad()
+    def initialise_head(self, adapter_name: str, head: nn.Linear) -> None:
+        """Start an adapter's head from another linear classifier's weights (e.g. a linear probe on frozen features,
+        the paper's head-first recipe); shapes must match the adapter's (num_labels, hidden size)."""
+        own = self.memory_head[adapter_name]
+        if head.weight.shape != own.weight.shape:
+            raise InputError(f"Head of shape {tuple(head.weight.shape)} for adapter '{adapter_name}', whose head is "
+                             f"{tuple(own.weight.shape)} (num_labels, hidden size).")
+        own.weight.copy_(head.weight)
+        own.bias.copy_(head.bias if head.bias is not None else torch.zeros_like(own.bias))
 
     def _add_class_token_and_head(self, adapter_name: str, config: MemoryTokenConfig, backbone: Backbone) -> None:
         with torch.no_grad():
@@ -245,133 +244,6 @@ class MemoryTokenModel(BaseTuner):
         model.__dict__.pop("forward", None)
         return model
 
-    # --- forward -----------------------------------------------------------------------------------------------------
-    def memory_forward(
-        self,
-        pixel_values: Optional[torch.Tensor] = None,
-        labels: Any = None,
-        interpolate_pos_encoding: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        **kwargs,
-    ):
-        """The model's forward: one active adapter gives the stock ``ImageClassifierOutput``, several a
-        ``MultiTaskImageClassifierOutput`` (``return_dict=False``: their tuple forms)."""
-        if not self._memory_enabled or not self.active_adapters:
-            if labels is not None:
-                kwargs["labels"] = labels
-            return type(self.model).forward(
-                self.model, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                return_dict=return_dict, **kwargs,
-            )
-        output = self.forward_tasks(pixel_values, labels, interpolate_pos_encoding, output_attentions,
-                                    output_hidden_states, **kwargs)
-        if len(output.tasks) == 1:
-            output = single_task(output)
-            return output if return_dict is not False else output.to_tuple()
-        return output if return_dict is not False else output.as_tuple()
-
-    def forward_tasks(
-        self,
-        pixel_values: Optional[torch.Tensor] = None,
-        labels: Any = None,
-        interpolate_pos_encoding: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        **kwargs,
-    ) -> MultiTaskImageClassifierOutput:
-        """The active adapters' outputs in one forward, as a ``MultiTaskImageClassifierOutput`` whatever their number
-        (for code that serves any number of tasks). ``labels``: a tensor (one adapter) or ``{adapter name: tensor}``."""
-        names = self.active_adapters
-        if not names:
-            raise InputError("No adapter is active: activate one or more with memory_peft.activate(model, names).")
-        # Trainer passes the number of labelled examples over all accumulated batches: the loss is then a sum over
-        # this batch divided by it, so that accumulated gradients equal one big batch's
-        num_items = kwargs.pop("num_items_in_batch", None)
-        if kwargs:
-            raise TypeError(f"memory adapters do not take the argument(s) {sorted(kwargs)}.")
-        if pixel_values is None:
-            raise InputError("pixel_values is required (a float tensor of shape (batch, channels, height, width)).")
-        config = self.model.config
-        hidden = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        weights = output_attentions if output_attentions is not None else config.output_attentions
-        encoded = self._encode(pixel_values, names, interpolate_pos_encoding, False, hidden, weights)
-        labels = [_labels_for(labels, name, names) for name in names]
-        logits = self._heads(names, encoded.features)
-        tasks = {name: self._classify(name, logits[t], labels[t], num_items) for t, name in enumerate(names)}
-        losses = [task.loss for task in tasks.values() if task.loss is not None]
-        return MultiTaskImageClassifierOutput(loss=sum(losses[1:], losses[0]) if losses else None, tasks=tasks,
-                                              hidden_states=encoded.hidden_states, attentions=encoded.attentions)
-
-    def encode(
-        self, pixel_values: torch.Tensor, adapter_names: list[str], interpolate_pos_encoding: Optional[bool] = None
-    ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        """Run the backbone once for these adapters.
-
-        Returns (base, features): ``base`` (B, 1 + N, D) is the unadapted model's final-normed output (masked mode; None
-        in full mode, where the backbone's tokens change), ``features`` (B, T, D) the final-normed task class tokens.
-        """
-        encoded = self._encode(pixel_values, adapter_names, interpolate_pos_encoding, with_base=True)
-        return encoded.base, encoded.features
-
-    def _encode(self, pixel_values, adapter_names, interpolate_pos_encoding, with_base: bool, hidden: bool = False,
-                weights: bool = False) -> _Encoded:
-        backbone, layout = self._backbone, self._layout_for(list(adapter_names))
-        dtype = backbone.final_norm.weight.dtype
-        pixel_values = backbone.check_pixels(pixel_values, bool(interpolate_pos_encoding))
-        embedded = backbone.embed(pixel_values.to(dtype), bool(interpolate_pos_encoding))
-        batch, n, _ = embedded.shape
-        tokens = [self.memory_class_token[name] for name in adapter_names]  # T x (D,)
-        if tokens[0].dtype != embedded.dtype:
-            tokens = list(torch.stack(tokens).to(embedded.dtype))
-        tokens = [token.expand(batch, 1, -1) for token in tokens]
-        if not layout.masked:
-            x = torch.cat([tokens[0], embedded[:, 1:]], dim=1)
-            x, states, probabilities = self._run_rows(x, layout, {None: None}, weights)
-            return _Encoded(None, backbone.final_norm(x[:, :1]), states if hidden else None,
-                            probabilities if weights else None)
-        # the base rows are out of autograd in training (only the class-token path is differentiated), so they run
-        # as a stream of their own; at inference (and when hidden states or attentions are asked for) all rows run
-        # together through one set of kernels
-        streams = torch.is_grad_enabled() and not backbone.layers[0].attention_weights_train() and not hidden \
-            and not weights
-        masks = self._task_masks(layout, n, embedded, base_rows=not streams)
-        if streams:
-            base, tokens = embedded, torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
-            for layer, plan, mask in zip(backbone.layers, layout.plans, layout.masks):
-                base, tokens = layer.forward_streams(base, tokens, plan, masks[mask])
-            if with_base:
-                with torch.no_grad():
-                    base = backbone.final_norm(base)
-            return _Encoded(base if with_base else None, backbone.final_norm(tokens))
-        x, states, probabilities = self._run_rows(torch.cat([embedded, *tokens], dim=1), layout, masks, weights)
-        x = backbone.final_norm(x)
-        return _Encoded(x[:, :n], x[:, n:], states if hidden else None, probabilities if weights else None)
-
-    def _run_rows(self, x: torch.Tensor, layout: Layout, masks: dict, weights: bool):
-        """x (B, L, D) through every layer as one stream -> (x, the rows entering each layer and leaving the last,
-        each layer's attention probabilities (None unless ``weights``))."""
-        states, probabilities = [x], []
-        for layer, plan, mask in zip(self._backbone.layers, layout.plans, layout.masks):
-            x, layer_weights = layer.forward_rows(x, plan, masks[mask], weights)
-            states.append(x)
-            probabilities.append(layer_weights)
-        return x, tuple(states), tuple(probabilities)
-
-    def _task_masks(self, layout: Layout, num_base: int, like: torch.Tensor, base_rows: bool) -> dict:
-        """The additive masks of this forward, one per distinct layer layout, in the dtype attention will use."""
-        dtype = like.dtype
-        if torch.is_autocast_enabled(like.device.type):
-            dtype = torch.get_autocast_dtype(like.device.type)
-        masks = {}
-        for name in layout.masks:
-            if name not in masks:
-                rows = getattr(self.task_masks, name).to(device=like.device, dtype=dtype)
-                masks[name] = with_base_columns(rows, num_base, base_rows)
-        return masks
-
     def _memory_reads(self, adapter_names: list[str]) -> tuple[list[str], list[list[int]]]:
         """Memory blocks side by side (the tasks' own, then those read only through extension) and, per task, the
         blocks it reads: its own plus those of the adapters it extends."""
@@ -388,61 +260,8 @@ class MemoryTokenModel(BaseTuner):
             reads.append([memory_names.index(name)] + [memory_names.index(s) for s in extends])
         return memory_names, reads
 
-    def _heads(self, names: list[str], features: torch.Tensor) -> list[torch.Tensor]:
-        """features (B, T, D) -> each task's logits (B, num_labels): heads of one shape run as one batched GEMM."""
-        heads = [self.memory_head[name] for name in names]
-        features = features.to(heads[0].weight.dtype)
-        if len(heads) == 1:
-            return [heads[0](features[:, 0])]
-        if len({(h.out_features, h.weight.dtype) for h in heads}) > 1:
-            return [head(features[:, t]) for t, head in enumerate(heads)]
-        weight = torch.stack([head.weight for head in heads])  # (T, num_labels, D)
-        bias = torch.stack([head.bias for head in heads])  # (T, num_labels)
-        return list(torch.baddbmm(bias[:, None], features.transpose(0, 1), weight.transpose(1, 2)).unbind(0))
-
-    def _classify(self, name: str, logits: torch.Tensor, labels: Optional[torch.Tensor],
-                  num_items: Optional[int] = None) -> ImageClassifierOutput:
-        loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            if logits.shape[-1] == 1:
-                loss = nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
-            else:
-                if not torch.compiler.is_compiling():  # compiled: cross_entropy's own range check (no graph break)
-                    _check_label_range(labels, logits.shape[-1], name)
-                scores = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 heads: fp32 loss
-                if num_items is None:
-                    loss = nn.functional.cross_entropy(scores, labels.long())
-                else:
-                    loss = nn.functional.cross_entropy(scores, labels.long(), reduction="sum") / num_items
-        return ImageClassifierOutput(loss=loss, logits=logits)
-
-
-class _Encoded(NamedTuple):
-    base: Optional[torch.Tensor]  # (B, n, D) final-normed base rows (masked mode, when asked for), else None
-    features: torch.Tensor  # (B, T, D) final-normed task class tokens
-    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
-    attentions: Optional[tuple[torch.Tensor, ...]] = None
-
-
 def _names_of(model: nn.Module, module: nn.Module) -> list[str]:
     return [name for name, candidate in model.named_modules() if candidate is module]
-
-
-def _labels_for(labels: Any, name: str, names: list[str]) -> Optional[torch.Tensor]:
-    if labels is None or isinstance(labels, torch.Tensor) and len(names) == 1:
-        return labels
-    if isinstance(labels, dict):
-        return labels.get(name)
-    raise TypeError(f"With several active adapters {names}, pass labels as a dict {{adapter name: labels}}.")
-
-
-def _check_label_range(labels: torch.Tensor, num_labels: int, name: str) -> None:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
-        raise InputError(
-            f"Labels for adapter '{name}' must lie in 0..{num_labels - 1} (its head has num_labels={num_labels}); "
-            f"got values from {int(labels.min())} to {int(labels.max())}."
-        )
 
 
 class _TunerForward:
@@ -452,7 +271,7 @@ class _TunerForward:
     def __init__(self, tuner: MemoryTokenModel) -> None:
         self.tuner = weakref.ref(tuner)
         # transformers.Trainer keeps only the dataset columns named in forward's signature: show it the real one
-        signature = inspect.signature(MemoryTokenModel.memory_forward)
+        signature = inspect.signature(MemoryForward.memory_forward)
         self.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
 
     def __call__(self, *args, **kwargs):

@@ -1,0 +1,149 @@
+"""Deploy adapters outside Python: the active adapters as ONE graph (torch.export, ONNX), one image batch in, one
+logits tensor per task out, with what a server needs (task and class names, image size, normalisation) in the ONNX
+metadata.
+
+    from memory_peft.export import export_onnx, read_metadata
+    export_onnx(model, "model.onnx", dynamic_batch=True)        # model: a PeftModel, its active adapters exported
+    session = onnxruntime.InferenceSession("model.onnx")
+    meta = read_metadata("model.onnx")                          # {"tasks": [...], "labels": {...}, "image_size": ...}
+    logits = dict(zip(meta["tasks"], session.run(None, {"pixel_values": pixels})))
+
+Memory cannot be merged into weights (it is extra keys/values), so the graph keeps it: the memory keys/values depend on
+weights only, and ONNX Runtime folds them into constants when it loads the graph. Needs ``pip install
+memory-peft[export]`` (onnx, onnxscript; onnxruntime to run the result).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from .data import image_processor as load_image_processor
+from .tuner.errors import InputError
+from .tuner.model import MemoryTokenModel
+from .tuner.multitask import activate
+
+INPUT = "pixel_values"
+METADATA_PREFIX = "memory_peft."
+
+
+class TaskLogits(nn.Module):
+    """pixel_values (B, C, S, S) -> one (B, num_labels) logits tensor per active task, in activation order: the
+    forward of a memory ``PeftModel`` as a plain module of tensors, for tracing and export."""
+
+    def __init__(self, model: PeftModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        output = self.model.forward_tasks(pixel_values=pixel_values, interpolate_pos_encoding=True)
+        return tuple(task.logits for task in output.tasks.values())
+
+
+def exportable(model: PeftModel, tasks: Optional[list[str]] = None) -> tuple[TaskLogits, list[str], int]:
+    """Check what is exported and prepare it: (module, task names, image size). ``tasks`` activates these adapters
+    (default: the active ones); they run together only if all use masked attention, or if there is one."""
+    if not isinstance(model, PeftModel) or not isinstance(model.base_model, MemoryTokenModel):
+        raise InputError(f"export takes a PeftModel with memory adapters (get_peft_model / PeftModel.from_pretrained / "
+                         f"memory_peft.load_adapters), got {type(model).__name__}"
+                         f"{'' if not isinstance(model, PeftModel) else ' of another peft method'}.")
+    if tasks:
+        activate(model, tasks)  # refuses a mix of full-attention and masked adapters, naming them
+    names = list(model.base_model.active_adapters)
+    if not names:
+        raise InputError("The model has no active adapter to export: pass tasks=[...] or activate some first.")
+    sizes = {model.peft_config[t].image_size for t in names}
+    if len(sizes) > 1:
+        raise InputError(f"The adapters were trained at different image sizes {sorted(sizes, key=str)}: one graph "
+                         "takes one size; pass image_size=... (or --image-size) to choose it.")
+    size = sizes.pop() or model.base_model.model.config.image_size
+    return TaskLogits(model.eval()), names, size
+
+
+def export_program(model: PeftModel, tasks: Optional[list[str]] = None, image_size: Optional[int] = None,
+                   batch_size: int = 1, dynamic_batch: bool = False) -> torch.export.ExportedProgram:
+    """``torch.export`` of the active adapters' forward: one graph, no breaks, per-task logits as outputs."""
+    module, _, size = exportable(model, tasks)
+    pixels = _example(model, image_size or size, batch_size, dynamic_batch)
+    with torch.no_grad():
+        return torch.export.export(module, (pixels,), dynamic_shapes=_dynamic(dynamic_batch))
+
+
+def export_onnx(model: PeftModel, path: str | os.PathLike, tasks: Optional[list[str]] = None,
+                image_size: Optional[int] = None, batch_size: int = 1, dynamic_batch: bool = False,
+                opset: Optional[int] = None, image_processor=None) -> Path:
+    """Write the active adapters (or ``tasks``) as one ONNX graph at ``path`` (atomically: an existing file stays
+    until the new one is complete). Input ``pixel_values`` (batch, channels, size, size), normalised as the base
+    model's image processor does (or ``image_processor``'s); outputs named after the tasks. The metadata holds
+    ``tasks``, ``labels`` (class names per task), ``image_size``, ``image_mean``, ``image_std``, ``rescale_factor``
+    and ``base_model`` (``read_metadata``)."""
+    import onnx
+
+    module, names, size = exportable(model, tasks)
+    size = image_size or size
+    processor = image_processor or _processor_of(model, size)
+    pixels = _example(model, size, batch_size, dynamic_batch)
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder: give the path of the .onnx file to write.")
+    with torch.no_grad():
+        program = torch.onnx.export(module, (pixels,), dynamo=True, input_names=[INPUT], output_names=names,
+                                    dynamic_shapes=_dynamic(dynamic_batch), opset_version=opset, verbose=False)
+    proto = program.model_proto
+    for key, value in _metadata(model, names, size, processor).items():
+        proto.metadata_props.add(key=METADATA_PREFIX + key, value=value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        onnx.save(proto, staging)
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """What ``export_onnx`` wrote into a graph's metadata, decoded (tasks, labels, image_size, ...)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {prop.key[len(METADATA_PREFIX):]: json.loads(prop.value) for prop in proto.metadata_props
+            if prop.key.startswith(METADATA_PREFIX)}
+
+
+def _metadata(model: PeftModel, names: list[str], size: int, processor) -> dict[str, str]:
+    configs = [model.peft_config[t] for t in names]
+    labels = {t: c.label_names or [f"LABEL_{i}" for i in range(c.num_labels)] for t, c in zip(names, configs)}
+    values = {"tasks": names, "labels": labels, "image_size": size,
+              "image_mean": list(processor.image_mean), "image_std": list(processor.image_std),
+              "rescale_factor": getattr(processor, "rescale_factor", 1 / 255),
+              "base_model": configs[0].base_model_name_or_path}
+    return {key: json.dumps(value) for key, value in values.items()}
+
+
+def _processor_of(model: PeftModel, size: int):
+    base = model.peft_config[model.base_model.active_adapters[0]].base_model_name_or_path
+    if not base:
+        raise InputError("The adapters do not name their base model, whose image processor gives the normalisation "
+                         "written into the graph: pass image_processor=... (or --backbone).")
+    return load_image_processor(base, size)
+
+
+def _example(model: PeftModel, size: int, batch_size: int, dynamic_batch: bool) -> torch.Tensor:
+    base = model.get_base_model()
+    weight = next(base.parameters())
+    # a dynamic batch dimension is traced from a batch of 2: export specialises sizes 0 and 1
+    batch = max(batch_size, 2) if dynamic_batch else batch_size
+    return torch.randn(batch, base.config.num_channels, size, size, dtype=weight.dtype, device=weight.device)
+
+
+def _dynamic(dynamic_batch: bool):
+    return ({0: torch.export.Dim("batch")},) if dynamic_batch else None
