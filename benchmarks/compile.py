@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from memory_growth import merged_model  # noqa: E402
+from common import merged_model  # noqa: E402
 
 from memory_peft.assets import default_backbone  # noqa: E402
 from memory_peft.tuner.backbone import load_backbone  # noqa: E402

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import merged_model  # noqa: E402
 from memory_peft.tuner.backbone import load_backbone  # noqa: E402
 from memory_peft.assets import default_backbone  # noqa: E402
 
@@ -31,21 +31,6 @@ def rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
-
-
-def merged_model(vit, tasks: int, m: int, folder: Path):
-    """``tasks`` masked adapters (random memory, 10 classes each) saved, merged into one artifact, loaded in one call."""
-    from peft import get_peft_model
-
-    from memory_peft import MemoryTokenConfig
-    from memory_peft.artifact import load_multitask, merge_adapters
-
-    for t in range(tasks):
-        torch.manual_seed(t)
-        config = MemoryTokenConfig(m=m, mode="masked", num_labels=10, init_std=0.5)
-        get_peft_model(copy.deepcopy(vit), config).save_pretrained(folder / f"task{t}")
-    merged = merge_adapters({f"task{t}": folder / f"task{t}" for t in range(tasks)}, folder / "merged")
-    return load_multitask(vit, merged).eval()
 
 
 def rss_growth(model, pixels: torch.Tensor, forwards: int, warmup: int = 50) -> dict:

@@ -6,7 +6,9 @@
 
 Per dataset: head only (on cached frozen features), head + class token, full fine-tuning, memory (full attention)
 m = 1, 5, 10, 20, memory-masked m = 5. Each setting, and each memory size, sweeps its LR on a validation split carved
-from train (never the test split). Head and memory m = 5 run ``--seeds`` seeds. All settings
+from train (never the test split); a sweep whose best LR sits at an edge of its grid goes on past that edge (x3 or /3,
+up to --max_extensions steps) until the best is interior (results.json: every LR tried, its validation accuracy and
+why the sweep stopped; <dataset>_sweeps.png). Head and memory m = 5 run ``--seeds`` seeds. All settings
 see the same images, steps and seeds, with the paper's recipe (SGD momentum 0.9, cosine with warmup, clip 1.0).
 The settings that train more than a head start from the head-only solution (``--head_init probe``; see README).
 Then the masked adapters of all datasets are merged and each dataset is scored again through the merged model.
@@ -34,6 +36,7 @@ from memory_peft.data import image_processor, image_transform, load_image_data  
 from memory_peft.reporting import model_card  # noqa: E402
 from memory_peft.recipe import GRAD_CLIP, paper_recipe  # noqa: E402
 from memory_peft.settings import apply_setting  # noqa: E402
+from memory_peft.sweep import sweep_learning_rate  # noqa: E402
 from memory_peft.training import TEMPLATE  # noqa: E402
 
 # Chosen from a first run (benchmarks/results_paper_table.md history): full FT at 0.01 collapsed and 0.003 fell below
@@ -56,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup_steps", type=int, default=10)
     p.add_argument("--memory_sizes", type=int, nargs="+", default=[1, 5, 10, 20])
     p.add_argument("--seeds", type=int, default=2, help="seeds for the head and memory m=5 rows")
+    p.add_argument("--max_extensions", type=int, default=4,
+                   help="LR steps (x3 or /3) a sweep may add past the edge of its grid while the best sits there")
     p.add_argument("--lr", action="append", default=[], metavar="MODE=LR,LR", help="override an LR grid")
     p.add_argument("--head_init", choices=["probe", "zero"], default="probe")
     p.add_argument("--output_dir", default="outputs/paper_table")
@@ -155,17 +160,6 @@ def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator):
     return accelerator.unwrap_model(model)
 
 
-def sweep(train_one, grid, score_val):
-    """Train at each LR, keep the best on validation: (best lr, model, {lr: val acc})."""
-    best, scores = None, {}
-    for lr in grid:
-        trained = train_one(lr)
-        scores[lr] = score_val(trained)
-        if best is None or scores[lr] > scores[best[0]]:
-            best = (lr, trained)
-    return best[0], best[1], scores
-
-
 def table_for(data, vit, args, accelerator, log) -> dict:
     """All settings on one dataset: {column: {"test": [acc per seed], "lr": lr, "val": {lr: acc}, "seconds": s}}."""
     device = accelerator.device
@@ -174,8 +168,10 @@ def table_for(data, vit, args, accelerator, log) -> dict:
     log(f"  frozen features: {time.perf_counter() - started:.0f} s")
     rows = {}
 
-    def record(column, lr, val, tests, began, model=None):
-        rows[column] = {"lr": lr, "val": val, "test": tests, "seconds": round(time.perf_counter() - began)}
+    def record(column, swept, tests, began, model=None):
+        lr, val = swept.lr, swept.scores
+        rows[column] = {"lr": lr, "val": val, "sweep_stopped_by": swept.stopped_by, "test": tests,
+                        "seconds": round(time.perf_counter() - began)}
         spread = f" ± {(max(tests) - min(tests)) / 2 * 100:.1f}" if len(tests) > 1 else ""
         log(f"  {column:<18} lr {lr:<6} val {max(val.values()) * 100:5.1f}  test {statistics.mean(tests) * 100:5.1f}"
             f"{spread}  ({rows[column]['seconds']} s)")
@@ -183,18 +179,22 @@ def table_for(data, vit, args, accelerator, log) -> dict:
 
     began = time.perf_counter()
     head_val = lambda h: accuracy(h, features["val"], data["val"][1])  # noqa: E731
-    lr, probe, val = sweep(lambda lr: run_head(data, features, lr, 0, args, accelerator), args.grids["head"], head_val)
-    heads = [probe] + [run_head(data, features, lr, s, args, accelerator) for s in range(1, args.seeds)]
-    record("head", lr, val, [accuracy(h, features["test"], data["test"][1]) for h in heads], began)
+    swept = sweep_learning_rate(lambda lr: run_head(data, features, lr, 0, args, accelerator), head_val,
+                                args.grids["head"], max_extensions=args.max_extensions)
+    probe = swept.trained
+    heads = [probe] + [run_head(data, features, swept.lr, s, args, accelerator) for s in range(1, args.seeds)]
+    record("head", swept, [accuracy(h, features["test"], data["test"][1]) for h in heads], began)
     init = probe if args.head_init == "probe" else None
 
     def setting_row(column, setting, m, grid, seeds=1):
         began = time.perf_counter()
         score = lambda model: accuracy(model_logits(model, device), *data["val"])  # noqa: E731
-        lr, model, val = sweep(lambda lr: run_setting(vit, data, setting, m, lr, 0, init, args, accelerator), grid, score)
-        models = [model] + [run_setting(vit, data, setting, m, lr, s, init, args, accelerator) for s in range(1, seeds)]
-        return record(column, lr, val, [accuracy(model_logits(x, device), *data["test"]) for x in models], began,
-                      model)
+        swept = sweep_learning_rate(lambda lr: run_setting(vit, data, setting, m, lr, 0, init, args, accelerator),
+                                    score, grid, max_extensions=args.max_extensions)
+        models = [swept.trained] + [run_setting(vit, data, setting, m, swept.lr, s, init, args, accelerator)
+                                    for s in range(1, seeds)]
+        return record(column, swept, [accuracy(model_logits(x, device), *data["test"]) for x in models], began,
+                      swept.trained)
 
     setting_row("head+cls", "head+cls", 0, args.grids["head+cls"])
     setting_row("full", "full", 0, args.grids["full"])
@@ -250,6 +250,24 @@ def bar_plot(name: str, rows: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def sweep_plot(name: str, rows: dict, path: Path) -> None:
+    """Validation accuracy against LR for every setting: where each sweep looked and where it stopped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for column in (c for c in COLUMNS if c in rows):
+        val = rows[column]["val"]
+        ax.plot(list(val), [100 * v for v in val.values()], marker="o", label=column)
+    ax.set(xscale="log", xlabel="learning rate", ylabel="validation accuracy (%)", title=f"LR sweeps on {name}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output_dir)
@@ -277,6 +295,7 @@ def main(argv=None):
                                  "seconds": round(time.perf_counter() - began)}
         log(f"  {data['name']} done in {results[data['name']]['seconds'] / 60:.1f} min")
         bar_plot(data["name"], rows, out / f"{data['name']}.png")
+        sweep_plot(data["name"], rows, out / f"{data['name']}_sweeps.png")
         for column, model in result["adapters"].items():
             folder = out / data["name"] / column.replace(" ", "_").replace("=", "")
             model.save_pretrained(folder)

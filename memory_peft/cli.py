@@ -1,21 +1,22 @@
-"""The ``memory-peft`` command: train, evaluate, merge, split, inspect.
+"""The ``memory-peft`` command: train, evaluate, merge, split, inspect, export.
 
     memory-peft train --setting memory --m 5 --output_dir outputs/cifar
     memory-peft evaluate outputs/cifar/adapter --dataset ../shared/data/cifar10
     memory-peft merge cifar=outputs/cifar/adapter fashion=user/fashion-memory --output outputs/merged
     memory-peft split outputs/merged --output outputs/single
     memory-peft inspect outputs/merged
+    memory-peft export outputs/merged --output model.onnx --dynamic-batch
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-from .tuner.errors import InputError, MemoryPeftError
+from .sources import describe, load_source, named_sources
+from .tuner.errors import InputError, MemoryPeftError, OutputExistsError
 
 PROG = "memory-peft"
 
@@ -50,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--output", required=True, help="folder that gets one adapter folder per task")
     split.add_argument("--overwrite", action="store_true")
 
+    export = commands.add_parser("export", help="the adapter(s) as one ONNX graph, task names and labels in its metadata")
+    export.add_argument("source", help="adapter or merged artifact: local folder or Hub id")
+    export.add_argument("--output", required=True, help=".onnx file to write (replaced only once the new one is complete)")
+    export.add_argument("--backbone", default=None, help="default: the adapter's base_model_name_or_path")
+    export.add_argument("--task", action="append", default=None, help="artifact tasks to export (default: all)")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    export.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: --batch-size only)")
+    export.add_argument("--batch-size", type=int, default=1, help="the batch size of a static-batch graph")
+    export.add_argument("--image-size", type=int, default=None, help="default: the adapters' training size")
+    export.add_argument("--overwrite", action="store_true")
+
     inspect = commands.add_parser("inspect", help="tasks, m, layers, parameters, size on disk, base model")
     inspect.add_argument("source", help="adapter or merged artifact: local folder or Hub id")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -65,50 +77,11 @@ def main(argv=None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     try:
-        return {"evaluate": evaluate, "merge": merge, "split": split, "inspect": inspect}[args.command](args)
+        commands = {"evaluate": evaluate, "merge": merge, "split": split, "inspect": inspect, "export": export}
+        return commands[args.command](args)
     except MemoryPeftError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-
-
-def describe(source: str) -> dict:
-    """Per task: its config, parameter count and file size, read from the safetensors headers only."""
-    from safetensors import safe_open
-
-    from .artifact import INDEX, read_index
-    from .tuner.config import verify_adapter
-    from .tuner.storage import adapter_file, is_local
-
-    is_artifact = (Path(source) / INDEX).is_file() if is_local(source) else _hub_has(source, INDEX)
-    tasks = read_index(source)["tasks"] if is_artifact else [None]
-    rows = []
-    for task in tasks:
-        config, _, weights = verify_adapter(source, subfolder=task)
-        with safe_open(str(weights), "pt") as f:
-            shapes = [f.get_slice(k).get_shape() for k in f.keys()]
-        parameters = sum(math.prod(s) for s in shapes)
-        rows.append({"task": task or "default", "mode": config["mode"], "m": config["m"],
-                     "layers": config.get("layers") or "all", "classes": config["num_labels"],
-                     "extends": config.get("extends"), "top_k": config.get("top_k"), "parameters": parameters,
-                     "image_size": config.get("image_size"), "labels": config.get("label_names"),
-                     "dataset": config.get("dataset"),
-                     "bytes": weights.stat().st_size + adapter_file(source, "adapter_config.json", task).stat().st_size})
-    base = config.get("base_model_name_or_path")
-    return {"source": source, "kind": "multi-task artifact" if is_artifact else "adapter", "base_model": base,
-            "backbone": config.get("backbone"), "tasks": rows}
-
-
-def _hub_has(repo_id: str, filename: str) -> bool:
-    from huggingface_hub import file_exists
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        return file_exists(repo_id, filename)
-    except HFValidationError:
-        raise InputError(f"{repo_id} is neither a local folder nor a Hub repo id.") from None
-    except OSError as exc:  # the Hub could not be reached
-        raise InputError(f"{repo_id} is not a local folder, and the Hub could not be reached to look it up "
-                         f"({exc.__class__.__name__}). Check the path, or the network.") from None
 
 
 def inspect(args) -> int:
@@ -133,18 +106,18 @@ def inspect(args) -> int:
     return 0
 
 
-def named_sources(items: list[str], usage: str) -> dict[str, str]:
-    """``["cifar=path", "fashion=user/repo"]`` -> ``{"cifar": "path", "fashion": "user/repo"}``."""
-    named = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise InputError(f"{usage}, got {item!r}.")
-        if name in named:
-            raise InputError(f"Task name {name!r} is given twice ({named[name]!r} and {path!r}): each task needs a "
-                             "name of its own.")
-        named[name] = path
-    return named
+def export(args) -> int:
+    from .export import export_onnx
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it.")
+    model, _ = load_source(args.source, args.backbone, args.task)
+    path = export_onnx(model, output, image_size=args.image_size, batch_size=args.batch_size,
+                       dynamic_batch=args.dynamic_batch, opset=args.opset)
+    tasks = model.base_model.active_adapters
+    print(f"exported {len(tasks)} task(s) {tasks} to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
 
 
 def merge(args) -> int:
@@ -170,22 +143,14 @@ def evaluate(args) -> int:
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from .artifact import load_multitask
-    from .tuner.backbone import load_backbone
     from .data import collate, image_processor, image_transform, load_image_data
-    from .tuner.multitask import load_adapters
     from .training import evaluate_model
 
     info = describe(args.source)
-    backbone_id = args.backbone or info["base_model"]
-    if not backbone_id:
-        raise InputError(f"{args.source} does not name its base model; pass --backbone.")
     tasks = args.task or [row["task"] for row in info["tasks"]]
     datasets = task_datasets(info, tasks, args.dataset or [])  # checked before anything is loaded
-    base = load_backbone(backbone_id)
-    model = load_adapters(base, {"default": args.source}) if info["kind"] == "adapter" else \
-        load_multitask(base, args.source, tasks)
-    model.eval()
+    model, backbone_id = load_source(args.source, args.backbone, tasks)
+    base = model.get_base_model()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     report = {}
     for dataset in dict.fromkeys(datasets.values()):  # each dataset loaded once, for the tasks trained on it

@@ -64,7 +64,7 @@ def exportable(model: PeftModel, tasks: Optional[list[str]] = None) -> tuple[Tas
         raise InputError(f"The adapters were trained at different image sizes {sorted(sizes, key=str)}: one graph "
                          "takes one size; pass image_size=... (or --image-size) to choose it.")
     size = sizes.pop() or model.base_model.model.config.image_size
-    return TaskLogits(model.eval()), names, size
+    return TaskLogits(model).eval(), names, size
 
 
 def export_program(model: PeftModel, tasks: Optional[list[str]] = None, image_size: Optional[int] = None,

@@ -12,7 +12,7 @@ from peft import get_peft_model
 from conftest import REAL_VIT, tiny_vit
 from helpers import assert_close_fp32, masked_model, randomise_task
 from memory_peft import MemoryTokenConfig, activate
-from memory_peft.errors import InputError
+from memory_peft.tuner.errors import InputError
 from memory_peft.export import export_onnx, export_program, read_metadata
 
 ort = pytest.importorskip("onnxruntime")
@@ -87,3 +87,34 @@ def test_bad_exports_are_refused_clearly(tmp_path):
     with pytest.raises(InputError, match="is a folder"):
         export_onnx(model, tmp_path / "folder.onnx", image_processor=object())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.onnx"]  # nothing half-written
+
+
+def test_the_export_command_writes_a_graph_of_the_artifacts_tasks(tmp_path, capsys):
+    from transformers import ViTImageProcessor, ViTModel
+
+    from memory_peft.artifact import load_multitask, merge_adapters
+    from memory_peft.cli import main
+
+    tiny_vit().save_pretrained(tmp_path / "base")
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.25] * 3) \
+        .save_pretrained(tmp_path / "base")
+    vit = ViTModel.from_pretrained(tmp_path / "base", add_pooling_layer=False)
+    for seed, task in enumerate(("a", "b")):
+        model = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=2, num_labels=3 + seed, mode="masked",
+                                                                     init_std=0.5))
+        randomise_task(model, "default", seed)
+        model.save_pretrained(tmp_path / task)
+    merge_adapters({"a": tmp_path / "a", "b": tmp_path / "b"}, tmp_path / "merged")
+    output = tmp_path / "out" / "merged.onnx"
+    assert main(["export", str(tmp_path / "merged"), "--output", str(output), "--dynamic-batch"]) == 0
+    assert "exported 2 task(s) ['a', 'b']" in capsys.readouterr().out
+    pixels = torch.randn(5, 3, 16, 16)
+    exported, expected = run_onnx(output, pixels), eager(load_multitask(copy.deepcopy(vit), tmp_path / "merged"),
+                                                         pixels)
+    for task in ("a", "b"):
+        torch.testing.assert_close(exported[task], expected[task], atol=1e-4, rtol=0)
+    assert read_metadata(output)["image_mean"] == [0.5] * 3  # the base model's processor, read from its folder
+    assert main(["export", str(tmp_path / "merged"), "--output", str(output)]) == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nope"), "--output", str(tmp_path / "x.onnx")]) == 1
+    assert capsys.readouterr().err.startswith("error: ")

@@ -9,7 +9,8 @@ from conftest import ROOT, SHARED
 
 TINY = ["--train_size", "64", "--val_size", "32", "--test_size", "32", "--image_size", "28", "--epochs", "1",
         "--batch_size", "16", "--warmup_steps", "1", "--memory_sizes", "1", "5", "--lr", "head=0.3,1",
-        "--lr", "head+cls=0.1", "--lr", "full=0.01", "--lr", "memory=0.1,0.3", "--lr", "memory-masked=0.1,0.3"]
+        "--lr", "head+cls=0.1", "--lr", "full=0.01", "--lr", "memory=0.1,0.3", "--lr", "memory-masked=0.1,0.3",
+        "--max_extensions", "1"]
 
 
 def test_table_files_cards_and_the_multitask_check(tmp_path):
@@ -25,9 +26,14 @@ def test_table_files_cards_and_the_multitask_check(tmp_path):
         rows = result["rows"]
         assert sorted(rows) == sorted(["full", "head", "head+cls", "memory m=1", "memory m=5", "memory-masked m=5"])
         assert len(rows["head"]["test"]) == len(rows["memory m=5"]["test"]) == 2  # two seeds
-        assert rows["head"]["lr"] in (0.3, 1.0) and rows["memory-masked m=5"]["lr"] in (0.1, 0.3)
-        assert set(rows["head"]["val"]) == {0.3, 1.0}
-        assert set(rows["memory m=1"]["val"]) == set(rows["memory m=5"]["val"]) == {0.1, 0.3}  # every m sweeps
+        for column, grid in (("head", {0.3, 1.0}), ("memory m=1", {0.1, 0.3}), ("memory m=5", {0.1, 0.3})):
+            tried, stopped = set(rows[column]["val"]), rows[column]["sweep_stopped_by"]  # every m sweeps
+            best_at_edge = rows[column]["lr"] in (min(tried), max(tried))
+            assert grid <= tried and len(tried - grid) <= 1  # one extension at most (--max_extensions 1)
+            assert tried - grid <= {min(grid) / 3, max(grid) * 3}  # past the edge the best sat at
+            assert stopped == ("interior" if not best_at_edge else "extensions") or "bound" in stopped
+            assert best_at_edge == (stopped != "interior")
+        assert (tmp_path / "out" / f"{name}_sweeps.png").read_bytes()[:4] == b"\x89PNG"
         assert all(0 <= acc <= 1 for row in rows.values() for acc in row["test"])
         assert (tmp_path / "out" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         card = (tmp_path / "cards" / f"{name}-memory-masked_m5.md").read_text()

@@ -191,3 +191,19 @@ def test_an_adapter_loads_onto_either_class_of_its_backbone(mode, head, tmp_path
     save_file(tensors, folder / "adapter_model.safetensors")
     with pytest.raises(AdapterFileError, match="lack 1 of its tensors"):
         PeftModel.from_pretrained(tiny_vit(), folder)
+
+
+def test_a_model_wrapped_again_after_its_first_peft_model_is_dropped_runs_the_new_adapters():
+    import gc
+
+    vit = tiny_vit().double()
+    first = get_peft_model(vit, MemoryTokenConfig(m=2, num_labels=3, init_std=0.5))
+    del first
+    gc.collect()
+    with pytest.raises(InputError, match="belonged to a PeftModel that no longer exists"):
+        vit(pixel_values=PIXELS)
+    second = get_peft_model(vit, MemoryTokenConfig(m=3, num_labels=5, init_std=0.5), adapter_name="second")
+    randomise_task(second, "second", 4)
+    with torch.no_grad():
+        logits = second.eval()(pixel_values=PIXELS).logits
+    assert logits.shape == (3, 5) and logits.abs().max() > 0

@@ -275,7 +275,12 @@ class _TunerForward:
         self.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
 
     def __call__(self, *args, **kwargs):
-        return self.tuner().memory_forward(*args, **kwargs)
+        tuner = self.tuner()
+        if tuner is None:
+            raise InputError("This model's memory adapters belonged to a PeftModel that no longer exists: wrap the "
+                             "model again (get_peft_model / PeftModel.from_pretrained), or call unload() on the "
+                             "PeftModel before dropping it to keep the plain model.")
+        return tuner.memory_forward(*args, **kwargs)
 
     def __deepcopy__(self, memo):
         tuner = self.tuner()
@@ -283,5 +288,7 @@ class _TunerForward:
 
 
 def _install_forward(model: nn.Module, tuner: MemoryTokenModel) -> None:
-    if "forward" not in model.__dict__:
+    # a model wrapped again (e.g. after its first PeftModel was dropped) runs through the newest tuner
+    installed = model.__dict__.get("forward")
+    if not isinstance(installed, _TunerForward) or installed.tuner() is not tuner:
         model.forward = _TunerForward(tuner)

@@ -1,0 +1,80 @@
+"""Where adapters come from: a local folder or Hub id holding one adapter or a merged artifact, described from its
+files (config and safetensors headers) and loaded on its base model; ``TASK=SOURCE`` arguments. Shared by the
+``memory-peft`` command and the example scripts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .tuner.errors import InputError
+
+def describe(source: str) -> dict:
+    """Per task: its config, parameter count and file size, read from the safetensors headers only."""
+    from safetensors import safe_open
+
+    from .artifact import INDEX, read_index
+    from .tuner.config import verify_adapter
+    from .tuner.storage import adapter_file, is_local
+
+    is_artifact = (Path(source) / INDEX).is_file() if is_local(source) else _hub_has(source, INDEX)
+    tasks = read_index(source)["tasks"] if is_artifact else [None]
+    rows = []
+    for task in tasks:
+        config, _, weights = verify_adapter(source, subfolder=task)
+        with safe_open(str(weights), "pt") as f:
+            shapes = [f.get_slice(k).get_shape() for k in f.keys()]
+        parameters = sum(math.prod(s) for s in shapes)
+        rows.append({"task": task or "default", "mode": config["mode"], "m": config["m"],
+                     "layers": config.get("layers") or "all", "classes": config["num_labels"],
+                     "extends": config.get("extends"), "top_k": config.get("top_k"), "parameters": parameters,
+                     "image_size": config.get("image_size"), "labels": config.get("label_names"),
+                     "dataset": config.get("dataset"),
+                     "bytes": weights.stat().st_size + adapter_file(source, "adapter_config.json", task).stat().st_size})
+    base = config.get("base_model_name_or_path")
+    return {"source": source, "kind": "multi-task artifact" if is_artifact else "adapter", "base_model": base,
+            "backbone": config.get("backbone"), "tasks": rows}
+
+
+def _hub_has(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import file_exists
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return file_exists(repo_id, filename)
+    except HFValidationError:
+        raise InputError(f"{repo_id} is neither a local folder nor a Hub repo id.") from None
+    except OSError as exc:  # the Hub could not be reached
+        raise InputError(f"{repo_id} is not a local folder, and the Hub could not be reached to look it up "
+                         f"({exc.__class__.__name__}). Check the path, or the network.") from None
+
+
+def named_sources(items: list[str], usage: str) -> dict[str, str]:
+    """``["cifar=path", "fashion=user/repo"]`` -> ``{"cifar": "path", "fashion": "user/repo"}``."""
+    named = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"{usage}, got {item!r}.")
+        if name in named:
+            raise InputError(f"Task name {name!r} is given twice ({named[name]!r} and {path!r}): each task needs a "
+                             "name of its own.")
+        named[name] = path
+    return named
+
+
+def load_source(source: str, backbone=None, tasks=None):
+    """An adapter or an artifact (its ``tasks``, default all) on its base model (or ``backbone``), in eval mode:
+    (model, the base model's Hub id or folder)."""
+    from .artifact import load_multitask
+    from .tuner.backbone import load_backbone
+    from .tuner.multitask import load_adapters
+
+    info = describe(source)
+    backbone_id = backbone or info["base_model"]
+    if not backbone_id:
+        raise InputError(f"{source} does not name its base model; pass --backbone.")
+    base = load_backbone(backbone_id)
+    model = load_adapters(base, {"default": source}) if info["kind"] == "adapter" else \
+        load_multitask(base, source, tasks or [row["task"] for row in info["tasks"]])
+    return model.eval(), backbone_id
