@@ -37,6 +37,7 @@ from .metrics import load_top_k_accuracy
 from .diagnostics import memory_attention_share
 from .recipe import GRAD_CLIP, paper_recipe
 from .reporting import JSONLinesTracker, model_card, plot_curves, plot_memory_attention, read_log
+from .cache import INFO, build_cache, load_cache
 from .checkpoints import checkpoint_dirs, resume, run_definition, save_checkpoint
 from .settings import SETTINGS, apply_setting, cast_frozen_weights
 from .tuner.storage import write_atomically
@@ -63,6 +64,11 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--warmup_steps", type=int, default=10)
     p.add_argument("--grad_clip", type=float, default=GRAD_CLIP)
     p.add_argument("--augment", action="store_true", help="random horizontal flips")
+    p.add_argument("--cache_base", default=None, metavar="FOLDER",
+                   help="memory-masked: train on the base keys/values of the training images, computed once into "
+                        "FOLDER (built when absent; refused if built for another backbone, size, processor or data)")
+    p.add_argument("--cache_dtype", default="float16", choices=["float16", "float32"],
+                   help="precision of the cached keys/values (float16: half the disk of float32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval_every", type=int, default=0, help="steps between evaluations (0: only at the end)")
     p.add_argument("--checkpoint_every", type=int, default=0, help="steps between checkpoints (0: none)")
@@ -81,6 +87,12 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
     p.add_argument("--private", action="store_true")
     args = p.parse_args(argv)
+    if args.cache_base and (args.setting or args.mode) != "memory-masked":
+        raise InputError("--cache_base needs --setting memory-masked: only there are the base rows' keys/values "
+                         "functions of the image alone.")
+    if args.cache_base and args.augment:
+        raise InputError("--cache_base caches each training image once, so --augment (random flips) cannot apply: "
+                         "drop one of them.")
     if args.mode is not None:
         if args.setting not in (None, args.mode):
             raise InputError(f"--mode {args.mode} and --setting {args.setting} disagree: give --setting only.")
@@ -213,6 +225,10 @@ def train(args):
     recorded = str(Path(args.dataset).resolve()) if Path(args.dataset).is_dir() else args.dataset  # for `evaluate`
     model = apply_setting(vit, args.setting, num_labels=data.num_labels, m=args.m, label_names=data.label_names,
                           image_size=args.image_size, dataset=recorded)
+    if args.cache_base:  # before any cast: the cache holds what the stored weights compute
+        cache = base_cache(args, model, data, processor, accelerator)
+        train_loader = DataLoader(cache, shuffle=True, drop_last=True, batch_size=args.batch_size,
+                                  collate_fn=cache.collate, num_workers=workers)
     if accelerator.mixed_precision in ("bf16", "fp16"):  # a frozen weight is cast once here, not at every use
         cast_frozen_weights(model, torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
     steps_per_epoch = len(train_loader) // (args.grad_accum * accelerator.num_processes)
@@ -249,8 +265,9 @@ def train(args):
         batches = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
         for batch in batches:
             with accelerator.accumulate(model):
-                loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"],
-                             interpolate_pos_encoding=True).loss
+                inputs = {"base_keys_values": batch["base_keys_values"]} if args.cache_base else \
+                    {"pixel_values": batch["pixel_values"], "interpolate_pos_encoding": True}
+                loss = model(**inputs, labels=batch["labels"]).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.grad_clip > 0:
                     accelerator.clip_grad_norm_(trainable, args.grad_clip)
@@ -292,6 +309,20 @@ def train(args):
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return scores
+
+
+def base_cache(args, model, data, processor, accelerator):
+    """The training images' base keys/values (``memory_peft.cache``): built by the main process when the folder is
+    absent, checked against this run's backbone, image size, processor and training images either way."""
+    folder, dtype = Path(args.cache_base), getattr(torch, args.cache_dtype)
+    if accelerator.is_main_process and not (folder / INFO).exists():
+        started = time.time()
+        build_cache(model.to(accelerator.device), data.train, image_transform(processor, data.image_column,
+                    data.label_column), folder, args.image_size, processor, args.batch_size, dtype)
+        accelerator.print(f"cached the base keys/values of {len(data.train)} images in {time.time() - started:.0f} s "
+                          f"at {folder}")
+    accelerator.wait_for_everyone()
+    return load_cache(folder, model, args.image_size, processor, dtype, images=data.train)
 
 
 def finish(model, args, data, scores, step, train_seconds, output_dir: Path, shares=None) -> None:

@@ -127,3 +127,26 @@ def test_compiled_training_through_accelerate(tmp_path, how):
         result = train(tmp_path / "run", "--setting", "memory", "--m", "2", "--max_steps", "2", launcher=launcher)
     assert "final accuracy after 2 steps" in result.stdout
     assert adapter_tensors(tmp_path / "run")["base_model.memory_head.weight"].abs().sum() > 0
+
+
+def test_masked_training_on_a_cache_equals_training_on_the_images(tmp_path):
+    from memory_peft.training import main as train_main
+
+    common = ["--setting", "memory-masked", "--m", "2", "--max_steps", "4", "--seed", "1"]
+    cache = tmp_path / "cache"
+    train(tmp_path / "images", *common)
+    result = train(tmp_path / "cached", *common, "--cache_base", str(cache), "--cache_dtype", "float32")
+    assert "cached the base keys/values of 48 images" in result.stdout
+    on_images, on_cache = adapter_tensors(tmp_path / "images"), adapter_tensors(tmp_path / "cached")
+    assert on_images.keys() == on_cache.keys()
+    for key, value in on_images.items():
+        torch.testing.assert_close(on_cache[key], value, atol=1e-5 * max(1.0, value.abs().max().item()), rtol=0)
+    again = train(tmp_path / "again", *common, "--cache_base", str(cache), "--cache_dtype", "float32")
+    assert "cached the base keys/values" not in again.stdout  # built once, reused
+    args = ["--output_dir", str(tmp_path / "bad"), *TINY, *common, "--cache_base", str(cache), "--cache_dtype",
+            "float32"]
+    with pytest.raises(SystemExit, match="another image_size"):
+        train_main([*args, "--image_size", "28"])
+    with pytest.raises(SystemExit, match="needs --setting memory-masked"):
+        train_main([*args, "--setting", "memory"])
+    assert not (tmp_path / "bad" / "adapter").exists()

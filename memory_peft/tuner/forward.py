@@ -42,11 +42,15 @@ class MemoryForward:
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        base_keys_values: Optional[torch.Tensor] = None,
         **kwargs,
     ):
         """The model's forward: one active adapter gives the stock ``ImageClassifierOutput``, several a
-        ``MultiTaskImageClassifierOutput`` (``return_dict=False``: their tuple forms)."""
+        ``MultiTaskImageClassifierOutput`` (``return_dict=False``: their tuple forms). ``base_keys_values`` (cached,
+        ``memory_peft.cache``) in place of ``pixel_values`` runs masked adapters on the class-token path only."""
         if not self._memory_enabled or not self.active_adapters:
+            if base_keys_values is not None:
+                raise InputError("base_keys_values needs active memory adapters (they are disabled or none is active).")
             if labels is not None:
                 kwargs["labels"] = labels
             return type(self.model).forward(
@@ -54,8 +58,14 @@ class MemoryForward:
                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                 return_dict=return_dict, **kwargs,
             )
-        output = self.forward_tasks(pixel_values, labels, interpolate_pos_encoding, output_attentions,
-                                    output_hidden_states, **kwargs)
+        if base_keys_values is not None:
+            if pixel_values is not None or output_attentions or output_hidden_states:
+                raise InputError("base_keys_values replaces pixel_values (and gives no hidden states or attentions): "
+                                 "pass one or the other.")
+            output = self.forward_cached(base_keys_values, labels, **kwargs)
+        else:
+            output = self.forward_tasks(pixel_values, labels, interpolate_pos_encoding, output_attentions,
+                                        output_hidden_states, **kwargs)
         if len(output.tasks) == 1:
             output = single_task(output)
             return output if return_dict is not False else output.to_tuple()
@@ -86,12 +96,54 @@ class MemoryForward:
         hidden = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         weights = output_attentions if output_attentions is not None else config.output_attentions
         encoded = self._encode(pixel_values, names, interpolate_pos_encoding, False, hidden, weights)
+        return self._task_outputs(names, encoded.features, labels, num_items, encoded.hidden_states,
+                                  encoded.attentions)
+
+    def _task_outputs(self, names, features, labels, num_items, hidden_states=None, attentions=None):
+        """features (B, T, D) -> heads, per-task losses where labels are given, their sum."""
         labels = [_labels_for(labels, name, names) for name in names]
-        logits = self._heads(names, encoded.features)
+        logits = self._heads(names, features)
         tasks = {name: self._classify(name, logits[t], labels[t], num_items) for t, name in enumerate(names)}
         losses = [task.loss for task in tasks.values() if task.loss is not None]
         return MultiTaskImageClassifierOutput(loss=sum(losses[1:], losses[0]) if losses else None, tasks=tasks,
-                                              hidden_states=encoded.hidden_states, attentions=encoded.attentions)
+                                              hidden_states=hidden_states, attentions=attentions)
+
+    @torch.no_grad()
+    def base_keys_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: Optional[bool] = None):
+        """(B, num_layers, 2, n, D): every layer's keys and values of the base rows. In masked mode they depend on the
+        image alone (the base rows never read task rows or memory): what ``memory_peft.cache`` stores."""
+        backbone = self._backbone
+        pixel_values = backbone.check_pixels(pixel_values, bool(interpolate_pos_encoding))
+        base = backbone.embed(pixel_values.to(backbone.final_norm.weight.dtype), bool(interpolate_pos_encoding))
+        per_layer = []
+        for layer in backbone.layers:
+            base, key, value = layer.forward_base(base)
+            per_layer.append(torch.stack([key, value], 1))
+        return torch.stack(per_layer, 1)
+
+    def forward_cached(self, base_keys_values: torch.Tensor, labels: Any = None,
+                       num_items_in_batch: Optional[int] = None) -> MultiTaskImageClassifierOutput:
+        """Masked adapters from cached base keys/values (``base_keys_values``' output, any float dtype): only the
+        class-token path runs, with the same result as the forward on the images (up to the cache's precision)."""
+        names = self.active_adapters
+        if not names:
+            raise InputError("No adapter is active: activate one or more with memory_peft.activate(model, names).")
+        layout = self._layout_for(list(names))
+        if not layout.masked:
+            raise InputError(f"Adapter(s) {names} use full attention: their class token changes the base rows, so "
+                             "base keys/values cannot be cached. Caching needs mode='masked' adapters.")
+        backbone = self._backbone
+        if base_keys_values.dim() != 5 or base_keys_values.shape[1:3] != (len(backbone.layers), 2):
+            raise InputError(f"base_keys_values must be (batch, {len(backbone.layers)} layers, 2, tokens, width), "
+                             f"got {tuple(base_keys_values.shape)}.")
+        dtype = backbone.final_norm.weight.dtype
+        cached = base_keys_values.to(dtype)
+        batch, n = cached.shape[0], cached.shape[3]
+        tokens = torch.stack([self.memory_class_token[name] for name in names]).to(dtype).expand(batch, -1, -1)
+        masks = self._task_masks(layout, n, tokens, base_rows=False)
+        for i, (layer, plan, mask) in enumerate(zip(backbone.layers, layout.plans, layout.masks)):
+            tokens = layer.forward_task_rows(tokens, cached[:, i, 0], cached[:, i, 1], plan, masks[mask])
+        return self._task_outputs(names, backbone.final_norm(tokens), labels, num_items_in_batch)
 
     def encode(
         self, pixel_values: torch.Tensor, adapter_names: list[str], interpolate_pos_encoding: Optional[bool] = None

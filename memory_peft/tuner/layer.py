@@ -206,11 +206,21 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
     def forward_streams(self, base: torch.Tensor, tasks: torch.Tensor, plan: MemoryPlan, task_mask: torch.Tensor):
         """base (B, n, D), tasks (B, T, D) -> both after this layer. ``task_mask`` (T, n + T + M): what each task row
         reads among [base; task class tokens; memories]. The base rows are the stock layer, run without autograd."""
-        with torch.no_grad():
-            base_query, base_key, base_value, _, _ = self._project(base, NO_MEMORY)
-            attended, _ = attend(self._resolved, base_query, base_key, base_value)
-            new_base = self._residual_and_mlp(base, attended)
-        return new_base, self._checkpointed(self._task_rows, tasks, base_key, base_value, plan, task_mask)
+        new_base, base_key, base_value = self.forward_base(base)
+        return new_base, self.forward_task_rows(tasks, base_key, base_value, plan, task_mask)
+
+    @torch.no_grad()
+    def forward_base(self, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stock layer on the base rows (B, n, D) -> (base after it, their keys (B, n, D), their values)."""
+        base_query, base_key, base_value, _, _ = self._project(base, NO_MEMORY)
+        attended, _ = attend(self._resolved, base_query, base_key, base_value)
+        return self._residual_and_mlp(base, attended), base_key, base_value
+
+    def forward_task_rows(self, tasks: torch.Tensor, base_key: torch.Tensor, base_value: torch.Tensor,
+                          plan: MemoryPlan, task_mask: torch.Tensor) -> torch.Tensor:
+        """tasks (B, T, D) after this layer, reading the base rows through their keys/values (B, n, D), computed now
+        or read from a cache (``memory_peft.cache``)."""
+        return self._checkpointed(self._task_rows, tasks, base_key, base_value, plan, task_mask)
 
     def _task_rows(self, tasks, base_key, base_value, plan, task_mask):
         query, key, value, memory_key, memory_value = self._project(tasks, plan)
