@@ -25,7 +25,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from .data import image_processor as load_image_processor
+from .sources import base_image_processor, served_image_size
 from .tuner.errors import InputError
 from .tuner.model import MemoryTokenModel
 from .tuner.multitask import activate
@@ -47,7 +47,8 @@ class TaskLogits(nn.Module):
         return tuple(task.logits for task in output.tasks.values())
 
 
-def exportable(model: PeftModel, tasks: Optional[list[str]] = None) -> tuple[TaskLogits, list[str], int]:
+def exportable(model: PeftModel, tasks: Optional[list[str]] = None,
+               image_size: Optional[int] = None) -> tuple[TaskLogits, list[str], int]:
     """Check what is exported and prepare it: (module, task names, image size). ``tasks`` activates these adapters
     (default: the active ones); they run together only if all use masked attention, or if there is one."""
     if not isinstance(model, PeftModel) or not isinstance(model.base_model, MemoryTokenModel):
@@ -56,22 +57,15 @@ def exportable(model: PeftModel, tasks: Optional[list[str]] = None) -> tuple[Tas
                          f"{'' if not isinstance(model, PeftModel) else ' of another peft method'}.")
     if tasks:
         activate(model, tasks)  # refuses a mix of full-attention and masked adapters, naming them
-    names = list(model.base_model.active_adapters)
-    if not names:
-        raise InputError("The model has no active adapter to export: pass tasks=[...] or activate some first.")
-    sizes = {model.peft_config[t].image_size for t in names}
-    if len(sizes) > 1:
-        raise InputError(f"The adapters were trained at different image sizes {sorted(sizes, key=str)}: one graph "
-                         "takes one size; pass image_size=... (or --image-size) to choose it.")
-    size = sizes.pop() or model.base_model.model.config.image_size
-    return TaskLogits(model).eval(), names, size
+    size = image_size or served_image_size(model)  # a size given overrides what the adapters were trained at
+    return TaskLogits(model).eval(), list(model.base_model.active_adapters), size
 
 
 def export_program(model: PeftModel, tasks: Optional[list[str]] = None, image_size: Optional[int] = None,
                    batch_size: int = 1, dynamic_batch: bool = False) -> torch.export.ExportedProgram:
     """``torch.export`` of the active adapters' forward: one graph, no breaks, per-task logits as outputs."""
-    module, _, size = exportable(model, tasks)
-    pixels = _example(model, image_size or size, batch_size, dynamic_batch)
+    module, _, size = exportable(model, tasks, image_size)
+    pixels = _example(model, size, batch_size, dynamic_batch)
     with torch.no_grad():
         return torch.export.export(module, (pixels,), dynamic_shapes=_dynamic(dynamic_batch))
 
@@ -86,9 +80,8 @@ def export_onnx(model: PeftModel, path: str | os.PathLike, tasks: Optional[list[
     and ``base_model`` (``read_metadata``)."""
     import onnx
 
-    module, names, size = exportable(model, tasks)
-    size = image_size or size
-    processor = image_processor or _processor_of(model, size)
+    module, names, size = exportable(model, tasks, image_size)
+    processor = image_processor or base_image_processor(model, size)
     pixels = _example(model, size, batch_size, dynamic_batch)
     path = Path(path)
     if path.is_dir():
@@ -127,14 +120,6 @@ def _metadata(model: PeftModel, names: list[str], size: int, processor) -> dict[
               "rescale_factor": getattr(processor, "rescale_factor", 1 / 255),
               "base_model": configs[0].base_model_name_or_path}
     return {key: json.dumps(value) for key, value in values.items()}
-
-
-def _processor_of(model: PeftModel, size: int):
-    base = model.peft_config[model.base_model.active_adapters[0]].base_model_name_or_path
-    if not base:
-        raise InputError("The adapters do not name their base model, whose image processor gives the normalisation "
-                         "written into the graph: pass image_processor=... (or --backbone).")
-    return load_image_processor(base, size)
 
 
 def _example(model: PeftModel, size: int, batch_size: int, dynamic_batch: bool) -> torch.Tensor:

@@ -24,7 +24,7 @@ from transformers import AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY, ImageClassificationPipeline
 from transformers.pipelines.base import GenericTensor
 
-from .data import image_processor
+from .sources import base_image_processor, served_image_size
 from .tuner.errors import InputError
 
 TASK = "memory-image-classification"
@@ -35,16 +35,10 @@ class MemoryImageClassificationPipeline(ImageClassificationPipeline):
     """``ImageClassificationPipeline`` for a ``PeftModel`` with memory adapters (any number active)."""
 
     def __init__(self, model: PeftModel, image_processor=None, **kwargs):
+        size = served_image_size(model)
         tasks = model.base_model.active_adapters
-        if not tasks:
-            raise InputError("The model has no active adapter: activate one or more with memory_peft.activate.")
-        sizes = {model.peft_config[t].image_size for t in tasks}
-        if len(sizes) > 1:
-            raise InputError(f"The active adapters were trained at different image sizes {sorted(sizes, key=str)}: "
-                             "one forward takes one size, so run them in separate pipelines.")
-        size = sizes.pop() or model.base_model.model.config.image_size
         if image_processor is None:
-            image_processor = _processor_of(model, size)
+            image_processor = base_image_processor(model, size)
         else:  # the user's processor, resized to the adapters' training size on a copy
             image_processor = copy.copy(image_processor)
             image_processor.size = {"height": size, "width": size}
@@ -74,13 +68,6 @@ class MemoryImageClassificationPipeline(ImageClassificationPipeline):
             ranked[task] = [{"label": self.labels[task][i], "score": p}
                             for p, i in zip(top.values.tolist(), top.indices.tolist())]
         return ranked[self.tasks[0]] if len(self.tasks) == 1 else ranked
-
-
-def _processor_of(model: PeftModel, size: int):
-    source = model.peft_config[model.base_model.active_adapters[0]].base_model_name_or_path
-    if not source:
-        raise InputError("The adapters do not name their base model: pass image_processor=... to the pipeline.")
-    return image_processor(source, size)
 
 
 def register() -> None:

@@ -78,3 +78,27 @@ def load_source(source: str, backbone=None, tasks=None):
     model = load_adapters(base, {"default": source}) if info["kind"] == "adapter" else \
         load_multitask(base, source, tasks or [row["task"] for row in info["tasks"]])
     return model.eval(), backbone_id
+
+
+def served_image_size(model) -> int:
+    """The one image size the active adapters take: the size they were trained at (``image_size`` in their configs),
+    else the base model's. Adapters trained at different sizes cannot share one forward."""
+    names = model.base_model.active_adapters
+    if not names:
+        raise InputError("The model has no active adapter: activate one or more with memory_peft.activate.")
+    sizes = {model.peft_config[name].image_size for name in names}
+    if len(sizes) > 1:
+        raise InputError(f"The active adapters were trained at different image sizes {sorted(sizes, key=str)}: one "
+                         "forward takes one size, so serve or export them separately (or choose the size).")
+    return sizes.pop() or model.base_model.model.config.image_size
+
+
+def base_image_processor(model, size: int):
+    """The image processor of the active adapters' base model (their ``base_model_name_or_path``) at ``size``."""
+    from .data import image_processor
+
+    base = model.peft_config[model.base_model.active_adapters[0]].base_model_name_or_path
+    if not base:
+        raise InputError("The adapters do not name their base model, whose image processor gives the resizing and "
+                         "normalisation: pass image_processor=... (on the command line, --backbone).")
+    return image_processor(base, size)
