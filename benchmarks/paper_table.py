@@ -21,9 +21,11 @@ import copy
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator
 from torch import nn
@@ -34,6 +36,7 @@ from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
 from memory_peft.tuner.backbone import describe_backbone, load_backbone  # noqa: E402
 from memory_peft.data import image_processor, image_transform, load_image_data  # noqa: E402
 from memory_peft.reporting import model_card  # noqa: E402
+from memory_peft.cache import build_cache  # noqa: E402
 from memory_peft.recipe import GRAD_CLIP, paper_recipe  # noqa: E402
 from memory_peft.settings import apply_setting  # noqa: E402
 from memory_peft.sweep import sweep_learning_rate  # noqa: E402
@@ -59,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup_steps", type=int, default=10)
     p.add_argument("--memory_sizes", type=int, nargs="+", default=[1, 5, 10, 20])
     p.add_argument("--seeds", type=int, default=2, help="seeds for the head and memory m=5 rows")
+    p.add_argument("--cache_base", action="store_true",
+                   help="memory-masked rows train on the base keys/values of the training images, computed once per "
+                        "dataset (fp16, memory_peft.cache) instead of at every step")
     p.add_argument("--max_extensions", type=int, default=4,
                    help="LR steps (x3 or /3) a sweep may add past the edge of its grid while the best sits there")
     p.add_argument("--lr", action="append", default=[], metavar="MODE=LR,LR", help="override an LR grid")
@@ -147,7 +153,9 @@ def run_head(data, features, lr, seed, args, accelerator):
     return head.cpu()
 
 
-def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator):
+def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator, cache=None):
+    """Train one setting; ``cache`` (memory-masked only): the training images' base keys/values, read instead of
+    running the base rows at every step."""
     torch.manual_seed(seed)
     model = apply_setting(copy.deepcopy(vit), setting, num_labels=data["num_labels"], m=m,
                           label_names=data["label_names"], image_size=args.image_size)
@@ -155,9 +163,23 @@ def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator):
         model.base_model.initialise_head("default", probe)
     x, y = data["train"]
     device = accelerator.device
-    fit(model, lambda mdl, idx: mdl(pixel_values=x[idx].to(device), labels=y[idx].to(device),
-                                    interpolate_pos_encoding=True).loss, len(y), lr, seed, args, accelerator)
+
+    def loss_of(mdl, idx):
+        inputs = {"base_keys_values": cache.batch(idx.tolist())["base_keys_values"].to(device)} if cache is not None \
+            else {"pixel_values": x[idx].to(device), "interpolate_pos_encoding": True}
+        return mdl(**inputs, labels=y[idx].to(device)).loss
+
+    fit(model, loss_of, len(y), lr, seed, args, accelerator)
     return accelerator.unwrap_model(model)
+
+
+def base_cache(vit, data, args, folder: Path):
+    """The training images' base keys/values (fp16, memory-mapped), computed once for every masked run."""
+    x, y = data["train"]
+    model = apply_setting(copy.deepcopy(vit), "memory-masked", num_labels=data["num_labels"], m=1).eval()
+    rows = datasets.Dataset.from_dict({"row": list(range(len(y)))})
+    return build_cache(model, rows, lambda batch: {"pixel_values": x[batch["row"]], "labels": y[batch["row"]]},
+                       folder, args.image_size, batch_size=64)
 
 
 def table_for(data, vit, args, accelerator, log) -> dict:
@@ -186,12 +208,12 @@ def table_for(data, vit, args, accelerator, log) -> dict:
     record("head", swept, [accuracy(h, features["test"], data["test"][1]) for h in heads], began)
     init = probe if args.head_init == "probe" else None
 
-    def setting_row(column, setting, m, grid, seeds=1):
+    def setting_row(column, setting, m, grid, seeds=1, cache=None):
         began = time.perf_counter()
         score = lambda model: accuracy(model_logits(model, device), *data["val"])  # noqa: E731
-        swept = sweep_learning_rate(lambda lr: run_setting(vit, data, setting, m, lr, 0, init, args, accelerator),
-                                    score, grid, max_extensions=args.max_extensions)
-        models = [swept.trained] + [run_setting(vit, data, setting, m, swept.lr, s, init, args, accelerator)
+        swept = sweep_learning_rate(lambda lr: run_setting(vit, data, setting, m, lr, 0, init, args, accelerator,
+                                                           cache), score, grid, max_extensions=args.max_extensions)
+        models = [swept.trained] + [run_setting(vit, data, setting, m, swept.lr, s, init, args, accelerator, cache)
                                     for s in range(1, seeds)]
         return record(column, swept, [accuracy(model_logits(x, device), *data["test"]) for x in models], began,
                       swept.trained)
@@ -201,7 +223,10 @@ def table_for(data, vit, args, accelerator, log) -> dict:
     adapters = {"memory m=5": setting_row("memory m=5", "memory", 5, args.grids["memory"], seeds=args.seeds)}
     for m in (m for m in args.memory_sizes if m != 5):  # its own sweep: larger memories want smaller LRs
         adapters[f"memory m={m}"] = setting_row(f"memory m={m}", "memory", m, args.grids["memory"])
-    adapters["memory-masked m=5"] = setting_row("memory-masked m=5", "memory-masked", 5, args.grids["memory-masked"])
+    with tempfile.TemporaryDirectory(dir=args.output_dir) as folder:
+        cache = base_cache(vit, data, args, Path(folder, "cache")) if args.cache_base else None
+        adapters["memory-masked m=5"] = setting_row("memory-masked m=5", "memory-masked", 5,
+                                                    args.grids["memory-masked"], cache=cache)
     return {"rows": rows, "adapters": adapters}
 
 

@@ -10,7 +10,7 @@ from conftest import ROOT, SHARED
 TINY = ["--train_size", "64", "--val_size", "32", "--test_size", "32", "--image_size", "28", "--epochs", "1",
         "--batch_size", "16", "--warmup_steps", "1", "--memory_sizes", "1", "5", "--lr", "head=0.3,1",
         "--lr", "head+cls=0.1", "--lr", "full=0.01", "--lr", "memory=0.1,0.3", "--lr", "memory-masked=0.1,0.3",
-        "--max_extensions", "1"]
+        "--max_extensions", "1", "--cache_base"]
 
 
 def test_table_files_cards_and_the_multitask_check(tmp_path):
