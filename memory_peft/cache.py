@@ -78,7 +78,7 @@ def build_cache(model, images: datasets.Dataset, to_pixels: Callable[[dict], dic
         (staging / INFO).write_text(json.dumps({**info, "examples": len(cached), "shape": list(shape)}, indent=2))
 
     write_atomically(folder, fill, overwrite=overwrite)
-    return load_cache(folder, model, image_size, processor, dtype, images)
+    return BaseCache(Path(folder), shape)  # just built from this model and these images: nothing to check
 
 
 class BaseCache(torch.utils.data.Dataset):
@@ -136,7 +136,7 @@ def load_cache(folder: str | Path, model, image_size: int, processor=None, dtype
     return BaseCache(folder, recorded["shape"])
 
 
-def cache_bytes_per_image(folder: str | Path) -> Optional[float]:
+def cache_bytes_per_image(folder: str | Path) -> float:
     """Disk taken by the cache, per image."""
     folder = Path(folder)
     examples = json.loads((folder / INFO).read_text())["examples"]

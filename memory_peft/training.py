@@ -304,7 +304,7 @@ def train(args):
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
         with accelerator.autocast():  # frozen weights may be stored in bf16/fp16 (cast_frozen_weights)
-            shares = attention_to_memory(model, data, args) if "memory" in args.setting else None
+            shares = attention_to_memory(model, data, processor) if "memory" in args.setting else None
         finish(model, args, data, scores, step, train_seconds, output_dir, shares)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -314,15 +314,16 @@ def train(args):
 def base_cache(args, model, data, processor, accelerator):
     """The training images' base keys/values (``memory_peft.cache``): built by the main process when the folder is
     absent, checked against this run's backbone, image size, processor and training images either way."""
-    folder, dtype = Path(args.cache_base), getattr(torch, args.cache_dtype)
+    folder, dtype, built = Path(args.cache_base), getattr(torch, args.cache_dtype), None
     if accelerator.is_main_process and not (folder / INFO).exists():
         started = time.time()
-        build_cache(model.to(accelerator.device), data.train, image_transform(processor, data.image_column,
-                    data.label_column), folder, args.image_size, processor, args.batch_size, dtype)
+        built = build_cache(model.to(accelerator.device), data.train, image_transform(processor, data.image_column,
+                            data.label_column), folder, args.image_size, processor, args.batch_size, dtype)
         accelerator.print(f"cached the base keys/values of {len(data.train)} images in {time.time() - started:.0f} s "
                           f"at {folder}")
     accelerator.wait_for_everyone()
-    return load_cache(folder, model, args.image_size, processor, dtype, images=data.train)
+    return built if built is not None else load_cache(folder, model, args.image_size, processor, dtype,
+                                                      images=data.train)
 
 
 def finish(model, args, data, scores, step, train_seconds, output_dir: Path, shares=None) -> None:
@@ -352,9 +353,9 @@ def finish(model, args, data, scores, step, train_seconds, output_dir: Path, sha
         push(model, card, args.push_to_hub, args.private, adapter_dir)
 
 
-def attention_to_memory(model, data, args, images: int = 16) -> dict[str, list[float]]:
-    """The trained task's share of class-token attention on memory, per layer, on evaluation images."""
-    processor = image_processor(args.backbone, args.image_size)
+def attention_to_memory(model, data, processor, images: int = 16) -> dict[str, list[float]]:
+    """The trained task's share of class-token attention on memory, per layer, on evaluation images (through the
+    run's image processor)."""
     transform = image_transform(processor, data.image_column, data.label_column)
     batch = collate(data.eval.select(range(min(images, len(data.eval)))).with_transform(transform))
     device = next(model.parameters()).device

@@ -169,9 +169,8 @@ class MemoryForward:
         tokens = [token.expand(batch, 1, -1) for token in tokens]
         if not layout.masked:
             x = torch.cat([tokens[0], embedded[:, 1:]], dim=1)
-            x, states, probabilities = self._run_rows(x, layout, {None: None}, weights)
-            return _Encoded(None, backbone.final_norm(x[:, :1]), states if hidden else None,
-                            probabilities if weights else None)
+            x, states, probabilities = self._run_rows(x, layout, {None: None}, hidden, weights)
+            return _Encoded(None, backbone.final_norm(x[:, :1]), states, probabilities)
         # the base rows are out of autograd in training (only the class-token path is differentiated), so they run
         # as a stream of their own; at inference (and when hidden states or attentions are asked for) all rows run
         # together through one set of kernels
@@ -186,19 +185,23 @@ class MemoryForward:
                 with torch.no_grad():
                     base = backbone.final_norm(base)
             return _Encoded(base if with_base else None, backbone.final_norm(tokens))
-        x, states, probabilities = self._run_rows(torch.cat([embedded, *tokens], dim=1), layout, masks, weights)
+        x, states, probabilities = self._run_rows(torch.cat([embedded, *tokens], dim=1), layout, masks, hidden,
+                                                  weights)
         x = backbone.final_norm(x)
-        return _Encoded(x[:, :n], x[:, n:], states if hidden else None, probabilities if weights else None)
+        return _Encoded(x[:, :n], x[:, n:], states, probabilities)
 
-    def _run_rows(self, x: torch.Tensor, layout: Layout, masks: dict, weights: bool):
-        """x (B, L, D) through every layer as one stream -> (x, the rows entering each layer and leaving the last,
-        each layer's attention probabilities (None unless ``weights``))."""
-        states, probabilities = [x], []
+    def _run_rows(self, x: torch.Tensor, layout: Layout, masks: dict, hidden: bool, weights: bool):
+        """x (B, L, D) through every layer as one stream -> (x, the rows entering each layer and leaving the last
+        (``hidden``), each layer's attention probabilities (``weights``)); what is not asked for is None and not
+        collected."""
+        states, probabilities = [x] if hidden else None, [] if weights else None
         for layer, plan, mask in zip(self._backbone.layers, layout.plans, layout.masks):
             x, layer_weights = layer.forward_rows(x, plan, masks[mask], weights)
-            states.append(x)
-            probabilities.append(layer_weights)
-        return x, tuple(states), tuple(probabilities)
+            if hidden:
+                states.append(x)
+            if weights:
+                probabilities.append(layer_weights)
+        return x, tuple(states) if hidden else None, tuple(probabilities) if weights else None
 
     def _task_masks(self, layout: Layout, num_base: int, like: torch.Tensor, base_rows: bool) -> dict:
         """The additive masks of this forward, one per distinct layer layout, in the dtype attention will use."""
