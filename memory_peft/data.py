@@ -87,7 +87,12 @@ def image_processor(backbone: str, image_size: int):
     adapter is trained at and served at (crop too, for processors that crop after resizing)."""
     from transformers import AutoImageProcessor
 
-    processor = AutoImageProcessor.from_pretrained(backbone)
+    return resized(AutoImageProcessor.from_pretrained(backbone), image_size)
+
+
+def resized(processor, image_size: int):
+    """``processor`` set to give image_size x image_size pixels (its crop too, for processors that crop after
+    resizing); returns it."""
     processor.size = {"height": image_size, "width": image_size}
     if getattr(processor, "crop_size", None) is not None:
         processor.crop_size = {"height": image_size, "width": image_size}

@@ -114,7 +114,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 def _metadata(model: PeftModel, names: list[str], size: int, processor) -> dict[str, str]:
     configs = [model.peft_config[t] for t in names]
-    labels = {t: c.label_names or [f"LABEL_{i}" for i in range(c.num_labels)] for t, c in zip(names, configs)}
+    labels = {t: c.class_names() for t, c in zip(names, configs)}
     values = {"tasks": names, "labels": labels, "image_size": size,
               "image_mean": list(processor.image_mean), "image_std": list(processor.image_std),
               "rescale_factor": getattr(processor, "rescale_factor", 1 / 255),

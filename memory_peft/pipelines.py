@@ -24,6 +24,7 @@ from transformers import AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY, ImageClassificationPipeline
 from transformers.pipelines.base import GenericTensor
 
+from .data import resized
 from .sources import base_image_processor, served_image_size
 from .tuner.errors import InputError
 
@@ -40,15 +41,10 @@ class MemoryImageClassificationPipeline(ImageClassificationPipeline):
         if image_processor is None:
             image_processor = base_image_processor(model, size)
         else:  # the user's processor, resized to the adapters' training size on a copy
-            image_processor = copy.copy(image_processor)
-            image_processor.size = {"height": size, "width": size}
-            if getattr(image_processor, "crop_size", None) is not None:
-                image_processor.crop_size = {"height": size, "width": size}
+            image_processor = resized(copy.copy(image_processor), size)
         super().__init__(model=model, image_processor=image_processor, **kwargs)
         self.tasks = list(tasks)
-        self.labels = {t: model.peft_config[t].label_names or [f"LABEL_{i}" for i in range(model.peft_config[t]
-                                                                                             .num_labels)]
-                       for t in tasks}
+        self.labels = {t: model.peft_config[t].class_names() for t in tasks}
 
     def check_model_type(self, supported_models) -> None:
         pass  # a PeftModel is not among transformers' image-classification classes, and needs not be

@@ -44,12 +44,15 @@ SUPPORTED_BACKBONES = tuple(ARCHITECTURES)
 WRAPPERS = tuple(sorted({arch.wrapper for arch in ARCHITECTURES.values()} - {""}))
 
 
-def relative_to_backbone(key: str, model_prefix: str) -> str:
-    """A state-dict key under ``model_prefix`` with the task model's wrapper removed ('vit.layers.0' -> 'layers.0'),
-    so that an adapter's files name the same tensors whichever class of the backbone it was trained on."""
+def relative_to_backbone(key: str, model_prefix: str, wrapper: str = "") -> str:
+    """A state-dict key under ``model_prefix`` with any task model's wrapper replaced by ``wrapper`` ('vit.layers.0'
+    -> 'layers.0' with the default): an adapter's files name the same tensors whichever class of the backbone it was
+    trained on. Keys outside ``model_prefix`` are returned as they are."""
+    if not key.startswith(model_prefix):
+        return key
     relative = key[len(model_prefix):]
-    wrapper = next((w for w in WRAPPERS if relative.startswith(w)), "")
-    return model_prefix + relative[len(wrapper):]
+    found = next((w for w in WRAPPERS if relative.startswith(w)), "")
+    return model_prefix + wrapper + relative[len(found):]
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,10 @@ class MemoryTokenConfig(PeftConfig):
                 raise InputError(f"MemoryTokenConfig.layers must be a list of layer indices, got {self.layers!r}.")
             self.layers = sorted(set(self.layers))
 
+    def class_names(self) -> list[str]:
+        """The head's class names: ``label_names``, else transformers' default names LABEL_0, LABEL_1, ..."""
+        return list(self.label_names) if self.label_names else [f"LABEL_{i}" for i in range(self.num_labels)]
+
     def memory_layers(self, num_layers: int) -> list[int]:
         """The layer indices that hold memory, checked against the backbone's depth."""
         if self.m == 0:

@@ -83,16 +83,14 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         """peft's selection, with each key as if the backbone were the whole model ('model.vit.layers.0...' ->
         'model.layers.0...'): ViTModel and ViTForImageClassification save the same file."""
         entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        return {relative_to_backbone(key, _MODEL_PREFIX) if key.startswith(_MODEL_PREFIX) else key: value
-                for key, value in entries.items()}
+        return {relative_to_backbone(key, _MODEL_PREFIX): value for key, value in entries.items()}
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """Backbone-relative keys (and those of files saved before they were, with a wrapper such as 'vit.') to where
         this model keeps its layers, then peft's remapping."""
         wrapper = model.base_model._backbone.architecture.wrapper
-        state_dict = {_MODEL_PREFIX + wrapper + relative_to_backbone(key, _MODEL_PREFIX)[len(_MODEL_PREFIX):]
-                      if key.startswith(_MODEL_PREFIX) else key: value for key, value in state_dict.items()}
+        state_dict = {relative_to_backbone(key, _MODEL_PREFIX, wrapper): value for key, value in state_dict.items()}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         own = re.compile(rf"(^|\.)memory_(tokens|class_token|head)\.{re.escape(adapter_name)}(\.|$)")
         missing = [key for key in model.state_dict() if own.search(key) and key not in remapped]
