@@ -1,11 +1,24 @@
-"""What several benchmarks share, built on the public API only (as tests/helpers.py is for the tests)."""
+"""What several benchmarks share, built on the public API only (as tests/helpers.py is for the tests): merged
+random-memory models for the serving benchmarks, and the offline training loop of the paper table and the masked
+study (data split once, the paper's recipe, frozen-feature heads, settings, base-activation caches)."""
 
 from __future__ import annotations
 
 import copy
+import math
+import statistics
 from pathlib import Path
 
+import datasets
 import torch
+from accelerate import Accelerator
+from torch import nn
+
+from memory_peft.cache import build_cache
+from memory_peft.data import image_transform, load_image_data
+from memory_peft.recipe import GRAD_CLIP, paper_recipe
+from memory_peft.settings import apply_setting
+from memory_peft.tuner.backbone import describe_backbone
 
 
 def merged_model(vit, tasks: int, m: int, folder: Path):
@@ -21,3 +34,129 @@ def merged_model(vit, tasks: int, m: int, folder: Path):
         get_peft_model(copy.deepcopy(vit), config).save_pretrained(folder / f"task{t}")
     merged = merge_adapters({f"task{t}": folder / f"task{t}" for t in range(tasks)}, folder / "merged")
     return load_multitask(vit, merged).eval()
+
+
+def prepare(dataset: str, args, processor) -> dict:
+    """Pixels and labels of train / validation (carved from train) / test, preprocessed once."""
+    data = load_image_data(dataset, seed=0)
+    train_all = data.train.shuffle(seed=0)
+    val_end = min(args.val_size, len(train_all) // 5)
+    train_end = val_end + (args.train_size or len(train_all) - val_end)
+    test = data.eval.shuffle(seed=0)
+    splits = {"val": train_all.select(range(val_end)), "train": train_all.select(range(val_end, min(train_end, len(train_all)))),
+              "test": test.select(range(min(args.test_size or len(test), len(test))))}
+    transform = image_transform(processor, data.image_column, data.label_column)
+    out = {"name": Path(dataset).name or dataset, "source": dataset, "num_labels": data.num_labels,
+           "label_names": data.label_names}
+    for split, rows in splits.items():
+        batches = [transform(rows[i : i + 256]) for i in range(0, len(rows), 256)]
+        out[split] = (torch.cat([b["pixel_values"] for b in batches]), torch.cat([b["labels"] for b in batches]))
+    return out
+
+
+def fit(model: nn.Module, loss_of, n: int, lr: float, seed: int, args, accelerator: Accelerator) -> None:
+    """The paper's recipe over ``epochs`` seeded passes of ``n`` examples; ``loss_of(model, indices)``."""
+    steps_per_epoch = n // args.batch_size
+    trainable, optimizer, scheduler = paper_recipe(model, lr, args.warmup_steps, args.epochs * steps_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(args.epochs):
+        order = torch.randperm(n, generator=generator)
+        for step in range(steps_per_epoch):
+            loss = loss_of(model, order[step * args.batch_size : (step + 1) * args.batch_size])
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(trainable, GRAD_CLIP)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+    model.eval()
+
+
+@torch.no_grad()
+def accuracy(predict, pixels_or_features: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> float:
+    correct = sum(int((predict(pixels_or_features[i : i + batch]).argmax(-1).cpu() == labels[i : i + batch]).sum())
+                  for i in range(0, len(labels), batch))
+    return correct / len(labels)
+
+
+def model_logits(model, device):
+    return lambda pixels: model(pixel_values=pixels.to(device), interpolate_pos_encoding=True).logits
+
+
+@torch.no_grad()
+def frozen_features(vit, pixels: torch.Tensor, device) -> torch.Tensor:
+    """The base model's final-normed class token: what every head reads before anything else trains."""
+    backbone = describe_backbone(vit)
+    out = []
+    for i in range(0, len(pixels), 64):
+        x = backbone.embed(pixels[i : i + 64].to(device), True)
+        for layer in backbone.layers:
+            x = layer(x, None)
+        out.append(backbone.final_norm(x[:, 0]).float().cpu())
+    return torch.cat(out)
+
+
+def run_head(data, features, lr, seed, args, accelerator):
+    torch.manual_seed(seed)
+    head = nn.Linear(features["train"].shape[1], data["num_labels"])
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+    x, y = features["train"], data["train"][1]
+    fit(head, lambda m, idx: nn.functional.cross_entropy(m(x[idx].to(accelerator.device)),
+                                                         y[idx].to(accelerator.device)),
+        len(y), lr, seed, args, accelerator)
+    return head.cpu()
+
+
+def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator, cache=None, **overrides):
+    """Train one setting (``overrides``: MemoryTokenConfig fields); ``cache`` (memory-masked only): the training
+    images' base keys/values, read instead of running the base rows at every step."""
+    torch.manual_seed(seed)
+    model = apply_setting(copy.deepcopy(vit), setting, num_labels=data["num_labels"], m=m,
+                          label_names=data["label_names"], image_size=args.image_size, **overrides)
+    if probe is not None:
+        model.base_model.initialise_head("default", probe)
+    x, y = data["train"]
+    device = accelerator.device
+
+    def loss_of(mdl, idx):
+        inputs = {"base_keys_values": cache.batch(idx.tolist())["base_keys_values"].to(device)} if cache is not None \
+            else {"pixel_values": x[idx].to(device), "interpolate_pos_encoding": True}
+        return mdl(**inputs, labels=y[idx].to(device)).loss
+
+    fit(model, loss_of, len(y), lr, seed, args, accelerator)
+    return accelerator.unwrap_model(model)
+
+
+def base_cache(vit, data, args, folder: Path, split: str = "train"):
+    """The base keys/values of a split's images (fp16, memory-mapped), computed once for every masked run."""
+    x, y = data[split]
+    model = apply_setting(copy.deepcopy(vit), "memory-masked", num_labels=data["num_labels"], m=1).eval()
+    rows = datasets.Dataset.from_dict({"row": list(range(len(y)))})
+    return build_cache(model, rows, lambda batch: {"pixel_values": x[batch["row"]], "labels": y[batch["row"]]},
+                       folder, args.image_size, batch_size=64)
+
+
+
+
+@torch.no_grad()
+def cached_accuracy(model, cache, device, batch: int = 128) -> float:
+    """Top-1 of (masked) adapters scored from a split's cached base keys/values instead of its images."""
+    correct = 0
+    for start in range(0, len(cache), batch):
+        rows = cache.batch(range(start, min(start + batch, len(cache))))
+        logits = model(base_keys_values=rows["base_keys_values"].to(device)).logits
+        correct += int((logits.argmax(-1).cpu() == rows["labels"]).sum())
+    return correct / len(cache)
+
+
+def mean_and_error(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (nan for one value)."""
+    error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return statistics.mean(values), error
+
+
+def difference(values: list[float], reference: list[float]) -> tuple[float, float]:
+    """Difference of two means and its standard error (independent seeds: the errors add in quadrature)."""
+    (a, a_error), (b, b_error) = mean_and_error(values), mean_and_error(reference)
+    return a - b, math.hypot(a_error, b_error)

@@ -8,7 +8,8 @@ Per dataset: head only (on cached frozen features), head + class token, full fin
 m = 1, 5, 10, 20, memory-masked m = 5. Each setting, and each memory size, sweeps its LR on a validation split carved
 from train (never the test split); a sweep whose best LR sits at an edge of its grid goes on past that edge (x3 or /3,
 up to --max_extensions steps) until the best is interior (results.json: every LR tried, its validation accuracy and
-why the sweep stopped; <dataset>_sweeps.png). Head and memory m = 5 run ``--seeds`` seeds. All settings
+why the sweep stopped; <dataset>_sweeps.png). The compared rows (head, head + class token, full, memory m = 5,
+memory-masked m = 5) run ``--seeds`` seeds at their chosen LR (test: mean ± standard error). All settings
 see the same images, steps and seeds, with the paper's recipe (SGD momentum 0.9, cosine with warmup, clip 1.0).
 The settings that train more than a head start from the head-only solution (``--head_init probe``; see README).
 Then the masked adapters of all datasets are merged and each dataset is scored again through the merged model.
@@ -25,20 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import datasets
-import torch
 from accelerate import Accelerator
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import (accuracy, base_cache, difference, frozen_features, mean_and_error, model_logits,  # noqa: E402
+                    prepare, run_head, run_setting)
 from memory_peft.artifact import load_multitask, merge_adapters  # noqa: E402
 from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
-from memory_peft.tuner.backbone import describe_backbone, load_backbone  # noqa: E402
-from memory_peft.data import image_processor, image_transform, load_image_data  # noqa: E402
+from memory_peft.tuner.backbone import load_backbone  # noqa: E402
+from memory_peft.data import image_processor  # noqa: E402
 from memory_peft.reporting import model_card  # noqa: E402
-from memory_peft.cache import build_cache  # noqa: E402
-from memory_peft.recipe import GRAD_CLIP, paper_recipe  # noqa: E402
-from memory_peft.settings import apply_setting  # noqa: E402
 from memory_peft.sweep import sweep_learning_rate  # noqa: E402
 from memory_peft.training import TEMPLATE  # noqa: E402
 
@@ -47,10 +44,20 @@ from memory_peft.training import TEMPLATE  # noqa: E402
 LR_GRIDS = {"head": [0.3, 1.0, 3.0], "head+cls": [0.01, 0.03], "full": [0.0003, 0.001], "memory": [0.03, 0.1],
             "memory-masked": [0.03, 0.1]}
 COLUMNS = ["full", "head", "head+cls", "memory m=1", "memory m=5", "memory m=10", "memory m=20", "memory-masked m=5"]
+# --preset: defaults for a whole run, each overridable by its own flag. "gpu": both bundled datasets on all their
+# images, 10 epochs, 3 seeds, bf16 autocast, batch 256 (planned for one H100 in about 8 minutes; not yet timed there).
+PRESETS = {
+    "cpu": {},
+    "gpu": dict(train_size=0, val_size=5000, test_size=0, epochs=10, batch_size=256, warmup_steps=50, seeds=3,
+                memory_sizes=[5], mixed_precision="bf16", max_extensions=1),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="defaults for the whole run (gpu: " + ", ".join(f"{k} {v}" for k, v in PRESETS["gpu"].items())
+                        + "); any flag given overrides its preset value")
     p.add_argument("--backbone", default=None)
     p.add_argument("--datasets", nargs="+", default=None, help="Hub ids or local folders (default: cifar10 fashion_mnist)")
     p.add_argument("--train_size", type=int, default=2000, help="0: all of train minus the validation split")
@@ -61,7 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--warmup_steps", type=int, default=10)
     p.add_argument("--memory_sizes", type=int, nargs="+", default=[1, 5, 10, 20])
-    p.add_argument("--seeds", type=int, default=2, help="seeds for the head and memory m=5 rows")
+    p.add_argument("--seeds", type=int, default=2,
+                   help="seeds for the compared rows (head, head+cls, full, memory m=5, memory-masked m=5); the other "
+                        "memory sizes run seed 0")
+    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no", help="autocast for training")
     p.add_argument("--cache_base", action="store_true",
                    help="memory-masked rows train on the base keys/values of the training images, computed once per "
                         "dataset (fp16, memory_peft.cache) instead of at every step")
@@ -71,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--head_init", choices=["probe", "zero"], default="probe")
     p.add_argument("--output_dir", default="outputs/paper_table")
     p.add_argument("--cards_dir", default=str(Path(__file__).resolve().parents[1] / "model_cards"))
+    preset, _ = p.parse_known_args(argv)
+    p.set_defaults(**PRESETS[preset.preset])
     args = p.parse_args(argv)
     args.datasets = args.datasets or [default_dataset("cifar10"), default_dataset("fashion_mnist")]
     args.backbone = args.backbone or default_backbone()
@@ -79,107 +91,6 @@ def parse_args(argv=None):
         setting, _, values = item.partition("=")
         args.grids[setting] = [float(v) for v in values.split(",")]
     return args
-
-
-def prepare(dataset: str, args, processor) -> dict:
-    """Pixels and labels of train / validation (carved from train) / test, preprocessed once."""
-    data = load_image_data(dataset, seed=0)
-    train_all = data.train.shuffle(seed=0)
-    val_end = min(args.val_size, len(train_all) // 5)
-    train_end = val_end + (args.train_size or len(train_all) - val_end)
-    test = data.eval.shuffle(seed=0)
-    splits = {"val": train_all.select(range(val_end)), "train": train_all.select(range(val_end, min(train_end, len(train_all)))),
-              "test": test.select(range(min(args.test_size or len(test), len(test))))}
-    transform = image_transform(processor, data.image_column, data.label_column)
-    out = {"name": Path(dataset).name or dataset, "source": dataset, "num_labels": data.num_labels,
-           "label_names": data.label_names}
-    for split, rows in splits.items():
-        batches = [transform(rows[i : i + 256]) for i in range(0, len(rows), 256)]
-        out[split] = (torch.cat([b["pixel_values"] for b in batches]), torch.cat([b["labels"] for b in batches]))
-    return out
-
-
-def fit(model: nn.Module, loss_of, n: int, lr: float, seed: int, args, accelerator: Accelerator) -> None:
-    """The paper's recipe over ``epochs`` seeded passes of ``n`` examples; ``loss_of(model, indices)``."""
-    steps_per_epoch = n // args.batch_size
-    trainable, optimizer, scheduler = paper_recipe(model, lr, args.warmup_steps, args.epochs * steps_per_epoch)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(args.epochs):
-        order = torch.randperm(n, generator=generator)
-        for step in range(steps_per_epoch):
-            loss = loss_of(model, order[step * args.batch_size : (step + 1) * args.batch_size])
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(trainable, GRAD_CLIP)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-    model.eval()
-
-
-@torch.no_grad()
-def accuracy(predict, pixels_or_features: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> float:
-    correct = sum(int((predict(pixels_or_features[i : i + batch]).argmax(-1).cpu() == labels[i : i + batch]).sum())
-                  for i in range(0, len(labels), batch))
-    return correct / len(labels)
-
-
-def model_logits(model, device):
-    return lambda pixels: model(pixel_values=pixels.to(device), interpolate_pos_encoding=True).logits
-
-
-@torch.no_grad()
-def frozen_features(vit, pixels: torch.Tensor, device) -> torch.Tensor:
-    """The base model's final-normed class token: what every head reads before anything else trains."""
-    backbone = describe_backbone(vit)
-    out = []
-    for i in range(0, len(pixels), 64):
-        x = backbone.embed(pixels[i : i + 64].to(device), True)
-        for layer in backbone.layers:
-            x = layer(x, None)
-        out.append(backbone.final_norm(x[:, 0]).float().cpu())
-    return torch.cat(out)
-
-
-def run_head(data, features, lr, seed, args, accelerator):
-    torch.manual_seed(seed)
-    head = nn.Linear(features["train"].shape[1], data["num_labels"])
-    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
-    x, y = features["train"], data["train"][1]
-    fit(head, lambda m, idx: nn.functional.cross_entropy(m(x[idx].to(accelerator.device)),
-                                                         y[idx].to(accelerator.device)),
-        len(y), lr, seed, args, accelerator)
-    return head.cpu()
-
-
-def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator, cache=None):
-    """Train one setting; ``cache`` (memory-masked only): the training images' base keys/values, read instead of
-    running the base rows at every step."""
-    torch.manual_seed(seed)
-    model = apply_setting(copy.deepcopy(vit), setting, num_labels=data["num_labels"], m=m,
-                          label_names=data["label_names"], image_size=args.image_size)
-    if probe is not None:
-        model.base_model.initialise_head("default", probe)
-    x, y = data["train"]
-    device = accelerator.device
-
-    def loss_of(mdl, idx):
-        inputs = {"base_keys_values": cache.batch(idx.tolist())["base_keys_values"].to(device)} if cache is not None \
-            else {"pixel_values": x[idx].to(device), "interpolate_pos_encoding": True}
-        return mdl(**inputs, labels=y[idx].to(device)).loss
-
-    fit(model, loss_of, len(y), lr, seed, args, accelerator)
-    return accelerator.unwrap_model(model)
-
-
-def base_cache(vit, data, args, folder: Path):
-    """The training images' base keys/values (fp16, memory-mapped), computed once for every masked run."""
-    x, y = data["train"]
-    model = apply_setting(copy.deepcopy(vit), "memory-masked", num_labels=data["num_labels"], m=1).eval()
-    rows = datasets.Dataset.from_dict({"row": list(range(len(y)))})
-    return build_cache(model, rows, lambda batch: {"pixel_values": x[batch["row"]], "labels": y[batch["row"]]},
-                       folder, args.image_size, batch_size=64)
 
 
 def table_for(data, vit, args, accelerator, log) -> dict:
@@ -194,7 +105,7 @@ def table_for(data, vit, args, accelerator, log) -> dict:
         lr, val = swept.lr, swept.scores
         rows[column] = {"lr": lr, "val": val, "sweep_stopped_by": swept.stopped_by, "test": tests,
                         "seconds": round(time.perf_counter() - began)}
-        spread = f" ± {(max(tests) - min(tests)) / 2 * 100:.1f}" if len(tests) > 1 else ""
+        spread = f" ± {mean_and_error(tests)[1] * 100:.1f}" if len(tests) > 1 else ""
         log(f"  {column:<18} lr {lr:<6} val {max(val.values()) * 100:5.1f}  test {statistics.mean(tests) * 100:5.1f}"
             f"{spread}  ({rows[column]['seconds']} s)")
         return model
@@ -218,20 +129,26 @@ def table_for(data, vit, args, accelerator, log) -> dict:
         return record(column, swept, [accuracy(model_logits(x, device), *data["test"]) for x in models], began,
                       swept.trained)
 
-    setting_row("head+cls", "head+cls", 0, args.grids["head+cls"])
-    setting_row("full", "full", 0, args.grids["full"])
+    setting_row("head+cls", "head+cls", 0, args.grids["head+cls"], seeds=args.seeds)
+    setting_row("full", "full", 0, args.grids["full"], seeds=args.seeds)
     adapters = {"memory m=5": setting_row("memory m=5", "memory", 5, args.grids["memory"], seeds=args.seeds)}
     for m in (m for m in args.memory_sizes if m != 5):  # its own sweep: larger memories want smaller LRs
         adapters[f"memory m={m}"] = setting_row(f"memory m={m}", "memory", m, args.grids["memory"])
     with tempfile.TemporaryDirectory(dir=args.output_dir) as folder:
         cache = base_cache(vit, data, args, Path(folder, "cache")) if args.cache_base else None
         adapters["memory-masked m=5"] = setting_row("memory-masked m=5", "memory-masked", 5,
-                                                    args.grids["memory-masked"], cache=cache)
+                                                    args.grids["memory-masked"], seeds=args.seeds, cache=cache)
     return {"rows": rows, "adapters": adapters}
 
 
 def mean(rows, column):
     return statistics.mean(rows[column]["test"]) if column in rows else float("nan")
+
+
+def comparisons(rows) -> list[tuple[str, str, float, float]]:
+    """(row, reference, difference of test means, their joint standard error) for the issue's goals."""
+    pairs = [("full", "head"), ("memory m=5", "head+cls"), ("memory-masked m=5", "head+cls")]
+    return [(a, b, *difference(rows[a]["test"], rows[b]["test"])) for a, b in pairs if a in rows and b in rows]
 
 
 def markdown(results: dict, args) -> str:
@@ -243,15 +160,22 @@ def markdown(results: dict, args) -> str:
         cells = []
         for column in columns:
             tests = rows[column]["test"]
-            spread = f" ± {(max(tests) - min(tests)) / 2 * 100:.1f}" if len(tests) > 1 else ""
+            spread = f" ± {mean_and_error(tests)[1] * 100:.1f}" if len(tests) > 1 else ""
             cells.append(f"{statistics.mean(tests) * 100:.1f}{spread}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['gap_closure']:.2f} | "
                      f"{result['masked_gap_closure']:.2f} |")
-        lines.append(f"| best LR | " + " | ".join(str(rows[c]["lr"]) for c in columns) + " | | |")
+        lines.append("| best LR | " + " | ".join(str(rows[c]["lr"]) for c in columns) + " | | |")
+    lines.append("\nDifferences of test means, in units of their joint standard error (issue 16's goals: each "
+                 "memory row above head + class token by at least one):")
+    for name, result in results.items():
+        lines.append(f"- {name}: " + "; ".join(
+            f"{a} − {b} {100 * d:+.1f} ({d / e:+.1f} s.e.)" if e > 0 else f"{a} − {b} {100 * d:+.1f}"
+            for a, b, d, e in comparisons(result["rows"])))
     lines.append(f"\n{args.train_size} train / {args.val_size} validation (from train) / {args.test_size} test images "
                  f"per dataset at {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9, "
                  f"cosine with {args.warmup_steps} warmup steps, clip 1.0; LR grids {args.grids}; head init "
-                 f"{args.head_init}; seeds {args.seeds} (head, memory m=5: mean ± half range). Backbone {args.backbone}.")
+                 f"{args.head_init}; seeds {args.seeds} (compared rows: mean ± standard error); mixed precision "
+                 f"{args.mixed_precision}. Backbone {args.backbone}.")
     return "\n".join(lines)
 
 
@@ -297,7 +221,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
     started = time.perf_counter()
 
     def log(line):

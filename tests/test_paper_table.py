@@ -1,6 +1,8 @@
 """benchmarks/paper_table.py end to end on tiny subsets of both bundled datasets (the real run is in the README)."""
 
 import json
+import math
+import statistics
 import sys
 
 import pytest
@@ -43,3 +45,32 @@ def test_table_files_cards_and_the_multitask_check(tmp_path):
     assert saved["multitask"]["merged"] == merged
     table = (tmp_path / "out" / "results.md").read_text()
     assert table.startswith("| dataset | full | head | head+cls | memory m=1 | memory m=5 | memory-masked m=5 |")
+    for name, result in results.items():  # every compared row ran both seeds; the goals line reads their means
+        rows = result["rows"]
+        assert all(len(rows[c]["test"]) == 2 for c in ("head+cls", "full", "memory-masked m=5"))
+        d = statistics.mean(rows["memory-masked m=5"]["test"]) - statistics.mean(rows["head+cls"]["test"])
+        assert f"memory-masked m=5 − head+cls {100 * d:+.1f}" in table.split(f"- {name}: ")[1].splitlines()[0]
+
+
+def test_gpu_preset_sets_the_full_scale_run_and_each_flag_overrides_it():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import paper_table
+
+    gpu = paper_table.parse_args(["--preset", "gpu"])
+    assert (gpu.train_size, gpu.test_size, gpu.epochs, gpu.seeds, gpu.batch_size, gpu.mixed_precision) == \
+        (0, 0, 10, 3, 256, "bf16")
+    assert gpu.memory_sizes == [5]
+    overridden = paper_table.parse_args(["--epochs", "12", "--preset", "gpu", "--mixed_precision", "no"])
+    assert (overridden.epochs, overridden.mixed_precision, overridden.seeds) == (12, "no", 3)
+    default = paper_table.parse_args([])
+    assert (default.train_size, default.epochs, default.mixed_precision) == (2000, 2, "no")
+
+
+def test_standard_error_and_difference_of_means():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import difference, mean_and_error
+
+    assert mean_and_error([0.5, 0.7, 0.9]) == pytest.approx((0.7, 0.2 / 3 ** 0.5))
+    gap, error = difference([0.5, 0.7, 0.9], [0.6, 0.6, 0.6])
+    assert (gap, error) == pytest.approx((0.1, 0.2 / 3 ** 0.5))
+    assert math.isnan(mean_and_error([0.5])[1])

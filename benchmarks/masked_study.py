@@ -1,0 +1,199 @@
+"""Why memory-masked falls below head + class token: the masked setting's recipe, factor by factor, at ten times the
+paper table's steps, with seeds.
+
+    python benchmarks/masked_study.py                          # bundled ViT-S/14, CIFAR-10, 98 px, 2,000 images x 20 epochs
+    python benchmarks/masked_study.py --experiments head+cls   # one experiment (e.g. the slow baseline in a 2nd process)
+    python benchmarks/masked_study.py --report                 # the table of every run recorded so far
+
+The memory-masked experiments train on the training images' base keys/values, cached once (``memory_peft.cache``),
+and are scored from caches of the validation and test images; head + class token runs on the images (its class token
+changes every base row). Each experiment sweeps its LR at seed 0 on the validation split (extending past an edge, as
+the paper table does), then runs the other seeds at the chosen LR. Every run is appended to ``runs.jsonl`` as it ends,
+so that processes running different experiments add up and an interrupted study resumes where it stopped.
+Test accuracy: mean +- standard error over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import (accuracy, base_cache, cached_accuracy, difference, frozen_features,  # noqa: E402
+                    mean_and_error, model_logits, prepare, run_head, run_setting)
+from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
+from memory_peft.cache import load_cache  # noqa: E402
+from memory_peft.data import image_processor  # noqa: E402
+from memory_peft.settings import apply_setting  # noqa: E402
+from memory_peft.sweep import sweep_learning_rate  # noqa: E402
+from memory_peft.tuner.backbone import load_backbone  # noqa: E402
+
+# name -> (setting, m, MemoryTokenConfig overrides, recipe overrides, LR grid); every row but head starts from the
+# head-only solution (the probe) unless its recipe says head_init "zero"
+EXPERIMENTS = {
+    "head+cls": ("head+cls", 0, {}, {}, [0.003, 0.01]),
+    "masked m=5 (paper recipe)": ("memory-masked", 5, {}, {}, [0.01, 0.03, 0.1, 0.3]),
+    "masked m=0 (class token only)": ("memory-masked", 0, {}, {}, [0.01, 0.03, 0.1]),
+    "masked m=5, zero head": ("memory-masked", 5, {}, {"head_init": "zero"}, [0.03, 0.1]),
+    "masked m=5, class token frozen": ("memory-masked", 5, {"train_class_token": False}, {}, [0.03, 0.1]),
+    "masked m=5, raw memory (no LayerNorm)": ("memory-masked", 5, {"memory_layernorm": False}, {}, [0.1, 0.3]),
+    "masked m=5, warmup 100": ("memory-masked", 5, {}, {"warmup_steps": 100}, [0.03, 0.1]),
+    "masked m=1": ("memory-masked", 1, {}, {}, [0.03, 0.1]),
+    "masked m=20": ("memory-masked", 20, {}, {}, [0.03, 0.1]),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default=None)
+    p.add_argument("--dataset", default=None, help="Hub id or local folder (default: bundled CIFAR-10)")
+    p.add_argument("--train_size", type=int, default=2000)
+    p.add_argument("--val_size", type=int, default=500)
+    p.add_argument("--test_size", type=int, default=1000)
+    p.add_argument("--image_size", type=int, default=98)
+    p.add_argument("--epochs", type=int, default=20, help="20 x 62 = 1240 steps: ten times the paper table's")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--warmup_steps", type=int, default=10)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--max_extensions", type=int, default=2)
+    p.add_argument("--experiments", nargs="+", default=None, choices=["head", *EXPERIMENTS],
+                   help="default: all, head first")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--report", action="store_true", help="only print the table of the runs recorded so far")
+    p.add_argument("--output_dir", default="outputs/masked_study")
+    args = p.parse_args(argv)
+    args.backbone = args.backbone or default_backbone()
+    args.dataset = args.dataset or default_dataset("cifar10")
+    args.experiments = args.experiments or ["head", *EXPERIMENTS]
+    return args
+
+
+def recorded_runs(out: Path) -> dict:
+    """(experiment, lr, seed) -> run, from runs.jsonl."""
+    path = out / "runs.jsonl"
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return {(r["experiment"], r["lr"], r["seed"]): r for r in runs}
+
+
+def record(out: Path, run: dict) -> dict:
+    with open(out / "runs.jsonl", "a") as file:  # one line per run, written whole
+        file.write(json.dumps(run) + "\n")
+    return run
+
+
+def caches(vit, data, args, out: Path) -> dict:
+    """The base keys/values of train, val and test, built on the first call and reused after."""
+    loaded = {}
+    for split in ("train", "val", "test"):
+        folder = out / f"cache_{split}"
+        if folder.exists():
+            model = apply_setting(copy.deepcopy(vit), "memory-masked", num_labels=data["num_labels"], m=1)
+            loaded[split] = load_cache(folder, model, args.image_size)
+        else:
+            loaded[split] = base_cache(vit, data, args, folder, split)
+    return loaded
+
+
+def run_study(args) -> None:
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    accelerator = Accelerator()
+    device = accelerator.device
+    vit = load_backbone(args.backbone).to(device).eval()
+    data = prepare(args.dataset, args, image_processor(args.backbone, args.image_size))
+    began = time.perf_counter()
+    features = {split: frozen_features(vit, data[split][0], device) for split in ("train", "val", "test")}
+    print(f"{data['name']}: {len(data['train'][1])} train / {len(data['val'][1])} val / {len(data['test'][1])} test, "
+          f"features in {time.perf_counter() - began:.0f} s", flush=True)
+    head_val = lambda h: accuracy(h, features["val"], data["val"][1])  # noqa: E731
+    probe = sweep_learning_rate(lambda lr: run_head(data, features, lr, 0, args, accelerator), head_val,
+                                [0.3, 1.0, 3.0], max_extensions=args.max_extensions)
+    if "head" in args.experiments:
+        done = recorded_runs(out)
+        for lr, val in probe.scores.items():
+            for seed in ([0] if lr != probe.lr else range(args.seeds)):
+                if ("head", lr, seed) not in done:
+                    head = probe.trained if seed == 0 else run_head(data, features, lr, seed, args, accelerator)
+                    test = accuracy(head, features["test"], data["test"][1]) if lr == probe.lr else None
+                    record(out, dict(experiment="head", lr=lr, seed=seed, val=val if seed == 0 else head_val(head),
+                                     test=test, seconds=0))
+    masked = [e for e in args.experiments if e in EXPERIMENTS and EXPERIMENTS[e][0] == "memory-masked"]
+    cached = caches(vit, data, args, out) if masked else None
+    for name in (e for e in args.experiments if e != "head"):
+        setting, m, overrides, recipe, grid = EXPERIMENTS[name]
+        run_args = copy.copy(args)
+        run_args.warmup_steps = recipe.get("warmup_steps", args.warmup_steps)
+        init = None if recipe.get("head_init") == "zero" else probe.trained
+
+        def train_one(lr, seed=0):
+            done = recorded_runs(out).get((name, lr, seed))
+            if done is not None:
+                return done
+            started = time.perf_counter()
+            cache = cached["train"] if setting == "memory-masked" else None
+            model = run_setting(vit, data, setting, m, lr, seed, init, run_args, accelerator, cache, **overrides)
+            if cache is not None:
+                val, test = (cached_accuracy(model, cached[s], device) for s in ("val", "test"))
+            else:
+                val, test = (accuracy(model_logits(model, device), *data[s]) for s in ("val", "test"))
+            run = record(out, dict(experiment=name, lr=lr, seed=seed, val=val, test=test,
+                                   seconds=round(time.perf_counter() - started)))
+            print(f"  {name:<40} lr {lr:<7} seed {seed}  val {100 * val:5.1f}  test {100 * test:5.1f}  "
+                  f"({run['seconds']} s)", flush=True)
+            return run
+
+        swept = sweep_learning_rate(train_one, lambda run: run["val"], grid, max_extensions=args.max_extensions)
+        for seed in range(1, args.seeds):
+            train_one(swept.lr, seed)
+    print(report(out, args), flush=True)
+
+
+def report(out: Path, args) -> str:
+    """The markdown table: per experiment, its sweep, the chosen LR and test mean +- standard error over seeds."""
+    runs = recorded_runs(out)
+    lines = ["| experiment | LRs tried (val %) | LR | test % (mean ± s.e.) | seeds | vs head+cls |", "|---" * 6 + "|"]
+    summary = {}
+    for name in ["head", *EXPERIMENTS]:
+        sweep = {lr: r["val"] for (e, lr, seed), r in runs.items() if e == name and seed == 0}
+        if not sweep:
+            continue
+        seeded = [x for (e, x, seed) in runs if e == name and seed > 0]  # the other seeds ran at the chosen LR
+        lr = seeded[0] if seeded else max(sweep, key=sweep.get)
+        tests = [r["test"] for (e, x, _), r in sorted(runs.items()) if e == name and x == lr and r["test"] is not None]
+        summary[name] = (tests, lr, sweep)
+    reference = summary.get("head+cls", [None])[0]
+    for name, (tests, lr, sweep) in summary.items():
+        tried = ", ".join(f"{x:g} ({100 * v:.1f})" for x, v in sorted(sweep.items()))
+        mean, error = mean_and_error(tests)
+        versus = ""
+        if reference and name != "head+cls":
+            gap, joint = difference(tests, reference)
+            versus = f"{100 * gap:+.1f} ({gap / joint:+.1f} s.e.)" if joint > 0 else f"{100 * gap:+.1f}"
+        lines.append(f"| {name} | {tried} | {lr:g} | {100 * mean:.1f} ± {100 * error:.1f} | {len(tests)} | {versus} |")
+    steps = args.epochs * (args.train_size // args.batch_size)
+    lines.append(f"\n{Path(args.dataset).name}, {args.train_size} train / {args.val_size} val (from train) / "
+                 f"{args.test_size} test images at {args.image_size} px, {steps} steps of batch {args.batch_size} "
+                 f"({args.epochs} epochs), SGD momentum 0.9, cosine with {args.warmup_steps} warmup steps unless "
+                 f"stated, clip 1.0; LR chosen on validation at seed 0. Backbone {args.backbone}.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.report:
+        print(report(Path(args.output_dir), args))
+    else:
+        run_study(args)
+
+
+if __name__ == "__main__":
+    main()

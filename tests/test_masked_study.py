@@ -1,0 +1,48 @@
+"""benchmarks/masked_study.py on a tiny subset: sweeps, seeds, the record of runs, resuming, the report."""
+
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED
+
+TINY = ["--train_size", "64", "--val_size", "32", "--test_size", "32", "--image_size", "28", "--epochs", "1",
+        "--batch_size", "16", "--seeds", "2", "--max_extensions", "1"]
+
+
+def test_study_records_every_run_resumes_without_retraining_and_reports_standard_errors(tmp_path, capsys):
+    if not (SHARED / "data" / "cifar10").is_dir():
+        pytest.skip("bundled CIFAR-10 not found")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import masked_study
+
+    experiments = ["head", "head+cls", "masked m=5 (paper recipe)", "masked m=5, raw memory (no LayerNorm)"]
+    args = [*TINY, "--output_dir", str(tmp_path), "--experiments", *experiments]
+    masked_study.main(args)
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    for name in experiments[1:]:
+        mine = [r for r in runs if r["experiment"] == name]
+        grid = set(masked_study.EXPERIMENTS[name][4])
+        swept = {r["lr"] for r in mine if r["seed"] == 0}
+        assert grid <= swept and len(swept - grid) <= 1  # --max_extensions 1
+        first = [r for r in mine if r["seed"] == 0]  # in the order tried: a tie keeps the LR tried first
+        chosen = max(first, key=lambda r: (r["val"], -first.index(r)))["lr"]
+        assert {r["lr"] for r in mine if r["seed"] == 1} == {chosen}  # the second seed at the best LR
+        assert all(0 <= r["val"] <= 1 and 0 <= r["test"] <= 1 for r in mine)
+    assert sorted(r["seed"] for r in runs if r["experiment"] == "head" and r["test"] is not None) == [0, 1]
+    for split in ("train", "val", "test"):  # the masked rows read cached base keys/values
+        assert (tmp_path / f"cache_{split}" / "cache_info.json").is_file()
+
+    capsys.readouterr()
+    masked_study.main(args)  # everything recorded: nothing trains again, the table is the same
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(runs)
+    table = capsys.readouterr().out.split("| experiment |", 1)[1]
+    masked_study.main([*args, "--report"])
+    assert capsys.readouterr().out.split("| experiment |", 1)[1] == table
+    row = next(line for line in table.splitlines() if line.startswith("| masked m=5 (paper recipe) |"))
+    tests = [r["test"] for r in runs if r["experiment"] == "masked m=5 (paper recipe)" and r["seed"] in (0, 1)
+             and r["lr"] == next(x["lr"] for x in runs if x["experiment"] == "masked m=5 (paper recipe)"
+                                 and x["seed"] == 1)]
+    mean, error = sum(tests) / 2, abs(tests[0] - tests[1]) / 2  # two values: s.e. = half their distance
+    assert f"| {100 * mean:.1f} ± {100 * error:.1f} | 2 |" in row
