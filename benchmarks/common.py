@@ -54,10 +54,12 @@ def prepare(dataset: str, args, processor) -> dict:
     return out
 
 
-def fit(model: nn.Module, loss_of, n: int, lr: float, seed: int, args, accelerator: Accelerator) -> None:
+def fit(model: nn.Module, loss_of, n: int, lr: float, seed: int, args, accelerator: Accelerator,
+        head_lr=None) -> None:
     """The paper's recipe over ``epochs`` seeded passes of ``n`` examples; ``loss_of(model, indices)``."""
     steps_per_epoch = n // args.batch_size
-    trainable, optimizer, scheduler = paper_recipe(model, lr, args.warmup_steps, args.epochs * steps_per_epoch)
+    trainable, optimizer, scheduler = paper_recipe(model, lr, args.warmup_steps, args.epochs * steps_per_epoch,
+                                                   head_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(seed)
     model.train()
@@ -108,9 +110,10 @@ def run_head(data, features, lr, seed, args, accelerator):
     return head.cpu()
 
 
-def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator, cache=None, **overrides):
-    """Train one setting (``overrides``: MemoryTokenConfig fields); ``cache`` (memory-masked only): the training
-    images' base keys/values, read instead of running the base rows at every step."""
+def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator, cache=None, head_lr=None, **overrides):
+    """Train one setting (``overrides``: MemoryTokenConfig fields; ``head_lr``: the head's own LR); ``cache``
+    (memory-masked only): the training images' base keys/values, read instead of running the base rows at every
+    step."""
     torch.manual_seed(seed)
     model = apply_setting(copy.deepcopy(vit), setting, num_labels=data["num_labels"], m=m,
                           label_names=data["label_names"], image_size=args.image_size, **overrides)
@@ -124,7 +127,7 @@ def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator, cache
             else {"pixel_values": x[idx].to(device), "interpolate_pos_encoding": True}
         return mdl(**inputs, labels=y[idx].to(device)).loss
 
-    fit(model, loss_of, len(y), lr, seed, args, accelerator)
+    fit(model, loss_of, len(y), lr, seed, args, accelerator, head_lr)
     return accelerator.unwrap_model(model)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,12 +37,15 @@ from memory_peft.sweep import sweep_learning_rate  # noqa: E402
 from memory_peft.tuner.backbone import load_backbone  # noqa: E402
 
 # name -> (setting, m, MemoryTokenConfig overrides, recipe overrides, LR grid); every row but head starts from the
-# head-only solution (the probe) unless its recipe says head_init "zero"
+# head-only solution (the probe) unless its recipe says head_init "zero"; head_lr "probe": the head trains at the LR
+# the probe chose (paper_recipe's head_lr), everything else at the row's LR
 EXPERIMENTS = {
     "head+cls": ("head+cls", 0, {}, {}, [0.003, 0.01]),
     "masked m=5 (paper recipe)": ("memory-masked", 5, {}, {}, [0.01, 0.03, 0.1, 0.3]),
     "masked m=0 (class token only)": ("memory-masked", 0, {}, {}, [0.01, 0.03, 0.1]),
     "masked m=5, zero head": ("memory-masked", 5, {}, {"head_init": "zero"}, [0.03, 0.1]),
+    "masked m=0, zero head": ("memory-masked", 0, {}, {"head_init": "zero"}, [0.003, 0.01]),
+    "masked m=5, head at the probe's LR": ("memory-masked", 5, {}, {"head_lr": "probe"}, [0.003, 0.01]),
     "masked m=5, class token frozen": ("memory-masked", 5, {"train_class_token": False}, {}, [0.03, 0.1]),
     "masked m=5, raw memory (no LayerNorm)": ("memory-masked", 5, {"memory_layernorm": False}, {}, [0.1, 0.3]),
     "masked m=5, warmup 100": ("memory-masked", 5, {}, {"warmup_steps": 100}, [0.03, 0.1]),
@@ -65,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--max_extensions", type=int, default=2)
     p.add_argument("--experiments", nargs="+", default=None, choices=["head", *EXPERIMENTS],
                    help="default: all, head first")
+    p.add_argument("--lr", action="append", default=[], metavar="EXPERIMENT=LR,LR",
+                   help="replace an experiment's LR grid (runs already recorded at these LRs are reused)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--report", action="store_true", help="only print the table of the runs recorded so far")
     p.add_argument("--output_dir", default="outputs/masked_study")
@@ -72,6 +78,12 @@ def parse_args(argv=None):
     args.backbone = args.backbone or default_backbone()
     args.dataset = args.dataset or default_dataset("cifar10")
     args.experiments = args.experiments or ["head", *EXPERIMENTS]
+    args.grids = {name: row[4] for name, row in EXPERIMENTS.items()}
+    for item in args.lr:
+        name, _, values = item.rpartition("=")
+        if name not in EXPERIMENTS:
+            p.error(f"--lr {item}: no experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
+        args.grids[name] = [float(v) for v in values.split(",")]
     return args
 
 
@@ -125,33 +137,38 @@ def run_study(args) -> None:
                     head = probe.trained if seed == 0 else run_head(data, features, lr, seed, args, accelerator)
                     test = accuracy(head, features["test"], data["test"][1]) if lr == probe.lr else None
                     record(out, dict(experiment="head", lr=lr, seed=seed, val=val if seed == 0 else head_val(head),
-                                     test=test, seconds=0))
+                                     test=test, train=accuracy(head, features["train"], data["train"][1]), seconds=0))
     masked = [e for e in args.experiments if e in EXPERIMENTS and EXPERIMENTS[e][0] == "memory-masked"]
     cached = caches(vit, data, args, out) if masked else None
     for name in (e for e in args.experiments if e != "head"):
-        setting, m, overrides, recipe, grid = EXPERIMENTS[name]
+        setting, m, overrides, recipe, _ = EXPERIMENTS[name]
         run_args = copy.copy(args)
         run_args.warmup_steps = recipe.get("warmup_steps", args.warmup_steps)
         init = None if recipe.get("head_init") == "zero" else probe.trained
+        head_lr = probe.lr if recipe.get("head_lr") == "probe" else None
 
         def train_one(lr, seed=0):
+            lr = float(f"{lr:.6g}")  # extensions multiply by 3: record 0.0333333, not 0.033333333333333335
             done = recorded_runs(out).get((name, lr, seed))
             if done is not None:
                 return done
             started = time.perf_counter()
             cache = cached["train"] if setting == "memory-masked" else None
-            model = run_setting(vit, data, setting, m, lr, seed, init, run_args, accelerator, cache, **overrides)
-            if cache is not None:
-                val, test = (cached_accuracy(model, cached[s], device) for s in ("val", "test"))
+            model = run_setting(vit, data, setting, m, lr, seed, init, run_args, accelerator, cache, head_lr,
+                                **overrides)
+            fitted = {}
+            if cache is not None:  # scored from the caches; train accuracy too (cheap here), to see overfitting
+                val, test, fitted["train"] = (cached_accuracy(model, cached[s], device) for s in ("val", "test", "train"))
             else:
                 val, test = (accuracy(model_logits(model, device), *data[s]) for s in ("val", "test"))
-            run = record(out, dict(experiment=name, lr=lr, seed=seed, val=val, test=test,
+            run = record(out, dict(experiment=name, lr=lr, seed=seed, val=val, test=test, **fitted,
                                    seconds=round(time.perf_counter() - started)))
             print(f"  {name:<40} lr {lr:<7} seed {seed}  val {100 * val:5.1f}  test {100 * test:5.1f}  "
                   f"({run['seconds']} s)", flush=True)
             return run
 
-        swept = sweep_learning_rate(train_one, lambda run: run["val"], grid, max_extensions=args.max_extensions)
+        swept = sweep_learning_rate(train_one, lambda run: run["val"], args.grids[name],
+                                    max_extensions=args.max_extensions)
         for seed in range(1, args.seeds):
             train_one(swept.lr, seed)
     print(report(out, args), flush=True)
@@ -160,7 +177,8 @@ def run_study(args) -> None:
 def report(out: Path, args) -> str:
     """The markdown table: per experiment, its sweep, the chosen LR and test mean +- standard error over seeds."""
     runs = recorded_runs(out)
-    lines = ["| experiment | LRs tried (val %) | LR | test % (mean ± s.e.) | seeds | vs head+cls |", "|---" * 6 + "|"]
+    lines = ["| experiment | LRs tried (val %) | LR | test % (mean ± s.e.) | seeds | vs head+cls | train % |",
+             "|---" * 7 + "|"]
     summary = {}
     for name in ["head", *EXPERIMENTS]:
         sweep = {lr: r["val"] for (e, lr, seed), r in runs.items() if e == name and seed == 0}
@@ -168,17 +186,20 @@ def report(out: Path, args) -> str:
             continue
         seeded = [x for (e, x, seed) in runs if e == name and seed > 0]  # the other seeds ran at the chosen LR
         lr = seeded[0] if seeded else max(sweep, key=sweep.get)
-        tests = [r["test"] for (e, x, _), r in sorted(runs.items()) if e == name and x == lr and r["test"] is not None]
-        summary[name] = (tests, lr, sweep)
+        chosen = [r for (e, x, _), r in sorted(runs.items()) if e == name and x == lr and r["test"] is not None]
+        summary[name] = ([r["test"] for r in chosen], lr, sweep, [r["train"] for r in chosen if "train" in r])
     reference = summary.get("head+cls", [None])[0]
-    for name, (tests, lr, sweep) in summary.items():
+    for name, (tests, lr, sweep, fitted) in summary.items():
         tried = ", ".join(f"{x:g} ({100 * v:.1f})" for x, v in sorted(sweep.items()))
         mean, error = mean_and_error(tests)
         versus = ""
         if reference and name != "head+cls":
             gap, joint = difference(tests, reference)
             versus = f"{100 * gap:+.1f} ({gap / joint:+.1f} s.e.)" if joint > 0 else f"{100 * gap:+.1f}"
-        lines.append(f"| {name} | {tried} | {lr:g} | {100 * mean:.1f} ± {100 * error:.1f} | {len(tests)} | {versus} |")
+        train = f"{100 * statistics.mean(fitted):.1f}" if fitted else "—"
+        spread = f" ± {100 * error:.1f}" if len(tests) > 1 else ""
+        lines.append(f"| {name} | {tried} | {lr:g} | {100 * mean:.1f}{spread} | {len(tests)} | {versus} "
+                     f"| {train} |")
     steps = args.epochs * (args.train_size // args.batch_size)
     lines.append(f"\n{Path(args.dataset).name}, {args.train_size} train / {args.val_size} val (from train) / "
                  f"{args.test_size} test images at {args.image_size} px, {steps} steps of batch {args.batch_size} "

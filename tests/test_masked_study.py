@@ -18,12 +18,14 @@ def test_study_records_every_run_resumes_without_retraining_and_reports_standard
     import masked_study
 
     experiments = ["head", "head+cls", "masked m=5 (paper recipe)", "masked m=5, raw memory (no LayerNorm)"]
-    args = [*TINY, "--output_dir", str(tmp_path), "--experiments", *experiments]
+    raw_grid = [0.2, 0.4]
+    args = [*TINY, "--output_dir", str(tmp_path), "--experiments", *experiments,
+            "--lr", f"{experiments[3]}={raw_grid[0]},{raw_grid[1]}"]
     masked_study.main(args)
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     for name in experiments[1:]:
         mine = [r for r in runs if r["experiment"] == name]
-        grid = set(masked_study.EXPERIMENTS[name][4])
+        grid = set(raw_grid if name == experiments[3] else masked_study.EXPERIMENTS[name][4])
         swept = {r["lr"] for r in mine if r["seed"] == 0}
         assert grid <= swept and len(swept - grid) <= 1  # --max_extensions 1
         first = [r for r in mine if r["seed"] == 0]  # in the order tried: a tie keeps the LR tried first

@@ -59,7 +59,7 @@ def test_gpu_preset_sets_the_full_scale_run_and_each_flag_overrides_it():
     gpu = paper_table.parse_args(["--preset", "gpu"])
     assert (gpu.train_size, gpu.test_size, gpu.epochs, gpu.seeds, gpu.batch_size, gpu.mixed_precision) == \
         (0, 0, 10, 3, 256, "bf16")
-    assert gpu.memory_sizes == [5]
+    assert gpu.memory_sizes == [5] and gpu.head_init == "zero"
     overridden = paper_table.parse_args(["--epochs", "12", "--preset", "gpu", "--mixed_precision", "no"])
     assert (overridden.epochs, overridden.mixed_precision, overridden.seeds) == (12, "no", 3)
     default = paper_table.parse_args([])

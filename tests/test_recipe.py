@@ -1,0 +1,46 @@
+"""The paper's recipe (memory_peft.recipe): one LR by default, the heads' own LR when asked, refusals."""
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from conftest import tiny_vit
+from helpers import TINY_PIXELS
+from memory_peft import MemoryTokenConfig
+from memory_peft.recipe import paper_recipe
+from memory_peft.tuner.errors import InputError
+
+
+def memory_model():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, mode="masked", num_labels=3)).double()
+    nn.init.normal_(model.base_model.memory_head["default"].weight, std=0.5)  # a head that passes gradient
+    return model
+
+
+def one_step(model, lr, head_lr):
+    trainable, optimizer, scheduler = paper_recipe(model, lr, warmup_steps=0, total_steps=10, head_lr=head_lr)
+    model(pixel_values=TINY_PIXELS.double(), labels=torch.tensor([0, 1, 2])).loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer.step()
+    return {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}, scheduler
+
+
+def test_one_lr_unless_the_head_gets_its_own():
+    steps, scheduler = one_step(memory_model(), 0.01, None)
+    assert scheduler.get_last_lr() == [0.01]
+    same, _ = one_step(memory_model(), 0.01, 0.01)
+    for name in steps:  # head_lr equal to lr: the same first step, exactly
+        assert torch.equal(steps[name], same[name])
+    scaled, scheduler = one_step(memory_model(), 0.01, 1.0)
+    assert scheduler.get_last_lr() == [0.01, 1.0]
+    for name, step in steps.items():  # first SGD step = -lr * gradient: the head's is 100 x, the rest unchanged
+        expected = step * 100 if "memory_head" in name else step
+        assert torch.allclose(scaled[name], expected, rtol=1e-9, atol=1e-15), name  # steps read as differences
+    assert any("memory_head" in name for name in steps) and any("memory_tokens" in name for name in steps)
+
+
+def test_head_lr_without_a_task_head_is_refused():
+    with pytest.raises(InputError, match="no trainable task head"):
+        paper_recipe(nn.Linear(4, 2), 0.01, 0, 10, head_lr=1.0)
