@@ -73,7 +73,8 @@ def main(argv=None):
         with torch.enable_grad():
             probe = run_head(split, frozen, 1.0, 0, argparse.Namespace(**vars(PROBE), image_size=args.image_size),
                              Accelerator())
-        print(f"probe (head only on frozen features): validation {100 * accuracy(probe, frozen['val'], split['val'][1]):.1f} %")
+        own = accuracy(probe, frozen["val"], split["val"][1])
+        print(f"probe (head only on frozen features): validation {100 * own:.1f} %")
 
         def probe_accuracy(model):
             model.base_model.initialise_head("default", probe)
