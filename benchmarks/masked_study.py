@@ -103,11 +103,11 @@ def record(out: Path, run: dict) -> dict:
 
 def caches(vit, data, args, out: Path) -> dict:
     """The base keys/values of train, val and test, built on the first call and reused after."""
-    loaded = {}
+    loaded, model = {}, None
     for split in ("train", "val", "test"):
         folder = out / f"cache_{split}"
-        if folder.exists():
-            model = apply_setting(copy.deepcopy(vit), "memory-masked", num_labels=data["num_labels"], m=1)
+        if folder.exists():  # checked against one masked wrapper of the backbone, made once
+            model = model or apply_setting(copy.deepcopy(vit), "memory-masked", num_labels=data["num_labels"], m=1)
             loaded[split] = load_cache(folder, model, args.image_size)
         else:
             loaded[split] = base_cache(vit, data, args, folder, split)
