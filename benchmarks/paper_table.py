@@ -132,15 +132,17 @@ def table_for(data, vit, args, accelerator, log) -> dict:
         return record(column, swept, [accuracy(model_logits(x, device), *data["test"]) for x in models], began,
                       swept.trained)
 
+    # The compared rows first, the costliest (full) last of them: a run cut short (a GPU lease) keeps the most.
     setting_row("head+cls", "head+cls", 0, args.grids["head+cls"], seeds=args.seeds)
-    setting_row("full", "full", 0, args.grids["full"], seeds=args.seeds)
-    adapters = {"memory m=5": setting_row("memory m=5", "memory", 5, args.grids["memory"], seeds=args.seeds)}
-    for m in (m for m in args.memory_sizes if m != 5):  # its own sweep: larger memories want smaller LRs
-        adapters[f"memory m={m}"] = setting_row(f"memory m={m}", "memory", m, args.grids["memory"])
+    adapters = {}
     with tempfile.TemporaryDirectory(dir=args.output_dir) as folder:
         cache = base_cache(vit, data, args, Path(folder, "cache")) if args.cache_base else None
         adapters["memory-masked m=5"] = setting_row("memory-masked m=5", "memory-masked", 5,
                                                     args.grids["memory-masked"], seeds=args.seeds, cache=cache)
+    adapters["memory m=5"] = setting_row("memory m=5", "memory", 5, args.grids["memory"], seeds=args.seeds)
+    setting_row("full", "full", 0, args.grids["full"], seeds=args.seeds)
+    for m in (m for m in args.memory_sizes if m != 5):  # its own sweep: larger memories want smaller LRs
+        adapters[f"memory m={m}"] = setting_row(f"memory m={m}", "memory", m, args.grids["memory"])
     return {"rows": rows, "adapters": adapters}
 
 
@@ -235,7 +237,7 @@ def main(argv=None):
     results, masked, alone_masked, datasets = {}, {}, {}, {}
     for source in args.datasets:
         began = time.perf_counter()
-        data = prepare(source, args, processor)
+        data = prepare(source, args, processor, accelerator.device)
         datasets[data["name"]] = data
         log(f"{data['name']}: {len(data['train'][1])} train / {len(data['val'][1])} val / {len(data['test'][1])} test")
         result = table_for(data, vit, args, accelerator, log)
