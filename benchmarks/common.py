@@ -62,8 +62,11 @@ def prepare(dataset: str, args, processor, device=None) -> dict:
 
 
 def fit(model: nn.Module, loss_of, n: int, lr: float, seed: int, args, accelerator: Accelerator,
-        head_lr=None) -> None:
-    """The paper's recipe over ``epochs`` seeded passes of ``n`` examples; ``loss_of(model, indices)``."""
+        head_lr=None, index_device=None) -> None:
+    """The paper's recipe over ``epochs`` seeded passes of ``n`` examples; ``loss_of(model, indices)``, the indices on
+    ``index_device`` (default: the CPU). Data and indices on the GPU keep every step free of host-device copies: a
+    blocking copy per step (labels, or a CPU index into GPU pixels) waits for the step before, so the host could not
+    queue kernels ahead."""
     steps_per_epoch = n // args.batch_size
     trainable, optimizer, scheduler = paper_recipe(model, lr, args.warmup_steps, args.epochs * steps_per_epoch,
                                                    head_lr)
@@ -71,7 +74,7 @@ def fit(model: nn.Module, loss_of, n: int, lr: float, seed: int, args, accelerat
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(args.epochs):
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(index_device)  # the same order wherever it is used
         for step in range(steps_per_epoch):
             loss = loss_of(model, order[step * args.batch_size : (step + 1) * args.batch_size])
             accelerator.backward(loss)
@@ -85,8 +88,8 @@ def fit(model: nn.Module, loss_of, n: int, lr: float, seed: int, args, accelerat
 
 @torch.no_grad()
 def accuracy(predict, pixels_or_features: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> float:
-    correct = sum(int((predict(pixels_or_features[i : i + batch]).argmax(-1).cpu() == labels[i : i + batch]).sum())
-                  for i in range(0, len(labels), batch))
+    correct = sum(int((predict(pixels_or_features[i : i + batch]).argmax(-1).cpu() == labels[i : i + batch].cpu())
+                      .sum()) for i in range(0, len(labels), batch))
     return correct / len(labels)
 
 
@@ -111,10 +114,10 @@ def run_head(data, features, lr, seed, args, accelerator):
     torch.manual_seed(seed)
     head = nn.Linear(features["train"].shape[1], data["num_labels"])
     nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
-    x, y = features["train"], data["train"][1]
-    fit(head, lambda m, idx: nn.functional.cross_entropy(m(x[idx].to(accelerator.device)),
-                                                         y[idx].to(accelerator.device)),
-        len(y), lr, seed, args, accelerator)
+    device = accelerator.device
+    x, y = features["train"].to(device), data["train"][1].to(device)
+    fit(head, lambda m, idx: nn.functional.cross_entropy(m(x[idx]), y[idx]), len(y), lr, seed, args, accelerator,
+        index_device=device)
     return head.cpu()
 
 
@@ -127,15 +130,19 @@ def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator, cache
                           label_names=data["label_names"], image_size=args.image_size, **overrides)
     if probe is not None:
         model.base_model.initialise_head("default", probe)
-    x, y = data["train"]
     device = accelerator.device
+    x, y = data["train"][0], data["train"][1].to(device)
 
     def loss_of(mdl, idx):
-        inputs = {"base_keys_values": cache.batch(idx.tolist())["base_keys_values"].to(device)} if cache is not None \
-            else {"pixel_values": x[idx].to(device), "interpolate_pos_encoding": True}
-        return mdl(**inputs, labels=y[idx].to(device)).loss
+        if cache is not None:  # CPU indices: rows of the memory-mapped cache
+            inputs = {"base_keys_values": cache.batch(idx.tolist())["base_keys_values"].to(device)}
+            idx = idx.to(device)
+        else:
+            inputs = {"pixel_values": x[idx.to(x.device)], "interpolate_pos_encoding": True}
+        return mdl(**inputs, labels=y[idx]).loss
 
-    fit(model, loss_of, len(y), lr, seed, args, accelerator, head_lr)
+    fit(model, loss_of, len(y), lr, seed, args, accelerator, head_lr,
+        index_device=None if cache is not None else x.device)
     return accelerator.unwrap_model(model)
 
 

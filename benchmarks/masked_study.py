@@ -52,6 +52,11 @@ EXPERIMENTS = {
     "masked m=5, warmup 100": ("memory-masked", 5, {}, {"warmup_steps": 100}, [0.03, 0.1]),
     "masked m=1": ("memory-masked", 1, {}, {}, [0.03, 0.1]),
     "masked m=20": ("memory-masked", 20, {}, {}, [0.03, 0.1]),
+    # after the GPU table (full CIFAR-10: masked m=5 from a zero head 79.7 vs head + class token 83.4): what more
+    # memory, or a head that learns at the head-only LR, adds to the zero-head start
+    "masked m=20, zero head": ("memory-masked", 20, {}, {"head_init": "zero"}, [0.003, 0.01]),
+    "masked m=5, zero head, head at the probe's LR": ("memory-masked", 5, {}, {"head_init": "zero", "head_lr": "probe"},
+                                                      [0.003, 0.01, 0.03]),
 }
 
 

@@ -14,6 +14,8 @@ see the same images, steps and seeds, with the paper's recipe (SGD momentum 0.9,
 The settings that train more than a head start from the head-only solution (``--head_init probe``, calibrated at
 this table's 124 steps; at ten times the steps masked memory does better from a zero head: README, masked study).
 Then the masked adapters of all datasets are merged and each dataset is scored again through the merged model.
+``--settings`` trains some rows only (head always: it is the reference); every run is logged as it ends, and
+``paper_table_report.py`` makes one table of runs split that way (benchmarks/gpu_table.sh: a GPU lent by the minute).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from pathlib import Path
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (accuracy, base_cache, difference, frozen_features, mean_and_error, model_logits,  # noqa: E402
-                    prepare, run_head, run_setting)
+from common import (accuracy, base_cache, frozen_features, mean_and_error, model_logits, prepare,  # noqa: E402
+                    run_head, run_setting)
+from paper_table_report import bar_plot, closures, markdown, sweep_plot  # noqa: E402
 from memory_peft.artifact import load_multitask, merge_adapters  # noqa: E402
 from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
 from memory_peft.tuner.backbone import load_backbone  # noqa: E402
@@ -44,15 +47,18 @@ from memory_peft.training import TEMPLATE  # noqa: E402
 # the head-only start, memory at 0.3 diverged, m=20 diverged at 0.1 on fashion_mnist; each grid now brackets its best.
 LR_GRIDS = {"head": [0.3, 1.0, 3.0], "head+cls": [0.01, 0.03], "full": [0.0003, 0.001], "memory": [0.03, 0.1],
             "memory-masked": [0.03, 0.1]}
-COLUMNS = ["full", "head", "head+cls", "memory m=1", "memory m=5", "memory m=10", "memory m=20", "memory-masked m=5"]
-# --preset: defaults for a whole run, each overridable by its own flag. "gpu": both bundled datasets on all their
-# images, 10 epochs, 3 seeds, bf16 autocast, batch 256 (planned for one H100 in about 8 minutes; not yet timed there);
-# heads start from zero, as in the paper: at 10x the CPU table's steps, masked memory from a zero head beat the same
-# started from the probe by 2.5 points (benchmarks/masked_study.py, README).
+SETTINGS = ["head+cls", "memory-masked", "memory", "full"]
+# --preset: defaults for a whole run, each overridable by its own flag. "gpu": all images of a dataset, 4 epochs,
+# 3 seeds, bf16 autocast, batch 256, heads from zero as in the paper (at 10x the CPU table's steps, masked memory from
+# a zero head beat the same from the probe by 2.5 points: README, masked study). Measured on one H200 (README, "The
+# table on a GPU"): CIFAR-10's head + class token row took 96 s, memory-masked 124 s; head + class token's sweep rose
+# to 0.27 at its last extension and head-only's best was 0.3 (interior), hence their grids here. The five rows of
+# both datasets do not fit one 15-minute lease: --settings splits a table over calls.
 PRESETS = {
     "cpu": {},
-    "gpu": dict(train_size=0, val_size=5000, test_size=0, epochs=10, batch_size=256, warmup_steps=50, seeds=3,
-                memory_sizes=[5], mixed_precision="bf16", max_extensions=1, head_init="zero"),
+    "gpu": dict(train_size=0, val_size=5000, test_size=0, epochs=4, batch_size=256, warmup_steps=50, seeds=3,
+                memory_sizes=[5], mixed_precision="bf16", max_extensions=2, head_init="zero",
+                lr=["head=0.1,0.3,1", "head+cls=0.1,0.3"]),
 }
 
 
@@ -82,6 +88,9 @@ def parse_args(argv=None):
                    help="LR steps (x3 or /3) a sweep may add past the edge of its grid while the best sits there")
     p.add_argument("--lr", action="append", default=[], metavar="MODE=LR,LR", help="override an LR grid")
     p.add_argument("--head_init", choices=["probe", "zero"], default="probe")
+    p.add_argument("--settings", nargs="+", choices=SETTINGS, default=SETTINGS,
+                   help="the rows to train besides head (always: it is the reference and the probe); e.g. split one "
+                        "table over calls to a machine lent by the minute")
     p.add_argument("--output_dir", default="outputs/paper_table")
     p.add_argument("--cards_dir", default=str(Path(__file__).resolve().parents[1] / "model_cards"))
     preset, _ = p.parse_known_args(argv)
@@ -124,102 +133,42 @@ def table_for(data, vit, args, accelerator, log) -> dict:
 
     def setting_row(column, setting, m, grid, seeds=1, cache=None):
         began = time.perf_counter()
-        score = lambda model: accuracy(model_logits(model, device), *data["val"])  # noqa: E731
-        swept = sweep_learning_rate(lambda lr: run_setting(vit, data, setting, m, lr, 0, init, args, accelerator,
-                                                           cache), score, grid, max_extensions=args.max_extensions)
-        models = [swept.trained] + [run_setting(vit, data, setting, m, swept.lr, s, init, args, accelerator, cache)
-                                    for s in range(1, seeds)]
-        return record(column, swept, [accuracy(model_logits(x, device), *data["test"]) for x in models], began,
-                      swept.trained)
+        steps = args.epochs * (len(data["train"][1]) // args.batch_size)
+
+        def train(lr, seed=0):
+            """One run, logged as it ends (a run cut short still shows every run it finished): its model and
+            validation accuracy at seed 0 (the sweep), test accuracy at the other seeds (at the chosen LR)."""
+            started = time.perf_counter()
+            model = run_setting(vit, data, setting, m, lr, seed, init, args, accelerator, cache)
+            seconds = time.perf_counter() - started
+            split = "val" if seed == 0 else "test"
+            score = accuracy(model_logits(model, device), *data[split])
+            log(f"    {column} lr {lr:.4g} seed {seed}: {split} {100 * score:.1f}  ({seconds:.0f} s, "
+                f"{1000 * seconds / steps:.0f} ms per step)")
+            return model, score
+
+        swept = sweep_learning_rate(train, lambda run: run[1], grid, max_extensions=args.max_extensions)
+        model = swept.trained[0]
+        tests = [accuracy(model_logits(model, device), *data["test"])] + [train(swept.lr, s)[1]
+                                                                           for s in range(1, seeds)]
+        return record(column, swept, tests, began, model)
 
     # The compared rows first, the costliest (full) last of them: a run cut short (a GPU lease) keeps the most.
-    setting_row("head+cls", "head+cls", 0, args.grids["head+cls"], seeds=args.seeds)
     adapters = {}
-    with tempfile.TemporaryDirectory(dir=args.output_dir) as folder:
-        cache = base_cache(vit, data, args, Path(folder, "cache")) if args.cache_base else None
-        adapters["memory-masked m=5"] = setting_row("memory-masked m=5", "memory-masked", 5,
-                                                    args.grids["memory-masked"], seeds=args.seeds, cache=cache)
-    adapters["memory m=5"] = setting_row("memory m=5", "memory", 5, args.grids["memory"], seeds=args.seeds)
-    setting_row("full", "full", 0, args.grids["full"], seeds=args.seeds)
-    for m in (m for m in args.memory_sizes if m != 5):  # its own sweep: larger memories want smaller LRs
-        adapters[f"memory m={m}"] = setting_row(f"memory m={m}", "memory", m, args.grids["memory"])
+    if "head+cls" in args.settings:
+        setting_row("head+cls", "head+cls", 0, args.grids["head+cls"], seeds=args.seeds)
+    if "memory-masked" in args.settings:
+        with tempfile.TemporaryDirectory(dir=args.output_dir) as folder:
+            cache = base_cache(vit, data, args, Path(folder, "cache")) if args.cache_base else None
+            adapters["memory-masked m=5"] = setting_row("memory-masked m=5", "memory-masked", 5,
+                                                        args.grids["memory-masked"], seeds=args.seeds, cache=cache)
+    if "memory" in args.settings:
+        adapters["memory m=5"] = setting_row("memory m=5", "memory", 5, args.grids["memory"], seeds=args.seeds)
+    if "full" in args.settings:
+        setting_row("full", "full", 0, args.grids["full"], seeds=args.seeds)
+    for m in (m for m in args.memory_sizes if m != 5 and "memory" in args.settings):  # own sweeps: larger memories
+        adapters[f"memory m={m}"] = setting_row(f"memory m={m}", "memory", m, args.grids["memory"])  # want lower LRs
     return {"rows": rows, "adapters": adapters}
-
-
-def mean(rows, column):
-    return statistics.mean(rows[column]["test"]) if column in rows else float("nan")
-
-
-def comparisons(rows) -> list[tuple[str, str, float, float]]:
-    """(row, reference, difference of test means, their joint standard error) for the issue's goals."""
-    pairs = [("full", "head"), ("memory m=5", "head+cls"), ("memory-masked m=5", "head+cls")]
-    return [(a, b, *difference(rows[a]["test"], rows[b]["test"])) for a, b in pairs if a in rows and b in rows]
-
-
-def markdown(results: dict, args) -> str:
-    columns = [c for c in COLUMNS if any(c in r["rows"] for r in results.values())]
-    lines = ["| dataset | " + " | ".join(columns) + " | gap closure m=5 | masked gap closure |",
-             "|---" * (len(columns) + 3) + "|"]
-    for name, result in results.items():
-        rows = result["rows"]
-        cells = []
-        for column in columns:
-            tests = rows[column]["test"]
-            spread = f" ± {mean_and_error(tests)[1] * 100:.1f}" if len(tests) > 1 else ""
-            cells.append(f"{statistics.mean(tests) * 100:.1f}{spread}")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['gap_closure']:.2f} | "
-                     f"{result['masked_gap_closure']:.2f} |")
-        lines.append("| best LR | " + " | ".join(str(rows[c]["lr"]) for c in columns) + " | | |")
-    lines.append("\nDifferences of test means, in units of their joint standard error (issue 16's goals: each "
-                 "memory row above head + class token by at least one):")
-    for name, result in results.items():
-        lines.append(f"- {name}: " + "; ".join(
-            f"{a} − {b} {100 * d:+.1f} ({d / e:+.1f} s.e.)" if e > 0 else f"{a} − {b} {100 * d:+.1f}"
-            for a, b, d, e in comparisons(result["rows"])))
-    lines.append(f"\n{args.train_size} train / {args.val_size} validation (from train) / {args.test_size} test images "
-                 f"per dataset at {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9, "
-                 f"cosine with {args.warmup_steps} warmup steps, clip 1.0; LR grids {args.grids}; head init "
-                 f"{args.head_init}; seeds {args.seeds} (compared rows: mean ± standard error); mixed precision "
-                 f"{args.mixed_precision}. Backbone {args.backbone}.")
-    return "\n".join(lines)
-
-
-def bar_plot(name: str, rows: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = [c for c in COLUMNS if c in rows]
-    values = [statistics.mean(rows[c]["test"]) * 100 for c in columns]
-    fig, ax = plt.subplots(figsize=(9, 3.5))
-    ax.bar(range(len(columns)), values, color=["#777"] * 3 + ["#36c"] * (len(columns) - 3))
-    ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
-    ax.set_ylim(max(0, min(values) - 10), min(100, max(values) + 5))
-    ax.set(ylabel="test accuracy (%)", title=f"fine-tune settings on {name}")
-    for i, v in enumerate(values):
-        ax.text(i, v + 0.3, f"{v:.1f}", ha="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def sweep_plot(name: str, rows: dict, path: Path) -> None:
-    """Validation accuracy against LR for every setting: where each sweep looked and where it stopped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for column in (c for c in COLUMNS if c in rows):
-        val = rows[column]["val"]
-        ax.plot(list(val), [100 * v for v in val.values()], marker="o", label=column)
-    ax.set(xscale="log", xlabel="learning rate", ylabel="validation accuracy (%)", title=f"LR sweeps on {name}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -239,14 +188,11 @@ def main(argv=None):
         began = time.perf_counter()
         data = prepare(source, args, processor, accelerator.device)
         datasets[data["name"]] = data
-        log(f"{data['name']}: {len(data['train'][1])} train / {len(data['val'][1])} val / {len(data['test'][1])} test")
+        log(f"{data['name']}: {len(data['train'][1])} train / {len(data['val'][1])} val / {len(data['test'][1])} test "
+            f"(loaded and preprocessed in {time.perf_counter() - began:.0f} s)")
         result = table_for(data, vit, args, accelerator, log)
         rows = result["rows"]
-        head, full = mean(rows, "head"), mean(rows, "full")
-        gap = (full - head) if full != head else float("nan")
-        results[data["name"]] = {"rows": rows, "gap_closure": (mean(rows, "memory m=5") - head) / gap,
-                                 "masked_gap_closure": (mean(rows, "memory-masked m=5") - head) / gap,
-                                 "seconds": round(time.perf_counter() - began)}
+        results[data["name"]] = {"rows": rows, **closures(rows), "seconds": round(time.perf_counter() - began)}
         log(f"  {data['name']} done in {results[data['name']]['seconds'] / 60:.1f} min")
         bar_plot(data["name"], rows, out / f"{data['name']}.png")
         sweep_plot(data["name"], rows, out / f"{data['name']}_sweeps.png")
@@ -262,8 +208,9 @@ def main(argv=None):
             card.save(folder / "README.md")
             Path(args.cards_dir).mkdir(parents=True, exist_ok=True)
             card.save(Path(args.cards_dir) / f"{data['name']}-{folder.name}.md")
-        masked[data["name"]] = out / data["name"] / "memory-masked_m5"
-        alone_masked[data["name"]] = rows["memory-masked m=5"]["test"][0]
+        if "memory-masked m=5" in rows:
+            masked[data["name"]] = out / data["name"] / "memory-masked_m5"
+            alone_masked[data["name"]] = rows["memory-masked m=5"]["test"][0]
 
     merged_scores = {}
     if len(masked) > 1:  # the masked adapters of all datasets in one model, one forward pass per batch

@@ -72,6 +72,9 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval_every", type=int, default=0, help="steps between evaluations (0: only at the end)")
     p.add_argument("--checkpoint_every", type=int, default=0, help="steps between checkpoints (0: none)")
+    p.add_argument("--log_every", type=int, default=0,
+                   help="steps per logged training loss, the mean over them (0: every step on a CPU, every 10 on an "
+                        "accelerator, where reading the loss makes the host wait for the step)")
     p.add_argument("--num_workers", type=int, default=-1,
                    help="DataLoader workers; -1: 4 on GPU, 0 on CPU (workers would take cores from the model)")
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's")
@@ -87,6 +90,8 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
     p.add_argument("--private", action="store_true")
     args = p.parse_args(argv)
+    if args.log_every < 0:
+        raise InputError(f"--log_every {args.log_every}: give a number of steps, or 0 for the default.")
     if args.cache_base and (args.setting or args.mode) != "memory-masked":
         raise InputError("--cache_base needs --setting memory-masked: only there are the base rows' keys/values "
                          "functions of the image alone.")
@@ -257,6 +262,8 @@ def train(args):
     if args.resume:
         step, epoch, batches_done = resume(accelerator, args, output_dir)
 
+    log_every = args.log_every or (1 if accelerator.device.type == "cpu" else 10)
+    window_loss, window_steps = 0.0, 0  # summed on the device; read back once per logged window
     started = time.time()
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc=args.setting)
     model.train()
@@ -279,9 +286,12 @@ def train(args):
                 continue
             step += 1
             bar.update(1)
-            loss_value = accelerator.reduce(loss.detach(), "mean").item()
-            accelerator.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step=step)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
+            window_loss, window_steps = window_loss + loss.detach(), window_steps + 1
+            if window_steps == log_every or step >= total_steps or step == args.stop_after:
+                loss_value = accelerator.reduce(window_loss / window_steps, "mean").item()
+                accelerator.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step=step)
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+                window_loss, window_steps = 0.0, 0
             if args.eval_every and step % args.eval_every == 0 and step < total_steps:
                 scores = evaluate_model(model, eval_loader, accelerator, metric=metric)
                 accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)

@@ -95,6 +95,13 @@ def test_labels_outside_the_head(adapter):
         model(pixel_values=PIXELS, labels=torch.tensor([0, 5]))
 
 
+def test_negative_log_every_is_refused():
+    from memory_peft.training import parse_args
+
+    with pytest.raises(InputError, match=r"--log_every -1: give a number of steps, or 0 for the default"):
+        parse_args(["--log_every", "-1"])
+
+
 # --- adapter files -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (dict(hidden_size=48), r"different backbone: hidden_size 32 \(this base model: 48\)"),

@@ -58,10 +58,14 @@ def test_gpu_preset_sets_the_full_scale_run_and_each_flag_overrides_it():
 
     gpu = paper_table.parse_args(["--preset", "gpu"])
     assert (gpu.train_size, gpu.test_size, gpu.epochs, gpu.seeds, gpu.batch_size, gpu.mixed_precision) == \
-        (0, 0, 10, 3, 256, "bf16")
-    assert gpu.memory_sizes == [5] and gpu.head_init == "zero"
-    overridden = paper_table.parse_args(["--epochs", "12", "--preset", "gpu", "--mixed_precision", "no"])
+        (0, 0, 4, 3, 256, "bf16")
+    assert gpu.memory_sizes == [5] and gpu.head_init == "zero" and gpu.max_extensions == 2
+    assert gpu.grids["head"] == [0.1, 0.3, 1.0] and gpu.grids["head+cls"] == [0.1, 0.3]  # measured on a GPU
+    assert gpu.grids["full"] == paper_table.LR_GRIDS["full"]
+    overridden = paper_table.parse_args(["--epochs", "12", "--preset", "gpu", "--mixed_precision", "no",
+                                         "--lr", "head+cls=0.5"])
     assert (overridden.epochs, overridden.mixed_precision, overridden.seeds) == (12, "no", 3)
+    assert overridden.grids["head+cls"] == [0.5] and overridden.grids["head"] == [0.1, 0.3, 1.0]
     default = paper_table.parse_args([])
     assert (default.train_size, default.epochs, default.mixed_precision) == (2000, 2, "no")
 
@@ -74,3 +78,60 @@ def test_standard_error_and_difference_of_means():
     gap, error = difference([0.5, 0.7, 0.9], [0.6, 0.6, 0.6])
     assert (gap, error) == pytest.approx((0.1, 0.2 / 3 ** 0.5))
     assert math.isnan(mean_and_error([0.5])[1])
+
+
+def test_settings_choose_the_rows_and_every_run_is_logged_as_it_ends(tmp_path, capsys):
+    if not (SHARED / "data" / "fashion_mnist").is_dir():
+        pytest.skip("bundled datasets not found")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import paper_table
+
+    results, alone, merged = paper_table.main([*TINY, "--datasets", str(SHARED / "data" / "fashion_mnist"),
+                                               "--settings", "memory-masked", "--output_dir", str(tmp_path / "out"),
+                                               "--cards_dir", str(tmp_path / "cards")])
+    rows = results["fashion_mnist"]["rows"]
+    assert sorted(rows) == ["head", "memory-masked m=5"] and merged == {}
+    assert math.isnan(results["fashion_mnist"]["gap_closure"])  # no full row: no gap to close
+    log = capsys.readouterr().out
+    for lr, val in rows["memory-masked m=5"]["val"].items():  # the sweep, one line per run
+        assert f"memory-masked m=5 lr {lr:.4g} seed 0: val {100 * val:.1f}" in log
+    chosen = rows["memory-masked m=5"]["lr"]
+    assert f"memory-masked m=5 lr {chosen:.4g} seed 1: test {100 * rows['memory-masked m=5']['test'][1]:.1f}" in log
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert table.startswith("| dataset | head | memory-masked m=5 |")
+
+
+def test_report_combines_runs_split_over_settings_and_refuses_other_budgets(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import paper_table
+    import paper_table_report
+    from memory_peft.tuner.errors import InputError
+
+    def row(*tests, lr=0.1):
+        return {"lr": lr, "val": {str(lr): 0.5}, "sweep_stopped_by": "interior", "test": list(tests), "seconds": 1}
+
+    def saved(name, args, rows):
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"args": vars(args), "results": {"cifar10": {"rows": rows}}}, default=str))
+        return path
+
+    args = paper_table.parse_args(["--preset", "gpu"])
+    first = saved("a", args, {"head": row(0.70, 0.72), "head+cls": row(0.80, 0.82), "full": row(0.60)})
+    second = saved("b", args, {"head": row(0.70, 0.72), "full": row(0.90, 0.92), "memory m=5": row(0.86, 0.88),
+                               "memory-masked m=5": row(0.75, 0.77)})
+    results = paper_table_report.main([str(first), str(second), "--output_dir", str(tmp_path / "both")])
+    rows = results["cifar10"]["rows"]
+    assert sorted(rows) == ["full", "head", "head+cls", "memory m=5", "memory-masked m=5"]
+    assert rows["full"]["test"] == [0.90, 0.92]  # the later file's row replaces the earlier one
+    assert results["cifar10"]["gap_closure"] == pytest.approx((0.87 - 0.71) / (0.91 - 0.71))
+    assert results["cifar10"]["masked_gap_closure"] == pytest.approx((0.76 - 0.71) / (0.91 - 0.71))
+    table = (tmp_path / "both" / "results.md").read_text()
+    assert "| cifar10 | 91.0 ± 1.0 | 71.0 ± 1.0 | 81.0 ± 1.0 | 87.0 ± 1.0 | 76.0 ± 1.0 | 0.80 | 0.25 |" in table
+    assert "memory-masked m=5 − head+cls -5.0 (-3.5 s.e.)" in table
+    assert (tmp_path / "both" / "cifar10_sweeps.png").read_bytes()[:4] == b"\x89PNG"
+
+    other = saved("c", paper_table.parse_args(["--preset", "gpu", "--epochs", "10"]), {"full": row(0.95)})
+    with pytest.raises(InputError, match=r"different epochs \(10 vs 4\): their rows do not belong in one table"):
+        paper_table_report.main([str(first), str(other), "--output_dir", str(tmp_path / "no")])
+    assert not (tmp_path / "no").exists()

@@ -62,6 +62,22 @@ def test_stop_and_resume_equals_straight_run(tmp_path):
         json.loads((straight / "results.json").read_text())["metrics"]
 
 
+def test_log_every_logs_the_mean_loss_of_each_window_and_the_last_step(tmp_path):
+    common = ["--setting", "memory-masked", "--m", "2", "--max_steps", "5"]
+    train(tmp_path / "each", *common)  # default on a CPU: every step
+    train(tmp_path / "windows", *common, "--log_every", "2")
+
+    def logged(folder):
+        return {r["step"]: r["train/loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                if "train/loss" in r}
+
+    each, windows = logged(tmp_path / "each"), logged(tmp_path / "windows")
+    assert sorted(each) == [1, 2, 3, 4, 5] and sorted(windows) == [2, 4, 5]  # the last, short window too
+    assert windows[2] == pytest.approx((each[1] + each[2]) / 2, rel=1e-5)
+    assert windows[4] == pytest.approx((each[3] + each[4]) / 2, rel=1e-5)
+    assert windows[5] == pytest.approx(each[5], rel=1e-5)
+
+
 def test_bf16_mixed_precision_on_cpu(tmp_path):
     out = tmp_path / "bf16"
     train(out, "--setting", "memory", "--m", "2", "--max_steps", "2", "--mixed_precision", "bf16")

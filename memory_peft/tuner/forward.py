@@ -231,12 +231,15 @@ class MemoryForward:
                   num_items: Optional[int] = None) -> ImageClassifierOutput:
         loss = None
         if labels is not None:
+            if logits.shape[-1] > 1 and labels.device.type == "cpu" and not torch.compiler.is_compiling():
+                # Our range check where it is free: reading an accelerator's labels back to the host would stall
+                # every training step (the host waits for the forward before it can queue the backward). Labels on
+                # an accelerator, and compiled code, get cross_entropy's own device-side check instead.
+                _check_label_range(labels, logits.shape[-1], name)
             labels = labels.to(logits.device)
             if logits.shape[-1] == 1:
                 loss = nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
             else:
-                if not torch.compiler.is_compiling():  # compiled: cross_entropy's own range check (no graph break)
-                    _check_label_range(labels, logits.shape[-1], name)
                 scores = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 heads: fp32 loss
                 if num_items is None:
                     loss = nn.functional.cross_entropy(scores, labels.long())
