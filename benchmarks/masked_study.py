@@ -197,13 +197,15 @@ def report(out: Path, args) -> str:
         lr = seeded[0] if seeded else max(sweep, key=sweep.get)
         chosen = [r for (e, x, _), r in sorted(runs.items()) if e == name and x == lr and r["test"] is not None]
         summary[name] = ([r["test"] for r in chosen], lr, sweep, [r["train"] for r in chosen if "train" in r])
-    reference = summary.get("head+cls", [None])[0]
+    # the reference: head + class token from the probe, else from a zero head (the start of the GPU table)
+    reference = next((n for n in ("head+cls", "head+cls, zero head") if n in summary), None)
     for name, (tests, lr, sweep, fitted) in summary.items():
         tried = ", ".join(f"{x:g} ({100 * v:.1f})" for x, v in sorted(sweep.items()))
         mean, error = mean_and_error(tests)
         versus = ""
-        if reference and name != "head+cls":
-            gap, joint = difference(tests, reference)
+        if reference and name != reference:
+            reference_tests = summary[reference][0]
+            gap, joint = difference(tests, reference_tests)
             versus = f"{100 * gap:+.1f} ({gap / joint:+.1f} s.e.)" if joint > 0 else f"{100 * gap:+.1f}"
         train = f"{100 * statistics.mean(fitted):.1f}" if fitted else "—"
         spread = f" ± {100 * error:.1f}" if len(tests) > 1 else ""
@@ -213,7 +215,9 @@ def report(out: Path, args) -> str:
     lines.append(f"\n{Path(args.dataset).name}, {args.train_size} train / {args.val_size} val (from train) / "
                  f"{args.test_size} test images at {args.image_size} px, {steps} steps of batch {args.batch_size} "
                  f"({args.epochs} epochs), SGD momentum 0.9, cosine with {args.warmup_steps} warmup steps unless "
-                 f"stated, clip 1.0; LR chosen on validation at seed 0. Backbone {args.backbone}.")
+                 f"stated, clip 1.0; LR chosen on validation at seed 0. Backbone {args.backbone}."
+                 + (f" 'vs head+cls': difference of test means to the row {reference!r}, in units of their joint "
+                    "standard error." if reference else ""))
     return "\n".join(lines)
 
 

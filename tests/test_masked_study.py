@@ -48,3 +48,18 @@ def test_study_records_every_run_resumes_without_retraining_and_reports_standard
                                  and x["seed"] == 1)]
     mean, error = sum(tests) / 2, abs(tests[0] - tests[1]) / 2  # two values: s.e. = half their distance
     assert f"| {100 * mean:.1f} ± {100 * error:.1f} | 2 |" in row
+
+
+def test_report_compares_with_head_and_class_token_from_a_zero_head_when_that_is_the_reference(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import masked_study
+
+    runs = [dict(experiment=name, lr=0.01, seed=seed, val=0.5, test=test, seconds=1)
+            for name, tests in (("head+cls, zero head", (0.80, 0.82)), ("masked m=5, zero head", (0.70, 0.72)))
+            for seed, test in enumerate(tests)]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    masked_study.main(["--report", "--output_dir", str(tmp_path)])
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("| masked m=5, zero head |"))
+    assert "| 71.0 ± 1.0 | 2 | -10.0 (-7.1 s.e.) |" in row  # s.e. 1.0 each, joint 1.41
+    assert "difference of test means to the row 'head+cls, zero head'" in table
