@@ -138,7 +138,7 @@ def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator, cache
             inputs = {"base_keys_values": cache.batch(idx.tolist())["base_keys_values"].to(device)}
             idx = idx.to(device)
         else:
-            inputs = {"pixel_values": x[idx.to(x.device)], "interpolate_pos_encoding": True}
+            inputs = {"pixel_values": x[idx], "interpolate_pos_encoding": True}  # idx already on x's device
         return mdl(**inputs, labels=y[idx]).loss
 
     fit(model, loss_of, len(y), lr, seed, args, accelerator, head_lr,

@@ -199,12 +199,12 @@ def report(out: Path, args) -> str:
         summary[name] = ([r["test"] for r in chosen], lr, sweep, [r["train"] for r in chosen if "train" in r])
     # the reference: head + class token from the probe, else from a zero head (the start of the GPU table)
     reference = next((n for n in ("head+cls", "head+cls, zero head") if n in summary), None)
+    reference_tests = summary[reference][0] if reference else None
     for name, (tests, lr, sweep, fitted) in summary.items():
         tried = ", ".join(f"{x:g} ({100 * v:.1f})" for x, v in sorted(sweep.items()))
         mean, error = mean_and_error(tests)
         versus = ""
         if reference and name != reference:
-            reference_tests = summary[reference][0]
             gap, joint = difference(tests, reference_tests)
             versus = f"{100 * gap:+.1f} ({gap / joint:+.1f} s.e.)" if joint > 0 else f"{100 * gap:+.1f}"
         train = f"{100 * statistics.mean(fitted):.1f}" if fitted else "—"

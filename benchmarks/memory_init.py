@@ -67,12 +67,11 @@ def main(argv=None):
     if args.probe:
         from accelerate import Accelerator
 
-        split = prepare(default_dataset("cifar10"), argparse.Namespace(**vars(PROBE), image_size=args.image_size),
-                        image_processor(backbone, args.image_size))
+        recipe = argparse.Namespace(**vars(PROBE), image_size=args.image_size)
+        split = prepare(default_dataset("cifar10"), recipe, image_processor(backbone, args.image_size))
         frozen = {s: frozen_features(vit, split[s][0], "cpu") for s in ("train", "val")}
         with torch.enable_grad():
-            probe = run_head(split, frozen, 1.0, 0, argparse.Namespace(**vars(PROBE), image_size=args.image_size),
-                             Accelerator())
+            probe = run_head(split, frozen, 1.0, 0, recipe, Accelerator())
         own = accuracy(probe, frozen["val"], split["val"][1])
         print(f"probe (head only on frozen features): validation {100 * own:.1f} %")
 
