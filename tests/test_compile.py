@@ -183,3 +183,33 @@ def test_cuda_graphs_serve_and_train(setting):
         loss.backward()
         losses.append(loss.detach().clone())
     assert all(torch.isfinite(loss) for loss in losses)
+
+
+def test_one_graph_serves_every_new_peft_model_of_a_layout_each_with_its_own_weights():
+    """A sweep compiles a fresh PeftModel per run: each used to compile again (its forward was guarded by identity),
+    and with fullgraph=True the ninth in a process failed at dynamo's recompile limit (8)."""
+    from torch._dynamo.utils import counters
+
+    vit = tiny_vit()
+    pixels, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
+    torch._dynamo.reset()
+    counters.clear()
+    losses = []
+    try:
+        for seed in range(10):
+            torch.manual_seed(seed)
+            model = apply_setting(copy.deepcopy(vit), "memory-masked", num_labels=3, m=2, init_std=0.5).train()
+            torch.nn.init.normal_(model.base_model.memory_head["default"].weight)  # heads start at zero
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            compiled_loss = torch.compile(model, backend="aot_eager", fullgraph=True)(pixel_values=pixels,
+                                                                                     labels=labels).loss
+            compiled_grads = torch.autograd.grad(compiled_loss, trainable)
+            eager_loss = model(pixel_values=pixels, labels=labels).loss
+            torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-6, rtol=1e-6)
+            for compiled_grad, eager_grad in zip(compiled_grads, torch.autograd.grad(eager_loss, trainable)):
+                torch.testing.assert_close(compiled_grad, eager_grad, atol=1e-6, rtol=1e-6)
+            losses.append(float(eager_loss))
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+    assert len(set(losses)) == len(losses)  # ten different models, each run with its own weights

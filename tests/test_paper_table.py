@@ -135,3 +135,49 @@ def test_report_combines_runs_split_over_settings_and_refuses_other_budgets(tmp_
     with pytest.raises(InputError, match=r"different epochs \(10 vs 4\): their rows do not belong in one table"):
         paper_table_report.main([str(first), str(other), "--output_dir", str(tmp_path / "no")])
     assert not (tmp_path / "no").exists()
+
+
+def test_training_under_autocast_casts_the_frozen_weights_once_and_trains_the_same(monkeypatch):
+    """bf16: the table's runs store frozen weights in bf16 (fewer ops per step), with the same trained weights and
+    scores as a run that lets autocast cast them at every use."""
+    import argparse
+    import copy
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import ViTConfig, ViTModel
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             image_size=32, patch_size=8), add_pooling_layer=False).eval()
+    data = {"train": (torch.randn(12, 3, 32, 32), torch.randint(0, 3, (12,))), "num_labels": 3,
+            "label_names": ["a", "b", "c"]}
+    args = argparse.Namespace(batch_size=4, epochs=2, warmup_steps=1, image_size=32)
+    AcceleratorState._reset_state(True)
+    try:
+        accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+        runs = {}
+        for name in ("cast", "every use"):
+            if name == "every use":
+                monkeypatch.setattr(common, "cast_frozen_weights", lambda model, dtype: 0)
+            for setting in ("head+cls", "memory-masked"):
+                model = common.run_setting(copy.deepcopy(vit), data, setting, 2, 0.1, 0, None, args, accelerator)
+                logits = common.model_logits(model, accelerator.device)(data["train"][0])
+                runs[name, setting] = (model, logits)
+    finally:
+        AcceleratorState._reset_state(True)
+    for setting in ("head+cls", "memory-masked"):
+        (cast, cast_logits), (plain, plain_logits) = runs["cast", setting], runs["every use", setting]
+        frozen = lambda model: {m.weight.dtype for m in model.modules()  # noqa: E731
+                                if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad}
+        assert frozen(cast) == {torch.bfloat16} and frozen(plain) == {torch.float32}
+        trained = [(n, p) for n, p in cast.named_parameters() if p.requires_grad]
+        assert trained and all(p.dtype == torch.float32 for _, p in trained)
+        plain_parameters = dict(plain.named_parameters())
+        for name, parameter in trained:
+            assert torch.equal(parameter, plain_parameters[name]), name
+        assert cast_logits.dtype == torch.float32 and torch.equal(cast_logits, plain_logits)

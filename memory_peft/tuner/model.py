@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import types
 import weakref
 from typing import Optional
 
@@ -262,31 +263,40 @@ def _names_of(model: nn.Module, module: nn.Module) -> list[str]:
     return [name for name, candidate in model.named_modules() if candidate is module]
 
 
-class _TunerForward:
-    """The base model's forward, routed through the tuner. A weak reference avoids a model <-> tuner cycle; a deep copy
-    of the model (inside a copy of the tuner, e.g. ``copy.deepcopy(peft_model)``) routes to the copied tuner."""
+class _TunerRoute(nn.Module):
+    """Where a base model's forward goes: its tuner, by weak reference (no model <-> tuner cycle). An ``nn.Module``,
+    never registered as a submodule (it lives in a bound method), because torch.compile guards a module by what the
+    code reads from it and other objects by identity: an identity-guarded forward made every new PeftModel of the
+    same layout compile again, and with ``fullgraph=True`` the ninth in one process failed (dynamo's recompile
+    limit)."""
 
     def __init__(self, tuner: MemoryTokenModel) -> None:
+        super().__init__()
         self.tuner = weakref.ref(tuner)
-        # transformers.Trainer keeps only the dataset columns named in forward's signature: show it the real one
-        signature = inspect.signature(MemoryForward.memory_forward)
-        self.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
 
-    def __call__(self, *args, **kwargs):
+    def __deepcopy__(self, memo):  # a deep copy of the model inside a copy of the tuner routes to the copied tuner
         tuner = self.tuner()
-        if tuner is None:
-            raise InputError("This model's memory adapters belonged to a PeftModel that no longer exists: wrap the "
-                             "model again (get_peft_model / PeftModel.from_pretrained), or call unload() on the "
-                             "PeftModel before dropping it to keep the plain model.")
-        return tuner.memory_forward(*args, **kwargs)
+        return _TunerRoute(memo.get(id(tuner), tuner))
 
-    def __deepcopy__(self, memo):
-        tuner = self.tuner()
-        return _TunerForward(memo.get(id(tuner), tuner))
+
+def _routed_forward(route: _TunerRoute, *args, **kwargs):
+    """The base model's forward, routed through the tuner (bound to a ``_TunerRoute``)."""
+    tuner = route.tuner()
+    if tuner is None:
+        raise InputError("This model's memory adapters belonged to a PeftModel that no longer exists: wrap the "
+                         "model again (get_peft_model / PeftModel.from_pretrained), or call unload() on the "
+                         "PeftModel before dropping it to keep the plain model.")
+    return tuner.memory_forward(*args, **kwargs)
+
+
+# transformers.Trainer keeps only the dataset columns named in forward's signature: show it the real one (a bound
+# method's signature drops the first parameter, here memory_forward's self)
+_routed_forward.__signature__ = inspect.signature(MemoryForward.memory_forward)
 
 
 def _install_forward(model: nn.Module, tuner: MemoryTokenModel) -> None:
     # a model wrapped again (e.g. after its first PeftModel was dropped) runs through the newest tuner
     installed = model.__dict__.get("forward")
-    if not isinstance(installed, _TunerForward) or installed.tuner() is not tuner:
-        model.forward = _TunerForward(tuner)
+    route = getattr(installed, "__self__", None)
+    if not isinstance(route, _TunerRoute) or route.tuner() is not tuner:
+        model.__dict__["forward"] = types.MethodType(_routed_forward, _TunerRoute(tuner))
