@@ -147,7 +147,8 @@ def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator, cache
 
     fit(model, loss_of, len(y), lr, seed, args, accelerator, head_lr,
         index_device=None if cache is not None else x.device)
-    return accelerator.unwrap_model(model)
+    # scored eagerly (batches of every size, no gradients: graphs that no training step would use again)
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def base_cache(vit, data, args, folder: Path, split: str = "train"):

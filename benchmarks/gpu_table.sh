@@ -4,7 +4,7 @@
 # back to back (it is given back 30 s after a call):
 #   here:   bash benchmarks/gpu_table.sh pack        # .whl/ (wheels) + .device/ (fp16 model, data copies), ignored
 #   call 1: bash benchmarks/gpu_table.sh setup       # carry .whl .device/model16: wheels, model cast back to fp32
-#   call 2: bash benchmarks/gpu_table.sh cifar10 [paper_table flags, e.g. --settings head+cls memory-masked]
+#   call 2: bash benchmarks/gpu_table.sh cifar10 [paper_table flags, e.g. --settings memory full --compile reduce-overhead]
 #           carry .device/data/cifar10
 #   call 3: bash benchmarks/gpu_table.sh fashion_mnist [flags]                 # carry .device/data/fashion_mnist
 # Seen there (2026-11-28): the repository's ignored folders do not survive from one call to the next, /tmp does, so

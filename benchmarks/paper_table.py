@@ -29,7 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from accelerate.utils import TorchDynamoPlugin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (accuracy, base_cache, frozen_features, mean_and_error, model_logits, prepare,  # noqa: E402
@@ -81,6 +83,9 @@ def parse_args(argv=None):
                    help="seeds for the compared rows (head, head+cls, full, memory m=5, memory-masked m=5); the other "
                         "memory sizes run seed 0")
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no", help="autocast for training")
+    p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile every training run's model (inductor, one graph, as train.py --compile; "
+                        "reduce-overhead: CUDA graphs); one graph per setting serves all its LRs and seeds")
     p.add_argument("--cache_base", action="store_true",
                    help="memory-masked rows train on the base keys/values of the training images, computed once per "
                         "dataset (fp16, memory_peft.cache) instead of at every step")
@@ -103,6 +108,16 @@ def parse_args(argv=None):
         setting, _, values = item.partition("=")
         args.grids[setting] = [float(v) for v in values.split(",")]
     return args
+
+
+def make_accelerator(args) -> Accelerator:
+    if not args.compile:
+        return Accelerator(mixed_precision=args.mixed_precision)
+    # one graph per setting and memory size, each reused by every run of it (a new PeftModel does not recompile),
+    # all through PeftModel.forward: more than dynamo's default limit of graphs per function (8) in one table
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return Accelerator(mixed_precision=args.mixed_precision,
+                       dynamo_plugin=TorchDynamoPlugin(backend="inductor", mode=args.compile, fullgraph=True))
 
 
 def table_for(data, vit, args, accelerator, log) -> dict:
@@ -175,7 +190,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = make_accelerator(args)
     started = time.perf_counter()
 
     def log(line):

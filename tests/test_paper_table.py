@@ -181,3 +181,63 @@ def test_training_under_autocast_casts_the_frozen_weights_once_and_trains_the_sa
         for name, parameter in trained:
             assert torch.equal(parameter, plain_parameters[name]), name
         assert cast_logits.dtype == torch.float32 and torch.equal(cast_logits, plain_logits)
+
+
+def test_compiled_runs_train_as_eager_ones_and_each_setting_compiles_once(monkeypatch):
+    """--compile: every run's model is compiled, and one graph per setting serves all of its LRs and seeds (a new
+    PeftModel per run does not recompile); the models come back uncompiled for scoring, trained as eager ones."""
+    import argparse
+    import copy
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DynamoBackend, TorchDynamoPlugin
+    from torch._dynamo.utils import counters
+    from transformers import ViTConfig, ViTModel
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+    import paper_table
+
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             image_size=32, patch_size=8), add_pooling_layer=False).eval()
+    data = {"train": (torch.randn(12, 3, 32, 32), torch.randint(0, 3, (12,))), "num_labels": 3,
+            "label_names": ["a", "b", "c"]}
+    args = paper_table.parse_args(["--compile", "reduce-overhead", "--batch_size", "4", "--epochs", "2",
+                                   "--warmup_steps", "1", "--image_size", "32"])
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)  # restored
+    runs, references = {}, {}
+    AcceleratorState._reset_state(True)
+    try:
+        plugin = paper_table.make_accelerator(args).state.dynamo_plugin
+        assert (plugin.backend, plugin.mode, plugin.fullgraph) == (DynamoBackend.INDUCTOR, "reduce-overhead", True)
+        assert torch._dynamo.config.recompile_limit >= 64
+        AcceleratorState._reset_state(True)
+        torch._dynamo.reset()
+        counters.clear()
+        accelerator = Accelerator(cpu=True, dynamo_plugin=TorchDynamoPlugin(backend="aot_eager", fullgraph=True))
+        for setting in ("head+cls", "memory-masked"):
+            for lr in (0.1, 0.3):
+                runs[setting, lr] = common.run_setting(copy.deepcopy(vit), data, setting, 2, lr, 0, None, args,
+                                                       accelerator)
+        graphs = counters["stats"]["unique_graphs"]
+        AcceleratorState._reset_state(True)
+        accelerator = Accelerator(cpu=True)
+        for setting, lr in runs:
+            references[setting, lr] = common.run_setting(copy.deepcopy(vit), data, setting, 2, lr, 0, None, args,
+                                                         accelerator)
+    finally:
+        AcceleratorState._reset_state(True)
+        torch._dynamo.reset()
+    assert graphs == 2  # one per setting, not one per run
+    for key, model in runs.items():
+        assert type(model).__name__ == "PeftModel"  # not the compiled wrapper
+        expected = dict(references[key].named_parameters())
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        assert trained
+        for name, parameter in trained:
+            torch.testing.assert_close(parameter, expected[name], atol=1e-5, rtol=1e-5)
+    head = lambda key: runs[key].base_model.memory_head["default"].weight  # noqa: E731
+    assert not torch.equal(head(("head+cls", 0.1)), head(("head+cls", 0.3)))
