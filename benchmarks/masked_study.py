@@ -59,6 +59,10 @@ EXPERIMENTS = {
                                                       [0.003, 0.01, 0.03]),
     # the reference at the same start as the GPU table (on the images: ~17 min per run on 2 cores)
     "head+cls, zero head": ("head+cls", 0, {}, {"head_init": "zero"}, [0.01, 0.03]),
+    # the rest of the paper's ordering at this budget, same start: full-attention memory and full fine-tuning (the
+    # gap-closure denominator); on the images, ~20 and ~29 min per run on 2 cores
+    "memory m=5, zero head": ("memory", 5, {}, {"head_init": "zero"}, [0.01, 0.03]),
+    "full, zero head": ("full", 0, {}, {"head_init": "zero"}, [0.001, 0.003]),
 }
 
 

@@ -137,6 +137,18 @@ def test_report_combines_runs_split_over_settings_and_refuses_other_budgets(tmp_
     assert not (tmp_path / "no").exists()
 
 
+def tiny_vit_and_data():
+    """A 2-layer random ViT and 12 random 32-px images of 3 classes, as prepare() lays them out."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             image_size=32, patch_size=8), add_pooling_layer=False).eval()
+    return vit, {"train": (torch.randn(12, 3, 32, 32), torch.randint(0, 3, (12,))), "num_labels": 3,
+                 "label_names": ["a", "b", "c"]}
+
+
 def test_training_under_autocast_casts_the_frozen_weights_once_and_trains_the_same(monkeypatch):
     """bf16: the table's runs store frozen weights in bf16 (fewer ops per step), with the same trained weights and
     scores as a run that lets autocast cast them at every use."""
@@ -146,16 +158,11 @@ def test_training_under_autocast_casts_the_frozen_weights_once_and_trains_the_sa
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from transformers import ViTConfig, ViTModel
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import common
 
-    torch.manual_seed(0)
-    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                             image_size=32, patch_size=8), add_pooling_layer=False).eval()
-    data = {"train": (torch.randn(12, 3, 32, 32), torch.randint(0, 3, (12,))), "num_labels": 3,
-            "label_names": ["a", "b", "c"]}
+    vit, data = tiny_vit_and_data()
     args = argparse.Namespace(batch_size=4, epochs=2, warmup_steps=1, image_size=32)
     AcceleratorState._reset_state(True)
     try:
@@ -194,17 +201,12 @@ def test_compiled_runs_train_as_eager_ones_and_each_setting_compiles_once(monkey
     from accelerate.state import AcceleratorState
     from accelerate.utils import DynamoBackend, TorchDynamoPlugin
     from torch._dynamo.utils import counters
-    from transformers import ViTConfig, ViTModel
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import common
     import paper_table
 
-    torch.manual_seed(0)
-    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                             image_size=32, patch_size=8), add_pooling_layer=False).eval()
-    data = {"train": (torch.randn(12, 3, 32, 32), torch.randint(0, 3, (12,))), "num_labels": 3,
-            "label_names": ["a", "b", "c"]}
+    vit, data = tiny_vit_and_data()
     args = paper_table.parse_args(["--compile", "reduce-overhead", "--batch_size", "4", "--epochs", "2",
                                    "--warmup_steps", "1", "--image_size", "32"])
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)  # restored
