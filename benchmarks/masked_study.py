@@ -190,8 +190,8 @@ def run_study(args) -> None:
 def report(out: Path, args) -> str:
     """The markdown table: per experiment, its sweep, the chosen LR and test mean +- standard error over seeds."""
     runs = recorded_runs(out)
-    lines = ["| experiment | LRs tried (val %) | LR | test % (mean ± s.e.) | seeds | vs head+cls | train % |",
-             "|---" * 7 + "|"]
+    lines = ["| experiment | LRs tried (val %) | LR | test % (mean ± s.e.) | seeds | vs head+cls | gap closure | train % |",
+             "|---" * 8 + "|"]
     summary = {}
     for name in ["head", *EXPERIMENTS]:
         sweep = {lr: r["val"] for (e, lr, seed), r in runs.items() if e == name and seed == 0}
@@ -204,6 +204,10 @@ def report(out: Path, args) -> str:
     # the reference: head + class token from the probe, else from a zero head (the start of the GPU table)
     reference = next((n for n in ("head+cls", "head+cls, zero head") if n in summary), None)
     reference_tests = summary[reference][0] if reference else None
+    # the issue's gap closure, (row - head) / (full - head), where full - head exceeds two joint standard errors
+    full = next((n for n in ("full", "full, zero head") if n in summary), None)
+    gap = difference(summary[full][0], summary["head"][0]) if full and "head" in summary else (0.0, float("inf"))
+    closes = 0 < gap[1] and gap[0] > 2 * gap[1]
     for name, (tests, lr, sweep, fitted) in summary.items():
         tried = ", ".join(f"{x:g} ({100 * v:.1f})" for x, v in sorted(sweep.items()))
         mean, error = mean_and_error(tests)
@@ -213,15 +217,19 @@ def report(out: Path, args) -> str:
             versus = f"{100 * gap:+.1f} ({gap / joint:+.1f} s.e.)" if joint > 0 else f"{100 * gap:+.1f}"
         train = f"{100 * statistics.mean(fitted):.1f}" if fitted else "—"
         spread = f" ± {100 * error:.1f}" if len(tests) > 1 else ""
+        closure = (f"{(mean - statistics.mean(summary['head'][0])) / gap[0]:.2f}"
+                   if closes and name not in ("head", full) else "—")
         lines.append(f"| {name} | {tried} | {lr:g} | {100 * mean:.1f}{spread} | {len(tests)} | {versus} "
-                     f"| {train} |")
+                     f"| {closure} | {train} |")
     steps = args.epochs * (args.train_size // args.batch_size)
     lines.append(f"\n{Path(args.dataset).name}, {args.train_size} train / {args.val_size} val (from train) / "
                  f"{args.test_size} test images at {args.image_size} px, {steps} steps of batch {args.batch_size} "
                  f"({args.epochs} epochs), SGD momentum 0.9, cosine with {args.warmup_steps} warmup steps unless "
                  f"stated, clip 1.0; LR chosen on validation at seed 0. Backbone {args.backbone}."
                  + (f" 'vs head+cls': difference of test means to the row {reference!r}, in units of their joint "
-                    "standard error." if reference else ""))
+                    "standard error." if reference else "")
+                 + (f" Gap closure: (row − head) / ({full} − head), {full} − head = {100 * gap[0]:.1f} points "
+                    f"({gap[0] / gap[1]:.1f} s.e.)." if closes else ""))
     return "\n".join(lines)
 
 

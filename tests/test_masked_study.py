@@ -63,3 +63,24 @@ def test_report_compares_with_head_and_class_token_from_a_zero_head_when_that_is
     row = next(line for line in table.splitlines() if line.startswith("| masked m=5, zero head |"))
     assert "| 71.0 ± 1.0 | 2 | -10.0 (-7.1 s.e.) |" in row  # s.e. 1.0 each, joint 1.41
     assert "difference of test means to the row 'head+cls, zero head'" in table
+
+
+def test_report_gives_gap_closure_only_where_full_fine_tuning_beats_head_by_two_standard_errors(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import masked_study
+
+    def report(full_tests):
+        rows = (("head", (0.70, 0.72)), ("full, zero head", full_tests), ("memory m=5, zero head", (0.76, 0.78)))
+        runs = [dict(experiment=name, lr=0.01, seed=seed, val=0.5, test=test, seconds=1)
+                for name, tests in rows for seed, test in enumerate(tests)]
+        (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+        masked_study.main(["--report", "--output_dir", str(tmp_path)])
+        table = capsys.readouterr().out
+        return {line.split(" | ")[0][2:]: line.split(" | ")[6] for line in table.splitlines()
+                if line.startswith("| ") and "---" not in line and not line.startswith("| experiment")}, table
+
+    closures, table = report((0.80, 0.82))  # full - head = 10 points, s.e. 1.41: (77 - 71) / 10
+    assert closures == {"head": "—", "full, zero head": "—", "memory m=5, zero head": "0.60"}
+    assert "(full, zero head − head), full, zero head − head = 10.0 points (7.1 s.e.)" in table
+    closures, table = report((0.72, 0.74))  # 2 points, 1.4 s.e.: no closure
+    assert set(closures.values()) == {"—"} and "Gap closure" not in table
