@@ -114,7 +114,8 @@ def make_accelerator(args) -> Accelerator:
     if not args.compile:
         return Accelerator(mixed_precision=args.mixed_precision)
     # one graph per setting and memory size, each reused by every run of it (a new PeftModel does not recompile),
-    # all through PeftModel.forward: more than dynamo's default limit of graphs per function (8) in one table
+    # all through PeftModel.forward: a whole table (settings, memory sizes, cached masked inputs) can pass dynamo's
+    # default limit of graphs per function (8)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return Accelerator(mixed_precision=args.mixed_precision,
                        dynamo_plugin=TorchDynamoPlugin(backend="inductor", mode=args.compile, fullgraph=True))
