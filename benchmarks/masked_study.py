@@ -206,8 +206,9 @@ def report(out: Path, args) -> str:
     reference_tests = summary[reference][0] if reference else None
     # the gap closure, (row - head) / (full - head), where full - head exceeds two joint standard errors
     full = next((n for n in ("full", "full, zero head") if n in summary), None)
-    gap = difference(summary[full][0], summary["head"][0]) if full and "head" in summary else (0.0, float("inf"))
-    closes = 0 < gap[1] and gap[0] > 2 * gap[1]
+    full_gap, full_error = (difference(summary[full][0], summary["head"][0]) if full and "head" in summary
+                            else (0.0, float("inf")))
+    closes = 0 < full_error and full_gap > 2 * full_error
     for name, (tests, lr, sweep, fitted) in summary.items():
         tried = ", ".join(f"{x:g} ({100 * v:.1f})" for x, v in sorted(sweep.items()))
         mean, error = mean_and_error(tests)
@@ -217,7 +218,7 @@ def report(out: Path, args) -> str:
             versus = f"{100 * gap:+.1f} ({gap / joint:+.1f} s.e.)" if joint > 0 else f"{100 * gap:+.1f}"
         train = f"{100 * statistics.mean(fitted):.1f}" if fitted else "—"
         spread = f" ± {100 * error:.1f}" if len(tests) > 1 else ""
-        closure = (f"{(mean - statistics.mean(summary['head'][0])) / gap[0]:.2f}"
+        closure = (f"{(mean - statistics.mean(summary['head'][0])) / full_gap:.2f}"
                    if closes and name not in ("head", full) else "—")
         lines.append(f"| {name} | {tried} | {lr:g} | {100 * mean:.1f}{spread} | {len(tests)} | {versus} "
                      f"| {closure} | {train} |")
@@ -228,8 +229,8 @@ def report(out: Path, args) -> str:
                  f"stated, clip 1.0; LR chosen on validation at seed 0. Backbone {args.backbone}."
                  + (f" 'vs head+cls': difference of test means to the row {reference!r}, in units of their joint "
                     "standard error." if reference else "")
-                 + (f" Gap closure: (row − head) / ({full} − head), {full} − head = {100 * gap[0]:.1f} points "
-                    f"({gap[0] / gap[1]:.1f} s.e.)." if closes else ""))
+                 + (f" Gap closure: (row − head) / ({full} − head), {full} − head = {100 * full_gap:.1f} points "
+                    f"({full_gap / full_error:.1f} s.e.)." if closes else ""))
     return "\n".join(lines)
 
 

@@ -70,7 +70,8 @@ def test_report_gives_gap_closure_only_where_full_fine_tuning_beats_head_by_two_
     import masked_study
 
     def report(full_tests):
-        rows = (("head", (0.70, 0.72)), ("full, zero head", full_tests), ("memory m=5, zero head", (0.76, 0.78)))
+        rows = (("head", (0.70, 0.72)), ("full, zero head", full_tests), ("memory m=5, zero head", (0.76, 0.78)),
+                ("head+cls, zero head", (0.74, 0.76)))
         runs = [dict(experiment=name, lr=0.01, seed=seed, val=0.5, test=test, seconds=1)
                 for name, tests in rows for seed, test in enumerate(tests)]
         (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
@@ -80,7 +81,8 @@ def test_report_gives_gap_closure_only_where_full_fine_tuning_beats_head_by_two_
                 if line.startswith("| ") and "---" not in line and not line.startswith("| experiment")}, table
 
     closures, table = report((0.80, 0.82))  # full - head = 10 points, s.e. 1.41: (77 - 71) / 10
-    assert closures == {"head": "—", "full, zero head": "—", "memory m=5, zero head": "0.60"}
+    assert closures == {"head": "—", "full, zero head": "—", "memory m=5, zero head": "0.60",
+                        "head+cls, zero head": "0.40"}
     assert "(full, zero head − head), full, zero head − head = 10.0 points (7.1 s.e.)" in table
     closures, table = report((0.72, 0.74))  # 2 points, 1.4 s.e.: no closure
     assert set(closures.values()) == {"—"} and "Gap closure" not in table
