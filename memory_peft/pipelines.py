@@ -10,8 +10,9 @@ at the image size the adapters were trained at.
     # or through the factory (``import memory_peft`` registers the task), with the processor given:
     transformers.pipeline("memory-image-classification", model=peft_model, image_processor=processor)
 
-The stock "image-classification" pipeline reads the class names from the base model's config, which knows nothing of
-the adapters' heads; this one reads them from each adapter's config (``label_names``, else "LABEL_i").
+The stock "image-classification" pipeline serves one active adapter (the base config then describes its head:
+tuner/labels.py) at the size its processor gives; this one reads each adapter's class names from its config
+(``label_names``, else "LABEL_i"), runs at the adapters' training size and serves several tasks from one forward.
 """
 
 from __future__ import annotations

@@ -69,11 +69,11 @@ def test_report_gives_gap_closure_only_where_full_fine_tuning_beats_head_by_two_
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import masked_study
 
-    def report(full_tests):
+    def report(full_tests, other_full=(), other_full_val=0.5):
         rows = (("head", (0.70, 0.72)), ("full, zero head", full_tests), ("memory m=5, zero head", (0.76, 0.78)),
-                ("head+cls, zero head", (0.74, 0.76)))
-        runs = [dict(experiment=name, lr=0.01, seed=seed, val=0.5, test=test, seconds=1)
-                for name, tests in rows for seed, test in enumerate(tests)]
+                ("head+cls, zero head", (0.74, 0.76)), ("full, zero head, head at the probe's LR", other_full))
+        runs = [dict(experiment=name, lr=0.01, seed=seed, val=other_full_val if name.endswith("probe's LR") else 0.6,
+                     test=test, seconds=1) for name, tests in rows for seed, test in enumerate(tests)]
         (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
         masked_study.main(["--report", "--output_dir", str(tmp_path)])
         table = capsys.readouterr().out
@@ -86,3 +86,9 @@ def test_report_gives_gap_closure_only_where_full_fine_tuning_beats_head_by_two_
     assert "(full, zero head − head), full, zero head − head = 10.0 points (7.1 s.e.)" in table
     closures, table = report((0.72, 0.74))  # 2 points, 1.4 s.e.: no closure
     assert set(closures.values()) == {"—"} and "Gap closure" not in table
+    # of two full fine-tuning rows, the one validation ranks first is the denominator, whatever test says
+    closures, table = report((0.80, 0.82), other_full=(0.90, 0.92), other_full_val=0.5)
+    assert closures["memory m=5, zero head"] == "0.60" and closures["full, zero head, head at the probe's LR"] == "—"
+    closures, table = report((0.80, 0.82), other_full=(0.90, 0.92), other_full_val=0.7)  # 20 points: 6 / 20
+    assert closures["memory m=5, zero head"] == "0.30" and closures["full, zero head"] == "—"
+    assert "(full, zero head, head at the probe's LR − head)" in table

@@ -76,3 +76,53 @@ def test_adapters_of_different_training_sizes_are_refused(real_vit_cached):
     activate(model, ["default", "other"])
     with pytest.raises(InputError, match=r"different image sizes \[56, 98\]"):
         MemoryImageClassificationPipeline(model)
+
+
+def test_stock_pipeline_names_the_active_adapters_classes_and_the_base_config_comes_back(tmp_path):
+    from transformers import ViTImageProcessor
+
+    from conftest import tiny_vit
+
+    vit = tiny_vit()
+    before = (dict(vit.config.id2label), dict(vit.config.label2id), vit.config.problem_type)
+    model = get_peft_model(vit, MemoryTokenConfig(m=2, num_labels=3, label_names=NAMES, mode="masked"),
+                           adapter_name="animals")
+    model.add_adapter("digits", MemoryTokenConfig(m=1, num_labels=5, mode="masked"))
+    randomise_task(model, "animals", 1)
+    randomise_task(model, "digits", 2)
+    model.eval()
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    image = Image.new("RGB", (20, 24), (200, 30, 60))
+    pixels = processor(image, return_tensors="pt")["pixel_values"]
+
+    def stock_and_forward(task, k):
+        """The stock pipeline's (label, score) top k, and the active adapter's own forward's."""
+        result = pipeline("image-classification", model=model, image_processor=processor)(image, top_k=k)
+        with torch.no_grad():
+            scores = model(pixel_values=pixels).logits[0].softmax(-1)
+        top = scores.topk(min(k, len(scores)))
+        names = model.peft_config[task].class_names()
+        return ranking(result), [(names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+
+    model.set_adapter("animals")
+    stock, forward = stock_and_forward("animals", 3)  # the base config's two default names would fail at class 2
+    assert [label for label, _ in stock] == [label for label, _ in forward] and {l for l, _ in stock} == set(NAMES)
+    torch.testing.assert_close([p for _, p in stock], [p for _, p in forward], atol=1e-6, rtol=0)
+    model.set_adapter("digits")
+    stock, forward = stock_and_forward("digits", 10)  # top_k capped at the active head's 5 classes
+    assert len(stock) == 5 and [label for label, _ in stock] == [label for label, _ in forward]
+    assert model.config.label2id == {f"LABEL_{i}": i for i in range(5)}
+    assert model.config.problem_type == "single_label_classification"
+    for state in ("several", "disabled", "unloaded"):  # no one head: the base config's own fields, unchanged
+        if state == "several":
+            activate(model, ["animals", "digits"])
+            described = (model.config.id2label, model.config.label2id, model.config.problem_type)
+        elif state == "disabled":
+            model.set_adapter("animals")
+            with model.disable_adapter():
+                described = (model.config.id2label, model.config.label2id, model.config.problem_type)
+            assert model.config.id2label == dict(enumerate(NAMES))  # back on leaving the context
+        else:
+            base = model.unload()
+            described = (base.config.id2label, base.config.label2id, base.config.problem_type)
+        assert described == before, state

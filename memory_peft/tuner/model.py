@@ -21,6 +21,7 @@ from .backbone import Backbone, check_signature, describe_backbone, layer_parts,
 from .config import MemoryTokenConfig
 from .errors import AdapterFileError, InputError
 from .forward import Layout, MemoryForward
+from .labels import base_classifier, describe_classifier
 from .layer import MemoryLayer
 from .registration import PREFIX
 
@@ -46,6 +47,7 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         self._layout: Optional[Layout] = None
         self._layer_index = {name: i for i, layer in enumerate(backbone.layers) for name in _names_of(model, layer)}
         if "memory_class_token" not in self._modules:
+            self._base_classifier = base_classifier(getattr(model, "config", None))
             self.memory_class_token = nn.ParameterDict()  # adapter -> (D,): embedding output at position 0
             self.memory_head = nn.ModuleDict()  # adapter -> Linear(D, num_labels)
             self.task_masks = nn.Module()  # non-persistent buffers: the active layout's task-mask rows
@@ -157,6 +159,7 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
         self._memory_enabled = enabled
+        self._describe_classifier()
         if enabled:
             self._set_task_trainability()
         else:
@@ -167,6 +170,7 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         super().delete_adapter(adapter_name)
         del self.memory_class_token[adapter_name], self.memory_head[adapter_name]
         self._layout = None
+        self._describe_classifier()
 
     # --- layout: what every layer reads for the active adapters, prepared outside the forward ------------------------
     def _prepare_layout(self, names: list[str]) -> Layout:
@@ -175,6 +179,7 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         for buffer in list(self.task_masks._buffers):
             delattr(self.task_masks, buffer)
         layers = self._backbone.layers
+        self._describe_classifier(names)
         if not names or any(n not in self.memory_class_token for n in names):
             self._layout = None
             return None
@@ -241,7 +246,15 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
             self._check_merge_allowed()
         model = super()._unload_and_optionally_merge(False, *args, **kwargs)
         model.__dict__.pop("forward", None)
+        describe_classifier(getattr(model, "config", None), None, self._base_classifier)
         return model
+
+    def _describe_classifier(self, names: Optional[list[str]] = None) -> None:
+        """The base config names the classes of the one active adapter, else says what it said before (labels.py)."""
+        names = self.active_adapters if names is None else names
+        enabled = getattr(self, "_memory_enabled", True)  # not yet set while the first adapter is injected
+        one = names[0] if len(names) == 1 and names[0] in self.memory_head and enabled else None
+        describe_classifier(getattr(self.model, "config", None), one and self.peft_config[one], self._base_classifier)
 
     def _memory_reads(self, adapter_names: list[str]) -> tuple[list[str], list[list[int]]]:
         """Memory blocks side by side (the tasks' own, then those read only through extension) and, per task, the
