@@ -207,3 +207,25 @@ def test_a_model_wrapped_again_after_its_first_peft_model_is_dropped_runs_the_ne
     with torch.no_grad():
         logits = second.eval()(pixel_values=PIXELS).logits
     assert logits.shape == (3, 5) and logits.abs().max() > 0
+
+
+def test_set_requires_grad_reaches_class_tokens_and_heads_and_training_follows_it():
+    model = build("masked", "random", names=("a", "b")).train()
+    model.set_requires_grad("a", False)  # peft's own API: the adapter stops training, all of it
+    assert not [name for name, p in model.named_parameters() if p.requires_grad]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.set_requires_grad(["a"])
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    adapter_a = {name for name, _ in model.named_parameters() if ".memory_" in name and "a" in name.split(".")}
+    assert trainable == adapter_a  # memories of every layer, class token and head
+    assert {"base_model.memory_class_token.a", "base_model.memory_head.a.weight"} <= trainable
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(pixel_values=PIXELS, labels=torch.tensor([0, 1, 3])).loss.backward()
+    optimizer.step()
+    assert {name for name, p in model.named_parameters() if not torch.equal(p, before[name])} == trainable
+    frozen_token = build("masked", "random", names=("c",))
+    frozen_token.peft_config["c"].train_class_token = False
+    frozen_token.set_requires_grad("c", True)  # the config's frozen class token stays frozen
+    assert not frozen_token.base_model.memory_class_token["c"].requires_grad
+    with pytest.raises(InputError, match="Unknown adapter"):
+        model.set_requires_grad("typo")

@@ -1,15 +1,12 @@
 """MemoryTokenModel: the peft tuner. Wraps every ViT layer in a MemoryLayer and owns per-task class tokens and heads.
 
-peft's PeftModel calls the base model's ``forward`` directly, so the tuner installs its own forward on the base
-model instance (restored on ``unload``); the forward itself is ``forward.MemoryForward``.
+peft's PeftModel calls the base model's ``forward`` directly, so the tuner installs a route to its own forward on the
+base model instance (route.py; removed on ``unload``); the forward itself is ``forward.MemoryForward``.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
-import types
-import weakref
 from typing import Optional
 
 import torch
@@ -24,6 +21,7 @@ from .forward import Layout, MemoryForward
 from .labels import base_classifier, describe_classifier
 from .layer import MemoryLayer
 from .registration import PREFIX
+from .route import install_forward
 
 
 _MODEL_PREFIX = "base_model.model."  # where a PeftModel's state dict keeps the base model's entries
@@ -58,7 +56,7 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
             del self.memory_class_token[adapter_name], self.memory_head[adapter_name]
             raise
         self._memory_enabled = True
-        _install_forward(model, self)
+        install_forward(model, self)
 
     @torch.no_grad()
     def initialise_head(self, adapter_name: str, head: nn.Linear) -> None:
@@ -155,6 +153,19 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
             for name, memory in getattr(layer, "memory_tokens", {}).items():
                 if not trains.get(name, False):
                     memory.requires_grad_(False)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """peft's: gradients on or off for the given adapters; here for their class tokens and heads too (they live on
+        the tuner, where peft's walk over the layers does not reach). A class token kept frozen by its config
+        (``train_class_token=False``) stays frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise InputError(f"Unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}.")
+        super().set_requires_grad(names, requires_grad)
+        for name in names:
+            self.memory_class_token[name].requires_grad_(requires_grad and self.peft_config[name].train_class_token)
+            self.memory_head[name].requires_grad_(requires_grad)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
@@ -274,42 +285,3 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
 
 def _names_of(model: nn.Module, module: nn.Module) -> list[str]:
     return [name for name, candidate in model.named_modules() if candidate is module]
-
-
-class _TunerRoute(nn.Module):
-    """Where a base model's forward goes: its tuner, by weak reference (no model <-> tuner cycle). An ``nn.Module``,
-    never registered as a submodule (it lives in a bound method), because torch.compile guards a module by what the
-    code reads from it and other objects by identity: an identity-guarded forward made every new PeftModel of the
-    same layout compile again, and with ``fullgraph=True`` the ninth in one process failed (dynamo's recompile
-    limit)."""
-
-    def __init__(self, tuner: MemoryTokenModel) -> None:
-        super().__init__()
-        self.tuner = weakref.ref(tuner)
-
-    def __deepcopy__(self, memo):  # a deep copy of the model inside a copy of the tuner routes to the copied tuner
-        tuner = self.tuner()
-        return _TunerRoute(memo.get(id(tuner), tuner))
-
-
-def _routed_forward(route: _TunerRoute, *args, **kwargs):
-    """The base model's forward, routed through the tuner (bound to a ``_TunerRoute``)."""
-    tuner = route.tuner()
-    if tuner is None:
-        raise InputError("This model's memory adapters belonged to a PeftModel that no longer exists: wrap the "
-                         "model again (get_peft_model / PeftModel.from_pretrained), or call unload() on the "
-                         "PeftModel before dropping it to keep the plain model.")
-    return tuner.memory_forward(*args, **kwargs)
-
-
-# transformers.Trainer keeps only the dataset columns named in forward's signature: show it the real one (a bound
-# method's signature drops the first parameter, here memory_forward's self)
-_routed_forward.__signature__ = inspect.signature(MemoryForward.memory_forward)
-
-
-def _install_forward(model: nn.Module, tuner: MemoryTokenModel) -> None:
-    # a model wrapped again (e.g. after its first PeftModel was dropped) runs through the newest tuner
-    installed = model.__dict__.get("forward")
-    route = getattr(installed, "__self__", None)
-    if not isinstance(route, _TunerRoute) or route.tuner() is not tuner:
-        model.__dict__["forward"] = types.MethodType(_routed_forward, _TunerRoute(tuner))

@@ -1,0 +1,53 @@
+"""How the base model's forward reaches the tuner: peft's PeftModel calls the base model's ``forward`` directly, so
+the tuner installs a bound method on the base model instance (removed on ``unload``) that routes to
+``MemoryForward.memory_forward``."""
+
+from __future__ import annotations
+
+import inspect
+import types
+import weakref
+
+from torch import nn
+
+from .errors import InputError
+from .forward import MemoryForward
+
+
+class _TunerRoute(nn.Module):
+    """Where a base model's forward goes: its tuner, by weak reference (no model <-> tuner cycle). An ``nn.Module``,
+    never registered as a submodule (it lives in a bound method), because torch.compile guards a module by what the
+    code reads from it and other objects by identity: an identity-guarded forward made every new PeftModel of the
+    same layout compile again, and with ``fullgraph=True`` the ninth in one process failed (dynamo's recompile
+    limit)."""
+
+    def __init__(self, tuner: "MemoryForward") -> None:
+        super().__init__()
+        self.tuner = weakref.ref(tuner)
+
+    def __deepcopy__(self, memo):  # a deep copy of the model inside a copy of the tuner routes to the copied tuner
+        tuner = self.tuner()
+        return _TunerRoute(memo.get(id(tuner), tuner))
+
+
+def _routed_forward(route: _TunerRoute, *args, **kwargs):
+    """The base model's forward, routed through the tuner (bound to a ``_TunerRoute``)."""
+    tuner = route.tuner()
+    if tuner is None:
+        raise InputError("This model's memory adapters belonged to a PeftModel that no longer exists: wrap the "
+                         "model again (get_peft_model / PeftModel.from_pretrained), or call unload() on the "
+                         "PeftModel before dropping it to keep the plain model.")
+    return tuner.memory_forward(*args, **kwargs)
+
+
+# transformers.Trainer keeps only the dataset columns named in forward's signature: show it the real one (a bound
+# method's signature drops the first parameter, here memory_forward's self)
+_routed_forward.__signature__ = inspect.signature(MemoryForward.memory_forward)
+
+
+def install_forward(model: nn.Module, tuner: "MemoryForward") -> None:
+    # a model wrapped again (e.g. after its first PeftModel was dropped) runs through the newest tuner
+    installed = model.__dict__.get("forward")
+    route = getattr(installed, "__self__", None)
+    if not isinstance(route, _TunerRoute) or route.tuner() is not tuner:
+        model.__dict__["forward"] = types.MethodType(_routed_forward, _TunerRoute(tuner))
