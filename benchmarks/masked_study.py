@@ -67,6 +67,9 @@ EXPERIMENTS = {
     # with the head at the head-only LR, the stronger full fine-tuning that gap closure is measured against
     "full, zero head, head at the probe's LR": ("full", 0, {}, {"head_init": "zero", "head_lr": "probe"},
                                                 [0.001, 0.003]),
+    # full fine-tuning from the probe (LP-FT, the CPU table's start, calibrated in design.md): the start that keeps a
+    # zero head's first, random gradients from pulling the features apart
+    "full (from the probe)": ("full", 0, {}, {}, [0.001, 0.0003]),
 }
 
 
