@@ -122,10 +122,7 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
 
     # --- which adapters run and train --------------------------------------------------------------------------------
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise InputError(f"Unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}.")
+        names = self._known(adapter_name)
         full = [n for n in names if self.peft_config[n].mode == "full"]
         if len(names) > 1 and full:
             raise InputError(
@@ -135,6 +132,14 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._set_task_trainability(inference_mode)
         self._prepare_layout(names)
+
+    def _known(self, adapter_names: str | list[str]) -> list[str]:
+        """The names as a list, each a loaded adapter (else an error naming the loaded ones)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise InputError(f"Unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}.")
+        return names
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
@@ -158,10 +163,7 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         """peft's: gradients on or off for the given adapters; here for their class tokens and heads too (they live on
         the tuner, where peft's walk over the layers does not reach). A class token kept frozen by its config
         (``train_class_token=False``) stays frozen."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise InputError(f"Unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}.")
+        names = self._known(adapter_names)
         super().set_requires_grad(names, requires_grad)
         for name in names:
             self.memory_class_token[name].requires_grad_(requires_grad and self.peft_config[name].train_class_token)
