@@ -36,6 +36,7 @@ from memory_peft.data import image_processor  # noqa: E402
 from memory_peft.settings import apply_setting  # noqa: E402
 from memory_peft.sweep import sweep_learning_rate  # noqa: E402
 from memory_peft.tuner.backbone import load_backbone  # noqa: E402
+from memory_peft.tuner.errors import InputError  # noqa: E402
 
 # name -> (setting, m, MemoryTokenConfig overrides, recipe overrides, LR grid); every row but head starts from the
 # head-only solution (the probe) unless its recipe says head_init "zero"; head_lr "probe": the head trains at the LR
@@ -91,8 +92,12 @@ def parse_args(argv=None):
     p.add_argument("--lr", action="append", default=[], metavar="EXPERIMENT=LR,LR",
                    help="replace an experiment's LR grid (runs already recorded at these LRs are reused)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--report", action="store_true", help="only print the table of the runs recorded so far")
-    p.add_argument("--output_dir", default="outputs/masked_study")
+    p.add_argument("--report", action="store_true",
+                   help="only print the table of the runs recorded so far (the set-up: the folder's study.json)")
+    p.add_argument("--output_dir", default="outputs/masked_study",
+                   help="one study per folder: study.json pins its data, backbone and budget")
+    p.add_argument("--adopt", action="store_true",
+                   help="a folder with runs but no study.json (made before it existed): pin it to these arguments")
     args = p.parse_args(argv)
     args.backbone = args.backbone or default_backbone()
     args.dataset = args.dataset or default_dataset("cifar10")
@@ -104,6 +109,36 @@ def parse_args(argv=None):
             p.error(f"--lr {item}: no experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
         args.grids[name] = [float(v) for v in values.split(",")]
     return args
+
+
+# what every run and cache in a study folder depends on; seeds and extensions only say how many runs there are
+STUDY_FIELDS = ("backbone", "dataset", "train_size", "val_size", "test_size", "image_size", "epochs", "batch_size",
+                "warmup_steps")
+
+
+def claim_study(out: Path, args, report_only: bool = False) -> None:
+    """Pin ``out`` to this study's data, backbone and budget (``study.json``, written on first use), or refuse a folder
+    whose runs and caches were computed from another: they would be reused and mixed in silently (runs are keyed by
+    experiment, LR and seed only). ``report_only``: take the set-up from the folder (the report describes it)."""
+    path, setup = out / "study.json", {field: getattr(args, field) for field in STUDY_FIELDS}
+    if not path.is_file():
+        if (out / "runs.jsonl").exists() and not args.adopt:
+            raise InputError(f"{out} holds runs of unknown set-up (runs.jsonl but no study.json): pass --adopt if "
+                             "they were made with these arguments, or another --output_dir.")
+        out.mkdir(parents=True, exist_ok=True)
+        staged = path.with_name(".study.json.partial")  # renamed into place: never a half-written study.json
+        staged.write_text(json.dumps(setup, indent=1))
+        staged.replace(path)
+        return
+    recorded = json.loads(path.read_text())
+    if report_only:
+        vars(args).update({field: recorded[field] for field in STUDY_FIELDS})
+        return
+    wrong = [f"{field} {recorded.get(field)!r} there, {setup[field]!r} here" for field in STUDY_FIELDS
+             if recorded.get(field) != setup[field]]
+    if wrong:
+        raise InputError(f"{out} holds a study with another set-up ({'; '.join(wrong)}): its runs and caches do not "
+                         "apply. Pass another --output_dir (or the same arguments as that study).")
 
 
 def recorded_runs(out: Path) -> dict:
@@ -134,7 +169,7 @@ def caches(vit, data, args, out: Path) -> dict:
 
 def run_study(args) -> None:
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_study(out, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     accelerator = Accelerator()
@@ -246,6 +281,7 @@ def report(out: Path, args) -> str:
 def main(argv=None):
     args = parse_args(argv)
     if args.report:
+        claim_study(Path(args.output_dir), args, report_only=True)
         print(report(Path(args.output_dir), args))
     else:
         run_study(args)

@@ -58,7 +58,7 @@ def test_report_compares_with_head_and_class_token_from_a_zero_head_when_that_is
             for name, tests in (("head+cls, zero head", (0.80, 0.82)), ("masked m=5, zero head", (0.70, 0.72)))
             for seed, test in enumerate(tests)]
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
-    masked_study.main(["--report", "--output_dir", str(tmp_path)])
+    masked_study.main(["--report", "--adopt", "--output_dir", str(tmp_path)])
     table = capsys.readouterr().out
     row = next(line for line in table.splitlines() if line.startswith("| masked m=5, zero head |"))
     assert "| 71.0 ± 1.0 | 2 | -10.0 (-7.1 s.e.) |" in row  # s.e. 1.0 each, joint 1.41
@@ -75,7 +75,7 @@ def test_report_gives_gap_closure_only_where_full_fine_tuning_beats_head_by_two_
         runs = [dict(experiment=name, lr=0.01, seed=seed, val=other_full_val if name.endswith("probe's LR") else 0.6,
                      test=test, seconds=1) for name, tests in rows for seed, test in enumerate(tests)]
         (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
-        masked_study.main(["--report", "--output_dir", str(tmp_path)])
+        masked_study.main(["--report", "--adopt", "--output_dir", str(tmp_path)])
         table = capsys.readouterr().out
         return {line.split(" | ")[0][2:]: line.split(" | ")[6] for line in table.splitlines()
                 if line.startswith("| ") and "---" not in line and not line.startswith("| experiment")}, table
@@ -92,3 +92,28 @@ def test_report_gives_gap_closure_only_where_full_fine_tuning_beats_head_by_two_
     closures, table = report((0.80, 0.82), other_full=(0.90, 0.92), other_full_val=0.7)  # 20 points: 6 / 20
     assert closures["memory m=5, zero head"] == "0.30" and closures["full, zero head"] == "—"
     assert "(full, zero head, head at the probe's LR − head)" in table
+
+
+def test_a_study_folder_refuses_runs_of_another_set_up_and_reports_its_own(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import masked_study
+    from memory_peft.tuner.errors import InputError
+
+    runs = "".join(json.dumps(dict(experiment="head+cls", lr=0.01, seed=s, val=0.5, test=0.7 + s / 100, seconds=1))
+                   + "\n" for s in (0, 1))
+    (tmp_path / "runs.jsonl").write_text(runs)
+    with pytest.raises(InputError, match="unknown set-up.*--adopt"):  # runs made before study.json existed
+        masked_study.main(["--report", "--output_dir", str(tmp_path)])
+    assert not (tmp_path / "study.json").exists()
+    masked_study.main(["--report", "--adopt", "--image_size", "28", "--output_dir", str(tmp_path)])
+    study = (tmp_path / "study.json").read_text()
+    assert json.loads(study)["image_size"] == 28
+    capsys.readouterr()
+    # another dataset or image size would reuse these runs and caches as if they were its own: refused before any work
+    with pytest.raises(InputError, match=r"image_size 28 there, 56 here.*another --output_dir"):
+        masked_study.main(["--image_size", "56", "--experiments", "head+cls", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"dataset '.*cifar10' there, 'some/other' here"):
+        masked_study.main(["--image_size", "28", "--dataset", "some/other", "--output_dir", str(tmp_path)])
+    assert (tmp_path / "runs.jsonl").read_text() == runs and (tmp_path / "study.json").read_text() == study
+    masked_study.main(["--report", "--output_dir", str(tmp_path)])  # the folder's own set-up, whatever the defaults
+    assert "images at 28 px" in capsys.readouterr().out
