@@ -125,6 +125,8 @@ def claim_study(out: Path, args, report_only: bool = False) -> None:
         if (out / "runs.jsonl").exists() and not args.adopt:
             raise InputError(f"{out} holds runs of unknown set-up (runs.jsonl but no study.json): pass --adopt if "
                              "they were made with these arguments, or another --output_dir.")
+        if report_only and not args.adopt:
+            return  # nothing recorded to describe, and a report writes nothing
         out.mkdir(parents=True, exist_ok=True)
         staged = path.with_name(".study.json.partial")  # renamed into place: never a half-written study.json
         staged.write_text(json.dumps(setup, indent=1))

@@ -101,6 +101,8 @@ def test_a_study_folder_refuses_runs_of_another_set_up_and_reports_its_own(tmp_p
 
     runs = "".join(json.dumps(dict(experiment="head+cls", lr=0.01, seed=s, val=0.5, test=0.7 + s / 100, seconds=1))
                    + "\n" for s in (0, 1))
+    masked_study.main(["--report", "--output_dir", str(tmp_path / "new")])  # nothing there: a report writes nothing
+    assert not (tmp_path / "new").exists()
     (tmp_path / "runs.jsonl").write_text(runs)
     with pytest.raises(InputError, match="unknown set-up.*--adopt"):  # runs made before study.json existed
         masked_study.main(["--report", "--output_dir", str(tmp_path)])
