@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +27,7 @@ from torch import nn
 from .sources import base_image_processor, served_image_size
 from .tuner.errors import InputError
 from .tuner.model import MemoryTokenModel
+from .tuner.storage import write_file_atomically
 from .tuner.multitask import activate
 
 INPUT = "pixel_values"
@@ -92,15 +92,7 @@ def export_onnx(model: PeftModel, path: str | os.PathLike, tasks: Optional[list[
     proto = program.model_proto
     for key, value in _metadata(model, names, size, processor).items():
         proto.metadata_props.add(key=METADATA_PREFIX + key, value=value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        onnx.save(proto, staging)
-        os.replace(staging, path)
-    finally:
-        Path(staging).unlink(missing_ok=True)
-    return path
+    return write_file_atomically(path, lambda staging: onnx.save(proto, str(staging)))
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

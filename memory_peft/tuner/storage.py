@@ -60,6 +60,21 @@ def write_atomically(output_dir: str | os.PathLike, fill: Callable[[Path], None]
     return output_dir
 
 
+def write_file_atomically(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Write one file under a temporary name beside ``path`` (``fill(staging)``), then rename it into place: a crash
+    or error leaves ``path`` as it was and no staging file behind (after a SIGKILL, one under a hidden name)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        fill(Path(staging))
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+    return path
+
+
 def _umask() -> int:
     current = os.umask(0o022)
     os.umask(current)
