@@ -10,8 +10,9 @@ concatenations). Nothing produced in a forward is kept, so the layer is the same
 ``torch.compile(fullgraph=True)`` and CUDA graphs.
 
 Eager inference saves one more op per layer: the memory keys/values are constants there, computed outside any forward
-(when adapters are activated, the model is put in eval mode or moved; ``prepare_constants``) and used only while every
-weight they come from is unchanged (same storage, same version counter); otherwise the forward computes them inline.
+(when adapters are activated, the model is put in eval mode, moved or copied; ``prepare_constants``) and used only
+while every weight they come from is unchanged (same storage, same version counter); otherwise the forward computes
+them inline.
 """
 
 from __future__ import annotations

@@ -224,11 +224,18 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
 
     def prepare_inference(self) -> None:
         """Compute the active memories' keys/values, which eager inference reads as constants. Runs by itself when
-        adapters are activated, on ``eval()`` and on moves/casts; call it after changing adapter weights in place in
-        eval mode (until then the forward computes them inline: always right, one op per layer more)."""
+        adapters are activated, on ``eval()``, on moves/casts and on copies; call it after changing adapter weights in
+        place in eval mode (until then the forward computes them inline: always right, one op per layer more)."""
         if self._layout is not None:
             for layer, plan in zip(self._backbone.layers, self._layout.plans):
                 layer.prepare_constants(plan)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # a deep copy (or an unpickled model) has its weights in new storage, so the copied constants' stamps no
+        # longer hold: prepare them again, as eval() would have, rather than compute them inline in every forward
+        if not self.training and self.__dict__.get("_layout") is not None:
+            self.prepare_inference()
 
     def train(self, mode: bool = True):
         super().train(mode)
