@@ -37,7 +37,7 @@ from memory_peft.settings import apply_setting  # noqa: E402
 from memory_peft.sweep import sweep_learning_rate  # noqa: E402
 from memory_peft.tuner.backbone import load_backbone  # noqa: E402
 from memory_peft.tuner.errors import InputError  # noqa: E402
-from memory_peft.tuner.storage import write_file_atomically  # noqa: E402
+from memory_peft.tuner.storage import write_text_atomically  # noqa: E402
 
 # name -> (setting, m, MemoryTokenConfig overrides, recipe overrides, LR grid); every row but head starts from the
 # head-only solution (the probe) unless its recipe says head_init "zero"; head_lr "probe": the head trains at the LR
@@ -128,7 +128,7 @@ def claim_study(out: Path, args, report_only: bool = False) -> None:
                              "they were made with these arguments, or another --output_dir.")
         if report_only and not args.adopt:
             return  # nothing recorded to describe, and a report writes nothing
-        write_file_atomically(path, lambda staging: staging.write_text(json.dumps(setup, indent=1)))
+        write_text_atomically(path, json.dumps(setup, indent=1))
         return
     recorded = json.loads(path.read_text())
     if report_only:

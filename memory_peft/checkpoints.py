@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .tuner.errors import InputError
+from .tuner.storage import write_text_atomically
 
 # the arguments a checkpoint must share with the run that resumes it
 RUN_DEFINING = ("backbone", "dataset", "image_column", "label_column", "train_size", "image_size", "setting", "m", "lr",
@@ -27,7 +28,7 @@ def save_checkpoint(accelerator, args, output_dir: Path, step: int, epoch: int, 
     accelerator.save_state(str(path))
     if accelerator.is_main_process:  # written last: a checkpoint without it is incomplete and never resumed from
         progress = {"step": step, "epoch": epoch, "batches_done": batches_done, "run": run_definition(args)}
-        (path / "progress.json").write_text(json.dumps(progress))
+        write_text_atomically(path / "progress.json", json.dumps(progress))  # never half-written: resume reads it
     accelerator.wait_for_everyone()
 
 
@@ -45,6 +46,6 @@ def resume(accelerator, args, output_dir: Path) -> tuple[int, int, int]:
         log = output_dir / "metrics.jsonl"
         kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step] \
             if log.exists() else []
-        log.write_text("".join(f"{line}\n" for line in kept))
+        write_text_atomically(log, "".join(f"{line}\n" for line in kept))
     accelerator.print(f"resumed from {checkpoint} at step {step}")
     return step, progress["epoch"], progress["batches_done"]

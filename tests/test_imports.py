@@ -80,7 +80,7 @@ def test_registration_happens_once_in_the_tuner_init():
 
 
 @pytest.mark.parametrize("module", ["tuner.registration", "tuner.storage", "tuner.config", "tuner.layer",
-                                    "tuner.model", "settings", "pipelines", "training"])
+                                    "tuner.model", "settings", "pipelines", "training", "train_args"])
 def test_a_core_module_imports_in_a_fresh_interpreter(module):
     code = f"import memory_peft.{module}, peft; assert peft.PeftType.MEMORY_TOKENS"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)

@@ -1,4 +1,5 @@
-"""Training survives SIGKILL, weights are never unpickled, and serving does not grow memory."""
+"""Training survives SIGKILL, records are never half-written, weights are never unpickled, and serving does not grow
+memory."""
 
 import ast
 import json
@@ -67,6 +68,28 @@ def unsafe_loads(path):
         if keywords.get("trust_remote_code") == "True":
             found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
     return found
+
+
+def test_a_record_that_fails_half_way_keeps_its_previous_text(tmp_path, monkeypatch):
+    """results.json, a checkpoint's progress.json, the resumed metrics log: disk full mid-write keeps the old file."""
+    import errno
+    from pathlib import Path
+
+    from memory_peft.tuner.storage import write_text_atomically
+
+    record = write_text_atomically(tmp_path / "results.json", '{"top1": 0.5}')
+    write = Path.write_text
+
+    def half_written(self, text, *args, **kwargs):
+        write(self, text[:3])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_text", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        write_text_atomically(record, '{"top1": 0.9}')
+    monkeypatch.undo()
+    assert record.read_text() == '{"top1": 0.5}'
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no staging file left behind
 
 
 def test_no_unpickling_anywhere_in_the_package():

@@ -75,6 +75,11 @@ def write_file_atomically(path: str | os.PathLike, fill: Callable[[Path], None])
     return path
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """``Path(path).write_text(text)``, but all or nothing (``write_file_atomically``)."""
+    return write_file_atomically(path, lambda staging: staging.write_text(text))
+
+
 def _umask() -> int:
     current = os.umask(0o022)
     os.umask(current)
