@@ -44,6 +44,7 @@ from memory_peft.data import image_processor  # noqa: E402
 from memory_peft.reporting import model_card  # noqa: E402
 from memory_peft.sweep import sweep_learning_rate  # noqa: E402
 from memory_peft.training import TEMPLATE  # noqa: E402
+from memory_peft.tuner.storage import write_text_atomically  # noqa: E402
 
 # Chosen from a first run (benchmarks/results_paper_table.md history): full FT at 0.01 collapsed and 0.003 fell below
 # the head-only start, memory at 0.3 diverged, m=20 diverged at 0.1 on fashion_mnist; each grid now brackets its best.
@@ -245,10 +246,10 @@ def main(argv=None):
         table += "\nMulti-task check (masked m=5 adapters of all datasets merged, one forward): " + ", ".join(
             f"{n} alone {alone_masked[n] * 100:.2f} % / merged {merged_scores[n] * 100:.2f} %" for n in merged_scores)
     log("\n" + table)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "results": results,
-                                                  "multitask": {"alone": alone_masked, "merged": merged_scores},
-                                                  "wall_seconds": round(total)}, indent=2, default=str))
+    write_text_atomically(out / "results.md", table + "\n")
+    record = {"args": dict(vars(args)), "results": results,
+              "multitask": {"alone": alone_masked, "merged": merged_scores}, "wall_seconds": round(total)}
+    write_text_atomically(out / "results.json", json.dumps(record, indent=2, default=str))
     return results, alone_masked, merged_scores
 
 

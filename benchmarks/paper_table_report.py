@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import difference, mean_and_error  # noqa: E402
 from memory_peft.tuner.errors import InputError  # noqa: E402
+from memory_peft.tuner.storage import write_text_atomically  # noqa: E402
 
 COLUMNS = ["full", "head", "head+cls", "memory m=1", "memory m=5", "memory m=10", "memory m=20", "memory-masked m=5"]
 # What must agree between runs whose rows go into one table.
@@ -155,10 +156,9 @@ def main(argv=None):
     for name, result in results.items():
         bar_plot(name, result["rows"], args.output_dir / f"{name}.png")
         sweep_plot(name, result["rows"], args.output_dir / f"{name}_sweeps.png")
-    (args.output_dir / "results.md").write_text(table + "\n")
-    (args.output_dir / "results.json").write_text(json.dumps({"args": vars(budget), "results": results,
-                                                              "combined_from": [str(r) for r in args.results]},
-                                                             indent=2, default=str))
+    write_text_atomically(args.output_dir / "results.md", table + "\n")
+    record = {"args": vars(budget), "results": results, "combined_from": [str(r) for r in args.results]}
+    write_text_atomically(args.output_dir / "results.json", json.dumps(record, indent=2, default=str))
     print(table)
     return results
 
