@@ -78,6 +78,10 @@ def test_a_record_that_fails_half_way_keeps_its_previous_text(tmp_path, monkeypa
     from memory_peft.tuner.storage import write_text_atomically
 
     record = write_text_atomically(tmp_path / "results.json", '{"top1": 0.5}')
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert record.stat().st_mode == plain.stat().st_mode  # readable as a plain write would leave it, not 0600
+    plain.unlink()
     write = Path.write_text
 
     def half_written(self, text, *args, **kwargs):

@@ -68,6 +68,7 @@ def write_file_atomically(path: str | os.PathLike, fill: Callable[[Path], None])
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(handle)
     try:
+        os.chmod(staging, 0o666 & ~_umask())  # mkstemp's private 0600, made what a plain open() would have given
         fill(Path(staging))
         os.replace(staging, path)
     finally:
