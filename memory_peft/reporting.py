@@ -11,6 +11,8 @@ from typing import Any
 from accelerate.tracking import GeneralTracker, on_main_process
 from huggingface_hub import ModelCard, ModelCardData
 
+from .tuner.storage import write_text_atomically
+
 
 class JSONLinesTracker(GeneralTracker):
     """An accelerate tracker writing one JSON object per `log` call to ``<dir>/metrics.jsonl`` (no extra deps)."""
@@ -31,7 +33,7 @@ class JSONLinesTracker(GeneralTracker):
 
     @on_main_process
     def store_init_configuration(self, values: dict):
-        (self.path.parent / "run_config.json").write_text(json.dumps(values, indent=2, default=str))
+        write_text_atomically(self.path.parent / "run_config.json", json.dumps(values, indent=2, default=str))
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs):

@@ -70,18 +70,11 @@ def unsafe_loads(path):
     return found
 
 
-def test_a_record_that_fails_half_way_keeps_its_previous_text(tmp_path, monkeypatch):
-    """results.json, a checkpoint's progress.json, the resumed metrics log: disk full mid-write keeps the old file."""
+def fill_the_disk_half_way(monkeypatch):
+    """From now on ``Path.write_text`` writes 3 characters, then fails as a full disk does."""
     import errno
     from pathlib import Path
 
-    from memory_peft.tuner.storage import write_text_atomically
-
-    record = write_text_atomically(tmp_path / "results.json", '{"top1": 0.5}')
-    plain = tmp_path / "plain.json"
-    plain.write_text("{}")
-    assert record.stat().st_mode == plain.stat().st_mode  # readable as a plain write would leave it, not 0600
-    plain.unlink()
     write = Path.write_text
 
     def half_written(self, text, *args, **kwargs):
@@ -89,11 +82,39 @@ def test_a_record_that_fails_half_way_keeps_its_previous_text(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
 
     monkeypatch.setattr(Path, "write_text", half_written)
+
+
+def test_a_record_that_fails_half_way_keeps_its_previous_text(tmp_path, monkeypatch):
+    """results.json, a checkpoint's progress.json, the resumed metrics log: disk full mid-write keeps the old file."""
+    from memory_peft.tuner.storage import write_text_atomically
+
+    record = write_text_atomically(tmp_path / "results.json", '{"top1": 0.5}')
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert record.stat().st_mode == plain.stat().st_mode  # readable as a plain write would leave it, not 0600
+    plain.unlink()
+    fill_the_disk_half_way(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         write_text_atomically(record, '{"top1": 0.9}')
     monkeypatch.undo()
     assert record.read_text() == '{"top1": 0.5}'
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no staging file left behind
+
+
+def test_a_run_config_that_fails_half_way_keeps_the_previous_one(tmp_path, monkeypatch):
+    """The tracker's run_config.json (rewritten by a resumed run) goes through the same all-or-nothing write."""
+    import json
+
+    from memory_peft.reporting import JSONLinesTracker
+
+    tracker = JSONLinesTracker("run", tmp_path)
+    tracker.store_init_configuration({"lr": 0.1})
+    fill_the_disk_half_way(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        tracker.store_init_configuration({"lr": 0.3})
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "run_config.json").read_text()) == {"lr": 0.1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_config.json"]
 
 
 def test_no_unpickling_anywhere_in_the_package():
