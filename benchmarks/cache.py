@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import steady_pairs  # noqa: E402
+
 from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
 from memory_peft.cache import build_cache, cache_bytes_per_image  # noqa: E402
 from memory_peft.data import image_processor, image_transform, load_image_data  # noqa: E402
@@ -77,8 +79,7 @@ def main(argv=None):
                 times.append(time.perf_counter() - began)
             if round_:  # the first round warms up
                 pairs.append(times)
-    middle = statistics.median(a / b for a, b in pairs)
-    kept = sorted(pairs, key=lambda t: abs(t[0] / t[1] - middle))[: max(1, args.repeats - args.repeats // 5)]
+    kept = steady_pairs(pairs)
     images_s, cache_s = statistics.median(t[0] for t in kept), statistics.median(t[1] for t in kept)
     print(f"{args.image_size} px, batch {args.batch_size}, memory-masked m=5, {torch.get_num_threads()} threads, "
           f"{len(cache)} images cached\n")

@@ -16,16 +16,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import merged_model  # noqa: E402
+from timing import timed  # noqa: E402
 
 from memory_peft.assets import default_backbone  # noqa: E402
 from memory_peft.tuner.backbone import load_backbone  # noqa: E402
 
 
 def seconds(model, pixels) -> float:
-    started = time.perf_counter()
     with torch.no_grad():
-        model(pixel_values=pixels, interpolate_pos_encoding=True)
-    return time.perf_counter() - started
+        return timed(lambda: model(pixel_values=pixels, interpolate_pos_encoding=True))
 
 
 def main(argv=None):

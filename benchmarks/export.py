@@ -16,23 +16,17 @@ import copy
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import merged_model  # noqa: E402
+from timing import steady_pairs, timed  # noqa: E402
 
 from memory_peft.assets import default_backbone  # noqa: E402
 from memory_peft.export import export_onnx  # noqa: E402
 from memory_peft.tuner.backbone import load_backbone  # noqa: E402
-
-
-def timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 def measure(configs: dict, repeats: int) -> dict:
@@ -47,9 +41,7 @@ def measure(configs: dict, repeats: int) -> dict:
                 times[key].append((timed(lambda: eager(pixels)), timed(lambda: session.run(None, feed))))
     medians = {}
     for key, pairs in times.items():
-        pairs = pairs[1:]
-        middle = statistics.median(e / o for e, o in pairs)
-        kept = sorted(pairs, key=lambda p: abs(p[0] / p[1] - middle))[: max(1, repeats - repeats // 5)]
+        kept = steady_pairs(pairs[1:])
         medians[key] = (statistics.median(e for e, _ in kept), statistics.median(o for _, o in kept))
     return medians
 

@@ -32,6 +32,8 @@ from peft import get_peft_model
 from transformers import ViTConfig, ViTModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import interleaved, median_ratios, sync, timed, without_foreign_load  # noqa: E402
+
 from memory_peft import MemoryTokenConfig, activate  # noqa: E402
 from memory_peft.artifact import merge_adapters  # noqa: E402
 from memory_peft.diagnostics import count_ops  # noqa: E402
@@ -39,46 +41,6 @@ from memory_peft.settings import apply_setting, cast_frozen_weights  # noqa: E40
 
 TASK_COUNTS = (1, 2, 5, 10, 20)
 TRAINED = ("full", "memory", "memory-masked", "head+cls", "head")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def interleaved(configs: dict, reps: int, measure, warmup: int = 1) -> list[dict]:
-    """``configs``: name -> (untimed set-up, measured call). Every repetition runs each config once, in order, so
-    that all of them see the same machine state; ``warmup`` rounds first (compilation, CUDA graph recording)."""
-    for _ in range(warmup):
-        for setup, fn in configs.values():
-            setup()
-            fn()
-    rounds = []
-    for _ in range(reps):
-        rep = {}
-        for name, (setup, fn) in configs.items():
-            setup()
-            rep[name] = measure(fn)
-        rounds.append(rep)
-    return rounds
-
-
-def without_foreign_load(reps: list[dict], reference: str, seconds=lambda value: value) -> list[dict]:
-    """Drop repetitions whose reference ran > 1.5x its fastest: another process held a core."""
-    fastest = min(seconds(r[reference]) for r in reps)
-    return [r for r in reps if seconds(r[reference]) <= 1.5 * fastest]
-
-
-def median_ratios(reps: list[dict], reference: str, seconds=lambda value: value) -> dict:
-    return {name: statistics.median(seconds(r[name]) / seconds(r[reference]) for r in reps) for name in reps[0]}
 
 
 def compiled(model, mode: str):
