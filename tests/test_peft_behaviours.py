@@ -19,6 +19,7 @@ from conftest import tiny_vit
 from helpers import TINY_PIXELS, assert_identical, randomise_task
 from memory_peft import MemoryTokenConfig
 from memory_peft.tuner.errors import AdapterFileError, InputError
+from memory_peft.tuner.layer import MemoryLayer
 
 PIXELS = TINY_PIXELS.double()
 CASES = [(mode, head) for mode in ("full", "masked") for head in ("zero", "random")]
@@ -160,10 +161,16 @@ def test_low_cpu_mem_usage_loading_equals_normal_loading(mode, head, tmp_path):
 @pytest.mark.parametrize("mode,head", CASES)
 def test_every_merge_entry_point_refuses_and_points_to_unload(mode, head):
     model = build(mode, head)
+    layer = next(m for m in model.modules() if isinstance(m, MemoryLayer))
     for merge in (model.merge_and_unload, model.merge_adapter, model.base_model.merge_and_unload,
-                  lambda: model.base_model.merge_adapter(["default"])):
+                  lambda: model.base_model.merge_adapter(["default"]), layer.merge):
         with pytest.raises(InputError, match=r"cannot be merged.*unload\(\)"):
             merge()
+    with pytest.raises(InputError, match=r"not combined by weighting.*activate\(model, \[names\]\)"):
+        model.add_weighted_adapter(["default"], [1.0], "weighted")  # peft's own: AttributeError on the ViT
+    with pytest.warns(UserWarning, match="Nothing to do"):  # nothing is ever merged: peft's LoRA answers the same
+        model.unmerge_adapter()  # peft's own: a bare NotImplementedError
+    assert "weighted" not in model.peft_config
     assert_same(seen(model), seen(build(mode, head)))  # nothing changed
 
 

@@ -17,6 +17,7 @@ them inline.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -25,6 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .attention import attend, restrict_to_top_k
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class MemoryPlan:
         return self.through_norm + self.raw
 
 
+NOT_MERGEABLE = ("Memory tokens are extra keys/values, not a weight delta: they cannot be merged into weights. To get "
+                 "the plain backbone back, call unload() (the adapters are then no longer used).")
 NO_MEMORY = MemoryPlan()  # the base rows' plan: the stock layer
 
 
@@ -82,6 +86,12 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
             memory = torch.empty(m, reference.shape[0], device=reference.device, dtype=torch.float32)
             self.memory_tokens[adapter_name] = nn.Parameter(nn.init.normal_(memory, std=init_std))
         self.set_adapter(self.active_adapters)
+
+    def merge(self, *args, **kwargs) -> None:
+        raise InputError(NOT_MERGEABLE)
+
+    def unmerge(self) -> None:
+        warnings.warn("Already unmerged. Nothing to do.")  # nothing is ever merged; peft's LoRA says the same
 
     def forward(self, hidden_states, *args, **kwargs):
         # The stock encoder loop (adapters disabled) sees the plain layer.

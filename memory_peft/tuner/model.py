@@ -19,7 +19,7 @@ from .config import MemoryTokenConfig
 from .errors import AdapterFileError, InputError
 from .forward import Layout, MemoryForward
 from .labels import base_classifier, describe_classifier
-from .layer import MemoryLayer
+from .layer import NOT_MERGEABLE, MemoryLayer
 from .registration import PREFIX
 from .route import install_forward
 
@@ -258,8 +258,12 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         return layout
 
     def _check_merge_allowed(self):
-        raise InputError("Memory tokens are extra keys/values, not a weight delta: they cannot be merged into weights. "
-                         "To get the plain backbone back, call unload() (the adapters are then no longer used).")
+        raise InputError(NOT_MERGEABLE)
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        raise InputError("Memory adapters are not combined by weighting (each has its own class token and head): "
+                         "serve several in one forward with memory_peft.activate(model, [names]), each keeping its "
+                         "own output, or train one adapter on the tasks' data.")
 
     def _unload_and_optionally_merge(self, merge=True, *args, **kwargs):
         if merge:
