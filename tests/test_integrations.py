@@ -70,3 +70,49 @@ def test_torch_compile_gives_the_same_logits():
         compiled = torch.compile(model)(pixel_values=pixels)
     for task in ("default", "second"):
         torch.testing.assert_close(compiled.tasks[task].logits, eager.tasks[task].logits, atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_evaluates_restores_the_best_adapter_and_resumes_exactly(tmp_path):
+    """A ViTModel's forward takes no labels, and Trainer picks its label names from the base model's class: with
+    ``label_names=["labels"]`` (README) evaluation reports the model's own loss and metrics, ``load_best_model_at_end``
+    brings back the chosen checkpoint's adapter, and a run resumed from a checkpoint ends with the same weights."""
+    import numpy as np
+    from transformers import Trainer, TrainingArguments
+
+    train, held_out = RandomImages(), RandomImages(n=9)
+
+    def trainer(folder, **extra):
+        model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, mode="masked", num_labels=3))
+        args = TrainingArguments(output_dir=str(folder), max_steps=8, per_device_train_batch_size=4, learning_rate=0.05,
+                                 save_steps=4, report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+                                 lr_scheduler_type="constant", label_names=["labels"], **extra)
+        return Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                       compute_metrics=lambda p: {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())})
+
+    def own_loss_and_accuracy(model):
+        with torch.no_grad():
+            output = model.eval()(pixel_values=held_out.pixels, labels=held_out.labels)
+        return output.loss.item(), (output.logits.argmax(-1) == held_out.labels).float().mean().item()
+
+    # the worse checkpoint counts as best (greater loss "is better"), so restoring it is visible
+    best = trainer(tmp_path / "best", eval_strategy="steps", eval_steps=4, load_best_model_at_end=True,
+                   metric_for_best_model="eval_loss", greater_is_better=True)
+    best.train()
+    evaluations = [log for log in best.state.log_history if "eval_loss" in log]
+    assert [log["step"] for log in evaluations] == [4, 8] and evaluations[0]["eval_loss"] > evaluations[1]["eval_loss"]
+    assert best.state.best_model_checkpoint == str(tmp_path / "best" / "checkpoint-4")
+    restored = PeftModel.from_pretrained(tiny_vit(), tmp_path / "best" / "checkpoint-4")
+    loss, accuracy = own_loss_and_accuracy(best.model)
+    assert (loss, accuracy) == own_loss_and_accuracy(restored)
+    metrics = best.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(loss, rel=1e-5) and metrics["eval_accuracy"] == pytest.approx(accuracy)
+
+    straight = trainer(tmp_path / "resume")
+    straight.train()
+    resumed = trainer(tmp_path / "resume")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resume" / "checkpoint-4"))
+    trained = {name: p for name, p in straight.model.named_parameters() if p.requires_grad}
+    assert len(trained) == 5  # 2 layers' memory, the class token, the head's weight and bias
+    for name, parameter in resumed.model.named_parameters():
+        if name in trained:
+            assert torch.equal(parameter, trained[name]), name
