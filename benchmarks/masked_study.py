@@ -87,7 +87,10 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--warmup_steps", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--max_extensions", type=int, default=2)
+    p.add_argument("--max_extensions", type=int, default=2,
+                   help="edge extensions of each image-trained experiment's sweep; the head probe (seconds, on cached "
+                        "features) always extends up to 4 times, so runs 'from the probe' start from the same head "
+                        "whatever this is")
     p.add_argument("--experiments", nargs="+", default=None, choices=["head", *EXPERIMENTS],
                    help="default: all, head first")
     p.add_argument("--lr", action="append", default=[], metavar="EXPERIMENT=LR,LR",
@@ -182,7 +185,7 @@ def run_study(args) -> None:
           f"features in {time.perf_counter() - began:.0f} s", flush=True)
     head_val = lambda h: accuracy(h, features["val"], data["val"][1])  # noqa: E731
     probe = sweep_learning_rate(lambda lr: run_head(data, features, lr, 0, args, accelerator), head_val,
-                                [0.3, 1.0, 3.0], max_extensions=args.max_extensions)
+                                [0.3, 1.0, 3.0], max_extensions=4)
     if "head" in args.experiments:
         done = recorded_runs(out)
         for lr, val in probe.scores.items():

@@ -32,7 +32,7 @@ from peft import get_peft_model
 from transformers import ViTConfig, ViTModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import interleaved, median_ratios, sync, timed, without_foreign_load  # noqa: E402
+from timing import interleaved, median_ratios, timed, without_foreign_load  # noqa: E402
 
 from memory_peft import MemoryTokenConfig, activate  # noqa: E402
 from memory_peft.artifact import merge_adapters  # noqa: E402

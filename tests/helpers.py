@@ -13,6 +13,7 @@ import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +118,8 @@ def train(output_dir, *args, launcher=(sys.executable,), timeout=600):
 
 def adapter_tensors(output_dir):
     return load_file(output_dir / "adapter" / "adapter_model.safetensors")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes: compared before and after each bad call."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -193,7 +193,6 @@ def test_training_under_autocast_casts_the_frozen_weights_once_and_trains_the_sa
 def test_compiled_runs_train_as_eager_ones_and_each_setting_compiles_once(monkeypatch):
     """--compile: every run's model is compiled, and one graph per setting serves all of its LRs and seeds (a new
     PeftModel per run does not recompile); the models come back uncompiled for scoring, trained as eager ones."""
-    import argparse
     import copy
 
     import torch
