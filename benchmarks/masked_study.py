@@ -74,6 +74,9 @@ EXPERIMENTS = {
     "full (from the probe)": ("full", 0, {}, {}, [0.001, 0.0003]),
 }
 
+# the head probe is cheap (cached features) and is the start of every run "from the probe": it always sweeps this far
+PROBE_EXTENSIONS = 4
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,9 +91,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup_steps", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--max_extensions", type=int, default=2,
-                   help="edge extensions of each image-trained experiment's sweep; the head probe (seconds, on cached "
-                        "features) always extends up to 4 times, so runs 'from the probe' start from the same head "
-                        "whatever this is")
+                   help=f"edge extensions of each image-trained experiment's sweep; the head probe (seconds, on cached "
+                        f"features) always extends up to {PROBE_EXTENSIONS} times, so runs 'from the probe' start from "
+                        f"the same head whatever this is")
     p.add_argument("--experiments", nargs="+", default=None, choices=["head", *EXPERIMENTS],
                    help="default: all, head first")
     p.add_argument("--lr", action="append", default=[], metavar="EXPERIMENT=LR,LR",
@@ -185,7 +188,7 @@ def run_study(args) -> None:
           f"features in {time.perf_counter() - began:.0f} s", flush=True)
     head_val = lambda h: accuracy(h, features["val"], data["val"][1])  # noqa: E731
     probe = sweep_learning_rate(lambda lr: run_head(data, features, lr, 0, args, accelerator), head_val,
-                                [0.3, 1.0, 3.0], max_extensions=4)
+                                [0.3, 1.0, 3.0], max_extensions=PROBE_EXTENSIONS)
     if "head" in args.experiments:
         done = recorded_runs(out)
         for lr, val in probe.scores.items():

@@ -1,5 +1,5 @@
-"""Bad input to the application (examples/train.py, the datasets it reads, the Hub, the `memory-peft` command) ends in
-one clear error that names the problem, and leaves every file on disk as it was. The library's own: test_bad_input.py."""
+"""Bad input to the application (examples/train.py, the datasets it reads, the Hub, the `memory-peft` command) ends
+in one clear error that names the problem, and leaves every file on disk as it was. The library's: test_bad_input.py."""
 
 import os
 import re
@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import pytest
-from peft import get_peft_model
 
 from conftest import ROOT, SHARED, tiny_vit
-from helpers import snapshot
-from memory_peft import MemoryTokenConfig, load_adapters
+from helpers import save_adapter, snapshot
+from memory_peft import load_adapters
 from memory_peft.tuner.errors import InputError
+
 
 # --- datasets and the training script ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_resume_without_a_checkpoint(tiny_dataset, tmp_path):
 
 
 def test_output_dir_holding_an_earlier_run_is_not_overwritten(tiny_dataset, tmp_path):
-    get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, mode="masked")).save_pretrained(tmp_path / "adapter")  # an earlier run's
+    save_adapter(tiny_vit(), tmp_path / "adapter", seed=0, m=2)  # an earlier run's adapter
     before = snapshot(tmp_path)
     error = run_train("--dataset", tiny_dataset, "--output_dir", tmp_path)
     assert "already holds an earlier run (adapter): pass --resume to continue it, --overwrite to start over" in error
