@@ -63,7 +63,7 @@ def main(argv=None):
         stock = sum(count_ops(lambda: vit(pixels)).values())
         rows.append(("stock ViTModel forward", stock, 0.0, graph_breaks(lambda x: vit(x), pixels)[0]))
         inference = {f"merged masked, T={t}": merged(copy.deepcopy(vit), t) for t in (1, 2, 10, 20)}
-        inference["full attention, m=5"] = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=5)).eval()
+        inference["full attention, m=5"] = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=5, num_labels=2)).eval()
         for name, model in inference.items():
             model(pixel_values=pixels)
             ops = sum(count_ops(lambda: model(pixel_values=pixels)).values())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,9 +45,10 @@ def _check_compatible(adapters: list[dict]) -> None:
     for adapter in adapters:
         if adapter["config"].get("mode") != "masked":
             raise InputError(
-                f"Adapter '{adapter['name']}' uses mode={adapter['config'].get('mode')!r}: full attention changes the "
-                "backbone's tokens, so its outputs would change when combined with other tasks. Only adapters "
-                "trained with mode='masked' can be merged."
+                f"Adapter '{adapter['name']}' ({adapter['source']}) uses mode={adapter['config'].get('mode')!r}: full "
+                "attention changes the backbone's tokens, so its outputs would change when combined with other tasks. "
+                "Only adapters trained with mode='masked' can be merged: retrain it with "
+                f"`{retrain_masked_command(adapter['name'], adapter['source'], adapter['config'])}`."
             )
     first = adapters[0]
     for adapter in adapters[1:]:
@@ -61,6 +63,35 @@ def _check_compatible(adapters: list[dict]) -> None:
                 f"Adapters '{first['name']}' and '{adapter['name']}' have different hidden sizes "
                 f"({first['hidden_size']} vs {adapter['hidden_size']}): they belong to different base models."
             )
+
+
+def retrain_masked_command(name: str, source: str, config: dict) -> str:
+    """The training command that gives a merge-ready (masked) version of an adapter: its own run's command (the
+    results.json beside a training script's adapter folder) with ``--setting memory-masked`` and an output folder of
+    its own, else one built from what its config records."""
+    results = Path(source).parent / "results.json"
+    try:
+        command = json.loads(results.read_text()).get("command") if is_local(source) and results.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        command = None
+    if not command:
+        words = ["memory-peft", "train", "--m", str(config.get("m", 5))]
+        words += ["--dataset", config["dataset"]] if config.get("dataset") else []
+        words += ["--image_size", str(config["image_size"])] if config.get("image_size") else []
+        words += ["--output_dir", f"outputs/{name}-masked"]
+        return shlex.join([*words[:2], "--setting", "memory-masked", *words[2:]])
+    words, kept, output_dir = shlex.split(command), [], "outputs/train"
+    while words:
+        word = words.pop(0)
+        option, has_value, value = word.partition("=")
+        if option in ("--overwrite", "--resume"):  # about the old run's folder, not the new one
+            continue
+        if option in ("--setting", "--mode", "--output_dir"):
+            value = value if has_value else (words.pop(0) if words else "")
+            output_dir = value if option == "--output_dir" else output_dir
+            continue
+        kept.append(word)
+    return shlex.join([*kept, "--setting", "memory-masked", "--output_dir", f"{output_dir.rstrip('/')}-masked"])
 
 
 def merge_adapters(adapters: Mapping[str, str], output_dir: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -5,7 +5,7 @@
     memory-peft merge cifar=outputs/cifar/adapter fashion=user/fashion-memory --output outputs/merged
     memory-peft split outputs/merged --output outputs/single
     memory-peft inspect outputs/merged
-    memory-peft export outputs/merged --output model.onnx --dynamic-batch
+    memory-peft export outputs/merged --output model.onnx
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from .sources import describe, load_source, named_sources
@@ -35,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Hub id or local folder in Hub layout; TASK=DATASET for one task (default: the dataset "
                                "each task was trained on, as recorded in its config)")
     evaluate.add_argument("--task", action="append", default=None, help="artifact tasks to evaluate (default: all)")
-    evaluate.add_argument("--eval_size", type=int, default=0, help="evaluation subset (0: the whole split)")
+    evaluate.add_argument("--eval_size", type=int, default=0,
+                          help="score a seeded subset of this many images (0: the whole split, which can take minutes "
+                               "per task on a CPU: see README)")
     evaluate.add_argument("--image_size", type=int, default=None, help="default: the adapter's training size")
     evaluate.add_argument("--batch_size", type=int, default=32)
     evaluate.add_argument("--image_column", default=None)
@@ -57,8 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--backbone", default=None, help="default: the adapter's base_model_name_or_path")
     export.add_argument("--task", action="append", default=None, help="artifact tasks to export (default: all)")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    export.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: --batch-size only)")
-    export.add_argument("--batch-size", type=int, default=1, help="the batch size of a static-batch graph")
+    batch = export.add_mutually_exclusive_group()
+    batch.add_argument("--static-batch", type=int, default=None, metavar="N",
+                       help="a graph for batches of exactly N images (default: any batch size)")
+    batch.add_argument("--dynamic-batch", action="store_true",
+                       help="any batch size: now the default, still accepted for scripts that pass it")
     export.add_argument("--image-size", type=int, default=None, help="default: the adapters' training size")
     export.add_argument("--overwrite", action="store_true")
 
@@ -107,14 +113,20 @@ def inspect(args) -> int:
 
 
 def export(args) -> int:
+    from .data import image_processor
     from .export import export_onnx
+    from .sources import served_image_size
 
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it.")
-    model, _ = load_source(args.source, args.backbone, args.task)
-    path = export_onnx(model, output, image_size=args.image_size, batch_size=args.batch_size,
-                       dynamic_batch=args.dynamic_batch, opset=args.opset)
+    if args.static_batch is not None and args.static_batch < 1:
+        raise InputError(f"--static-batch {args.static_batch}: give a batch size >= 1, or leave it out for any size.")
+    model, backbone_id = load_source(args.source, args.backbone, args.task)
+    # the processor of the backbone the model runs on (--backbone when given): its normalisation goes into the metadata
+    processor = image_processor(backbone_id, args.image_size or served_image_size(model)) if args.backbone else None
+    path = export_onnx(model, output, image_size=args.image_size, batch_size=args.static_batch or 1,
+                       dynamic_batch=args.static_batch is None, opset=args.opset, image_processor=processor)
     tasks = model.base_model.active_adapters
     print(f"exported {len(tasks)} task(s) {tasks} to {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
@@ -163,8 +175,12 @@ def evaluate(args) -> int:
             transform = image_transform(image_processor(backbone_id, size), data.image_column, data.label_column)
             loader = DataLoader(data.eval.with_transform(transform), batch_size=args.batch_size, collate_fn=collate)
             model.base_model.set_adapter(task)  # one task at a time: evaluate_model reads the single-task output
-            report[task] = {"dataset": dataset, "examples": len(data.eval), "image_size": size,
-                            "accuracy": evaluate_model(model, loader, accelerator)}
+            started = time.time()
+            scores = evaluate_model(model, loader, accelerator, progress=f"{task} ({len(data.eval)} images)")
+            report[task] = {"dataset": dataset, "examples": len(data.eval), "image_size": size, "accuracy": scores}
+            summary = ", ".join(f"{name} {100 * value:.2f}%" for name, value in scores.items())
+            print(f"{task}: {summary} on {len(data.eval)} images of {dataset} ({time.time() - started:.0f} s)",
+                  file=sys.stderr, flush=True)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -8,7 +8,7 @@ from typing import Optional
 import datasets
 import torch
 
-from .tuner.errors import InputError
+from .tuner.errors import InputError, MemoryPeftError
 
 EVAL_SPLITS = ("test", "validation", "valid", "val")
 
@@ -50,8 +50,11 @@ def load_image_data(
     seed: int = 0,
 ) -> ImageData:
     """Load train and eval splits (eval: test, else validation); subsets are a seeded shuffle of each split."""
+    from .tuner.storage import from_hub
+
     try:
-        splits = datasets.load_dataset(dataset)
+        with from_hub(dataset, "dataset"):
+            splits = datasets.load_dataset(dataset)
     except FileNotFoundError as exc:
         raise InputError(f"Dataset {dataset!r} was not found: give a Hub id or a local folder in Hub layout "
                          f"({str(exc).splitlines()[0]}).") from None
@@ -87,7 +90,17 @@ def image_processor(backbone: str, image_size: int):
     adapter is trained at and served at (crop too, for processors that crop after resizing)."""
     from transformers import AutoImageProcessor
 
-    return resized(AutoImageProcessor.from_pretrained(backbone), image_size)
+    from .tuner.storage import from_hub
+
+    try:
+        with from_hub(backbone, "base model"):
+            processor = AutoImageProcessor.from_pretrained(backbone)
+    except OSError as exc:
+        if isinstance(exc, MemoryPeftError):
+            raise
+        raise InputError(f"The image processor of {backbone} could not be loaded: {str(exc).splitlines()[0]}") \
+            from None
+    return resized(processor, image_size)
 
 
 def resized(processor, image_size: int):

@@ -3,7 +3,7 @@ logits tensor per task out, with what a server needs (task and class names, imag
 metadata.
 
     from memory_peft.export import export_onnx, read_metadata
-    export_onnx(model, "model.onnx", dynamic_batch=True)        # model: a PeftModel, its active adapters exported
+    export_onnx(model, "model.onnx")     # model: a PeftModel, its active adapters exported; any batch size
     session = onnxruntime.InferenceSession("model.onnx")
     meta = read_metadata("model.onnx")                          # {"tasks": [...], "labels": {...}, "image_size": ...}
     logits = dict(zip(meta["tasks"], session.run(None, {"pixel_values": pixels})))
@@ -62,8 +62,9 @@ def exportable(model: PeftModel, tasks: Optional[list[str]] = None,
 
 
 def export_program(model: PeftModel, tasks: Optional[list[str]] = None, image_size: Optional[int] = None,
-                   batch_size: int = 1, dynamic_batch: bool = False) -> torch.export.ExportedProgram:
-    """``torch.export`` of the active adapters' forward: one graph, no breaks, per-task logits as outputs."""
+                   batch_size: int = 1, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+    """``torch.export`` of the active adapters' forward: one graph, no breaks, per-task logits as outputs. The batch
+    axis is dynamic (as optimum's exports are); ``dynamic_batch=False`` fixes it at ``batch_size``."""
     module, _, size = exportable(model, tasks, image_size)
     pixels = _example(model, size, batch_size, dynamic_batch)
     with torch.no_grad():
@@ -71,13 +72,14 @@ def export_program(model: PeftModel, tasks: Optional[list[str]] = None, image_si
 
 
 def export_onnx(model: PeftModel, path: str | os.PathLike, tasks: Optional[list[str]] = None,
-                image_size: Optional[int] = None, batch_size: int = 1, dynamic_batch: bool = False,
+                image_size: Optional[int] = None, batch_size: int = 1, dynamic_batch: bool = True,
                 opset: Optional[int] = None, image_processor=None) -> Path:
     """Write the active adapters (or ``tasks``) as one ONNX graph at ``path`` (atomically: an existing file stays
     until the new one is complete). Input ``pixel_values`` (batch, channels, size, size), normalised as the base
-    model's image processor does (or ``image_processor``'s); outputs named after the tasks. The metadata holds
-    ``tasks``, ``labels`` (class names per task), ``image_size``, ``image_mean``, ``image_std``, ``rescale_factor``
-    and ``base_model`` (``read_metadata``)."""
+    model's image processor does (or ``image_processor``'s), any batch size (``dynamic_batch=False``: ``batch_size``
+    only); outputs named after the tasks. The metadata holds
+    ``tasks``, ``labels`` (class names per task), ``image_size``, ``image_mean``, ``image_std``, ``rescale_factor``,
+    ``resample`` (PIL's filter code) and ``base_model`` (``read_metadata``)."""
     import onnx
 
     module, names, size = exportable(model, tasks, image_size)
@@ -110,6 +112,8 @@ def _metadata(model: PeftModel, names: list[str], size: int, processor) -> dict[
     values = {"tasks": names, "labels": labels, "image_size": size,
               "image_mean": list(processor.image_mean), "image_std": list(processor.image_std),
               "rescale_factor": getattr(processor, "rescale_factor", 1 / 255),
+              # PIL's resampling filter of the processor's resize (2: bilinear, ViT's): a server must resize the same way
+              "resample": int(getattr(processor, "resample", None) or 2),
               "base_model": configs[0].base_model_name_or_path}
     return {key: json.dumps(value) for key, value in values.items()}
 

@@ -40,13 +40,13 @@ def _hub_has(repo_id: str, filename: str) -> bool:
     from huggingface_hub import file_exists
     from huggingface_hub.errors import HFValidationError
 
+    from .tuner.storage import from_hub
+
     try:
-        return file_exists(repo_id, filename)
+        with from_hub(repo_id):
+            return file_exists(repo_id, filename)
     except HFValidationError:
         raise InputError(f"{repo_id} is neither a local folder nor a Hub repo id.") from None
-    except OSError as exc:  # the Hub could not be reached
-        raise InputError(f"{repo_id} is not a local folder, and the Hub could not be reached to look it up "
-                         f"({exc.__class__.__name__}). Check the path, or the network.") from None
 
 
 def named_sources(items: list[str], usage: str) -> dict[str, str]:

@@ -88,7 +88,6 @@ def parse_args(argv=None, prog=None):
         warnings.warn("--mode is deprecated and will be removed in the next release: use --setting (the paper's "
                       "fine-tune setting; 'mode' is an adapter's attention, full or masked).", FutureWarning,
                       stacklevel=2)
-        print("warning: --mode is deprecated; use --setting", file=sys.stderr)
     args.setting = args.setting or args.mode or "memory"
     del args.mode
     return args

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,11 +34,14 @@ from .train_args import check_output_dir, command_line, parse_args  # noqa: F401
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 
 
-def evaluate_model(model, loader, accelerator, k=5, metric=None) -> dict[str, float]:
-    """Top-1/top-k accuracy; pass ``metric`` to reuse one loaded metric across evaluations (compute() resets it)."""
+def evaluate_model(model, loader, accelerator, k=5, metric=None, progress=None) -> dict[str, float]:
+    """Top-1/top-k accuracy; pass ``metric`` to reuse one loaded metric across evaluations (compute() resets it),
+    ``progress`` (a description) for a progress bar."""
     if metric is None:
         metric = load_top_k_accuracy(num_process=accelerator.num_processes, process_id=accelerator.process_index)
     model.eval()
+    if progress is not None:
+        loader = tqdm(loader, desc=progress, unit="batch", disable=not accelerator.is_local_main_process)
     for batch in loader:
         with torch.no_grad():
             logits = model(pixel_values=batch["pixel_values"], interpolate_pos_encoding=True).logits
@@ -49,19 +53,42 @@ def evaluate_model(model, loader, accelerator, k=5, metric=None) -> dict[str, fl
     return {name: float(value) for name, value in (scores or {}).items()}
 
 
+def recorded_dataset(dataset: str, given: bool) -> str:
+    """What an adapter's config records as its training data: what the user passed (a Hub id, or the path as given),
+    never a machine's resolved absolute path; the bundled default as a path relative to where the run started."""
+    if given or not Path(dataset).is_dir():
+        return dataset
+    return os.path.relpath(dataset)
+
+
 def main(argv=None, prog=None):
     """Run training; bad input ends in one ``error: ...`` line (exit status 1), not a traceback."""
     try:
         args = parse_args(argv, prog)
         args.command = command_line(list(sys.argv[1:] if argv is None else argv), prog)
-        return train(args)
+        with removed_if_nothing_kept(Path(args.output_dir)):
+            return train(args)
     except MemoryPeftError as exc:
         raise SystemExit(f"error: {exc}") from None
 
 
+@contextmanager
+def removed_if_nothing_kept(output_dir: Path):
+    """A run that fails before it has anything to keep (no checkpoint, no adapter: e.g. a missing dataset or a bad
+    option found during set-up) removes the folders it created, so that a retry does not find an "earlier run"."""
+    created = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        kept = (output_dir / "adapter").exists() or checkpoint_dirs(output_dir)
+        if created and not kept and PartialState().is_main_process:
+            shutil.rmtree(created[-1], ignore_errors=True)  # the outermost folder this run made
+        raise
+
+
 def train(args):
     args.backbone = args.backbone or default_backbone()
-    args.dataset = args.dataset or default_dataset("cifar10")
+    given, args.dataset = args.dataset is not None, args.dataset or default_dataset("cifar10")
     output_dir = Path(args.output_dir)
     # Several processes without CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on CPUs): accelerate
     # uses gloo only when told that the processes are CPU ones.
@@ -83,6 +110,7 @@ def train(args):
 
     data = load_image_data(args.dataset, args.image_column, args.label_column, args.train_size or None,
                            args.eval_size or None, args.seed)
+    vit = load_backbone(args.backbone)  # first: it says when the Hub cannot be reached (the processor's loader cannot)
     processor = image_processor(args.backbone, args.image_size)
     train = data.train.with_transform(image_transform(processor, data.image_column, data.label_column, args.augment))
     evaluation = data.eval.with_transform(image_transform(processor, data.image_column, data.label_column))
@@ -91,8 +119,7 @@ def train(args):
     train_loader = DataLoader(train, shuffle=True, drop_last=True, **loader_args)
     eval_loader = DataLoader(evaluation, **loader_args)
 
-    vit = load_backbone(args.backbone)
-    recorded = str(Path(args.dataset).resolve()) if Path(args.dataset).is_dir() else args.dataset  # for `evaluate`
+    recorded = recorded_dataset(args.dataset, given)  # for `evaluate`
     model = apply_setting(vit, args.setting, num_labels=data.num_labels, m=args.m, label_names=data.label_names,
                           image_size=args.image_size, dataset=recorded)
     if args.cache_base:  # before any cast: the cache holds what the stored weights compute

@@ -89,7 +89,7 @@ def masked_model(vit, tasks):
 
 def make_trained_model(vit, **config):
     """One adapter with randomised class token and head (seed 7), in eval mode."""
-    model = get_peft_model(vit, MemoryTokenConfig(**config))
+    model = get_peft_model(vit, MemoryTokenConfig(**{"num_labels": 2, **config}))
     randomise_task(model, "default", 7)
     return model.eval()
 
@@ -97,7 +97,7 @@ def make_trained_model(vit, **config):
 def save_adapter(vit, path, seed, pixels=TINY_PIXELS, **config):
     """Save a randomised masked adapter on a copy of ``vit`` to ``path``; returns its logits on ``pixels``."""
     torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(**{"mode": "masked", "init_std": 0.5, **config}))
+    model = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(**{"mode": "masked", "init_std": 0.5, "num_labels": 2, **config}))
     randomise_task(model, "default", seed)
     model.eval().save_pretrained(path)
     with torch.no_grad():

@@ -47,8 +47,17 @@ def test_merge_refuses_bad_combinations(tmp_path):
                               image_size=16, patch_size=8), add_pooling_layer=False)
     save_adapter(wide, tmp_path / "wide", 2, m=2)
     save_adapter(tiny_vit(num_hidden_layers=3), tmp_path / "deep", 3, m=2)
-    with pytest.raises(ValueError, match=r"'full' uses mode='full'.*Only adapters trained with mode='masked'"):
+    with pytest.raises(ValueError, match=r"'full' \(.*full\) uses mode='full'.*Only adapters trained with "
+                                         r"mode='masked' can be merged: retrain it with `memory-peft train --setting "
+                                         r"memory-masked --m 2 --output_dir outputs/full-masked`\.$"):
         merge_adapters({"masked": tmp_path / "masked", "full": tmp_path / "full"}, tmp_path / "out")
+    # a training script's adapter: its own command, with the merge-ready setting and a folder of its own
+    save_adapter(vit, tmp_path / "run" / "adapter", 1, m=2, mode="full")
+    command = "python examples/train.py --setting memory --m 2 --lr 0.1 --output_dir outputs/cifar --overwrite"
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"command": command}))
+    with pytest.raises(ValueError, match=r"retrain it with `python examples/train.py --m 2 --lr 0.1 --setting "
+                                         r"memory-masked --output_dir outputs/cifar-masked`\.$"):
+        merge_adapters({"masked": tmp_path / "masked", "cifar": tmp_path / "run" / "adapter"}, tmp_path / "out")
     with pytest.raises(ValueError, match=r"different backbones.*'hidden_size': 32.*'hidden_size': 48"):
         merge_adapters({"masked": tmp_path / "masked", "wide": tmp_path / "wide"}, tmp_path / "out")
     with pytest.raises(ValueError, match=r"different backbones.*'num_layers': 2.*'num_layers': 3"):

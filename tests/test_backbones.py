@@ -52,7 +52,9 @@ def stock_final_states(model, pixels):
 
 def adapted(base, seed, **config):
     torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), MemoryTokenConfig(**{"init_std": 0.5, **config})).eval()
+    if isinstance(base, ViTForImageClassification):  # a new adapter on a classifier takes the classifier's count (7)
+        config["num_labels"] = None
+    model = get_peft_model(copy.deepcopy(base), MemoryTokenConfig(**{"init_std": 0.5, "num_labels": 2, **config})).eval()
     randomise_task(model, "default", seed)
     # adapters load into fp32 parameters: keep every value fp32-representable so that save -> load stays exact
     return model.float().double()
@@ -143,4 +145,4 @@ def test_unsupported_model_lists_the_supported_ones():
     swin = SwinModel(SwinConfig(embed_dim=8, depths=[1], num_heads=[1], image_size=16, patch_size=4, window_size=2))
     with pytest.raises(TypeError, match=r"cannot adapt a SwinModel: supported backbones are ViTModel, "
                                         r"ViTForImageClassification, DeiTModel, Dinov2Model, CLIPVisionModel"):
-        get_peft_model(swin, MemoryTokenConfig(m=1))
+        get_peft_model(swin, MemoryTokenConfig(m=1, num_labels=2))

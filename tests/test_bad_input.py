@@ -45,12 +45,12 @@ def edit_config(**changes):
 @pytest.mark.parametrize("m", [-1, 1.5, "5", True])
 def test_memory_size_must_be_a_non_negative_int(m):
     with pytest.raises(InputError, match=rf"MemoryTokenConfig.m must be an int >= 0 .*got {m!r}"):
-        MemoryTokenConfig(m=m)
+        MemoryTokenConfig(m=m, num_labels=2)
 
 
 def test_layer_indices_out_of_range():
     with pytest.raises(InputError, match=r"layers \[2, 7\] out of range: the backbone has 2 layers \(0..1\)"):
-        get_peft_model(tiny_vit(), MemoryTokenConfig(m=1, layers=[0, 2, 7]))
+        get_peft_model(tiny_vit(), MemoryTokenConfig(m=1, layers=[0, 2, 7], num_labels=2))
 
 
 def test_unsupported_backbone_lists_the_supported_ones():
@@ -58,7 +58,7 @@ def test_unsupported_backbone_lists_the_supported_ones():
 
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
     with pytest.raises(TypeError, match=r"cannot adapt a BertModel: supported backbones are ViTModel"):
-        get_peft_model(bert, MemoryTokenConfig(m=1))
+        get_peft_model(bert, MemoryTokenConfig(m=1, num_labels=2))
 
 
 # --- images --------------------------------------------------------------------------------------------------------
@@ -154,14 +154,14 @@ def test_config_that_is_not_json_or_not_memory_tokens(adapter, tmp_path):
 
 def test_merging_refuses_other_bases_and_full_attention(adapter, tmp_path):
     _, path = adapter
-    get_peft_model(tiny_vit(hidden_size=48), MemoryTokenConfig(m=2, mode="masked")).save_pretrained(tmp_path / "wide")
-    get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, mode="full")).save_pretrained(tmp_path / "full")
+    get_peft_model(tiny_vit(hidden_size=48), MemoryTokenConfig(m=2, mode="masked", num_labels=2)).save_pretrained(tmp_path / "wide")
+    get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, mode="full", num_labels=2)).save_pretrained(tmp_path / "full")
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "keep.txt").write_text("earlier artifact")
     before = snapshot(tmp_path)
     with pytest.raises(InputError, match=r"different backbones.*'hidden_size': 32.*'hidden_size': 48"):
         merge_adapters({"a": path, "wide": tmp_path / "wide"}, tmp_path / "merged", overwrite=True)
-    with pytest.raises(InputError, match=r"'full' uses mode='full'"):
+    with pytest.raises(InputError, match=r"'full' \(.*\) uses mode='full'"):
         merge_adapters({"a": path, "full": tmp_path / "full"}, tmp_path / "merged", overwrite=True)
     with pytest.raises(OutputExistsError, match=r"merged already exists; pass overwrite=True"):
         merge_adapters({"a": path}, tmp_path / "merged")
@@ -171,7 +171,7 @@ def test_merging_refuses_other_bases_and_full_attention(adapter, tmp_path):
 # --- saving --------------------------------------------------------------------------------------------------------
 def test_save_refuses_a_folder_holding_another_adapter(adapter, tmp_path):
     model, path = adapter
-    other = get_peft_model(tiny_vit(seed=1), MemoryTokenConfig(m=3, mode="masked"))
+    other = get_peft_model(tiny_vit(seed=1), MemoryTokenConfig(m=3, mode="masked", num_labels=2))
     before = snapshot(tmp_path)
     with pytest.raises(OutputExistsError, match=r"adapter already holds an adapter; pass overwrite=True"):
         save_adapter(other, path)
@@ -202,7 +202,7 @@ def test_a_save_that_fails_half_way_keeps_the_previous_adapter(adapter, tmp_path
     import peft.peft_model
 
     model, path = adapter
-    other = get_peft_model(tiny_vit(seed=1), MemoryTokenConfig(m=3, mode="masked"))
+    other = get_peft_model(tiny_vit(seed=1), MemoryTokenConfig(m=3, mode="masked", num_labels=2))
     before = snapshot(tmp_path)
 
     def half_written(tensors, filename, metadata=None):
@@ -220,14 +220,14 @@ def test_a_save_that_fails_half_way_keeps_the_previous_adapter(adapter, tmp_path
 def test_activate_takes_one_name_as_a_name():
     from memory_peft import activate
 
-    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, mode="masked"), adapter_name="fashion")
-    model.add_adapter("cifar", MemoryTokenConfig(m=2, mode="masked"))
+    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, mode="masked", num_labels=2), adapter_name="fashion")
+    model.add_adapter("cifar", MemoryTokenConfig(m=2, mode="masked", num_labels=2))
     activate(model, "fashion")
     assert model.base_model.active_adapters == ["fashion"]
 
 
 def test_integer_pixels_are_refused_with_a_pointer_to_the_image_processor():
-    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2)).eval()
+    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, num_labels=2)).eval()
     with pytest.raises(ValueError, match=r"pixel_values are torch.uint8: the model takes normalised float images.*"
                                          r"image processor"):
         model(pixel_values=torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8))
@@ -238,7 +238,7 @@ def test_saved_folders_get_the_permissions_of_a_plain_mkdir(tmp_path):
 
     old = os.umask(0o022)
     try:
-        save(get_peft_model(tiny_vit(), MemoryTokenConfig(m=2)), tmp_path / "adapter")
+        save(get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, num_labels=2)), tmp_path / "adapter")
     finally:
         os.umask(old)
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755

@@ -73,8 +73,9 @@ def test_empty_split(tiny_dataset, tmp_path):
 
 
 def test_dataset_that_does_not_exist(tmp_path):
-    error = run_train("--dataset", tmp_path / "no-such-data", "--output_dir", tmp_path / "out")
+    error = run_train("--dataset", tmp_path / "no-such-data", "--output_dir", tmp_path / "new" / "out")
     assert "no-such-data' was not found: give a Hub id or a local folder in Hub layout" in error
+    assert sorted(tmp_path.iterdir()) == []  # a run that fails before training leaves no folder behind
 
 
 def test_resume_without_a_checkpoint(tiny_dataset, tmp_path):
@@ -187,11 +188,12 @@ def test_merge_refuses_a_task_name_given_twice(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_mode_is_a_deprecated_alias_of_setting():
+def test_mode_is_a_deprecated_alias_of_setting(capsys):
     from memory_peft.training import parse_args
 
-    with pytest.warns(FutureWarning, match="--mode is deprecated.*use --setting"):
+    with pytest.warns(FutureWarning, match="--mode is deprecated.*use --setting") as said:
         assert parse_args(["--mode", "head"]).setting == "head"
+    assert len(said) == 1 and "deprecated" not in capsys.readouterr().err  # said once, not twice
     assert parse_args([]).setting == "memory" and parse_args(["--setting", "head+cls"]).setting == "head+cls"
     with pytest.raises(ValueError, match="--mode head and --setting full disagree: give --setting only"):
         parse_args(["--mode", "head", "--setting", "full"])

@@ -1,6 +1,7 @@
 """The `memory-peft` console script: --help per command, merge/split/inspect on real files, train then evaluate."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,10 +82,13 @@ def test_train_then_evaluate_reproduces_the_accuracy(tmp_path):
     run("train", "--output_dir", tmp_path / "run", *TINY, "--setting", "memory-masked", "--m", "2", "--max_steps", "2")
     trained = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
     result = run("evaluate", tmp_path / "run" / "adapter", "--eval_size", "32", "--batch_size", "8")
-    report = json.loads(result.stdout)["default"]
+    report = json.loads(result.stdout)["default"]  # one JSON object, {task: report}
     assert report["examples"] == 32 and report["image_size"] == 56
-    assert report["dataset"] == str((SHARED / "data" / "cifar10").resolve())  # recorded at training time
+    # recorded at training time as a path relative to where the run started, never this machine's absolute path
+    assert report["dataset"] == os.path.relpath(SHARED / "data" / "cifar10", ROOT)
     assert report["accuracy"] == trained
+    progress = [line for line in result.stderr.splitlines() if line.startswith("default: ")]  # as each task ends
+    assert len(progress) == 1 and f"on 32 images of {report['dataset']}" in progress[0], result.stderr[-2000:]
     bad = run("evaluate", tmp_path / "nothing", check=False)
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 

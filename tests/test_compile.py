@@ -169,7 +169,7 @@ def test_compiled_training_step_gives_eager_gradients(setting):
 def test_cuda_graphs_serve_and_train(setting):
     torch._dynamo.reset()
     vit = tiny_vit().cuda()
-    model = merged(vit, 3) if setting == "memory-masked" else get_peft_model(vit, MemoryTokenConfig(m=5)).eval()
+    model = merged(vit, 3) if setting == "memory-masked" else get_peft_model(vit, MemoryTokenConfig(m=5, num_labels=2)).eval()
     calls = [dict(pixel_values=torch.randn(2, 3, 64, 64, device="cuda")) for _ in range(3)]
     with torch.no_grad():
         compiled_equals_eager(model, calls, "inductor", mode="reduce-overhead")

@@ -66,9 +66,9 @@ def test_a_full_attention_adapter_exports_and_torch_export_gives_one_graph(tmp_p
     assert_close_fp32(logits, eager(model, pixels)["default"])
     from transformers import ViTImageProcessor
 
-    path = export_onnx(model, tmp_path / "full.onnx", image_processor=ViTImageProcessor(size={"height": 16,
-                                                                                             "width": 16}))
-    static = run_onnx(path, pixels[:1])  # without dynamic_batch: batch 1
+    path = export_onnx(model, tmp_path / "full.onnx", dynamic_batch=False,
+                       image_processor=ViTImageProcessor(size={"height": 16, "width": 16}))
+    static = run_onnx(path, pixels[:1])  # dynamic_batch=False: batch 1
     torch.testing.assert_close(static["default"], eager(model, pixels[:1])["default"], atol=1e-4, rtol=0)
     assert read_metadata(path)["labels"] == {"default": ["LABEL_0", "LABEL_1", "LABEL_2", "LABEL_3"]}
 
@@ -106,7 +106,7 @@ def test_the_export_command_writes_a_graph_of_the_artifacts_tasks(tmp_path, caps
         model.save_pretrained(tmp_path / task)
     merge_adapters({"a": tmp_path / "a", "b": tmp_path / "b"}, tmp_path / "merged")
     output = tmp_path / "out" / "merged.onnx"
-    assert main(["export", str(tmp_path / "merged"), "--output", str(output), "--dynamic-batch"]) == 0
+    assert main(["export", str(tmp_path / "merged"), "--output", str(output)]) == 0  # any batch size by default
     assert "exported 2 task(s) ['a', 'b']" in capsys.readouterr().out
     pixels = torch.randn(5, 3, 16, 16)
     exported, expected = run_onnx(output, pixels), eager(load_multitask(copy.deepcopy(vit), tmp_path / "merged"),
@@ -118,3 +118,25 @@ def test_the_export_command_writes_a_graph_of_the_artifacts_tasks(tmp_path, caps
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nope"), "--output", str(tmp_path / "x.onnx")]) == 1
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_export_takes_the_backbone_it_is_given_and_a_static_batch_on_request(tmp_path, capsys):
+    from transformers import ViTImageProcessor
+
+    from memory_peft.cli import main
+
+    tiny_vit().save_pretrained(tmp_path / "base")
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.25] * 3) \
+        .save_pretrained(tmp_path / "base")
+    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, num_labels=3, mode="masked", init_std=0.5))
+    model.save_pretrained(tmp_path / "adapter")  # made in memory: it names no base model
+    output = tmp_path / "static.onnx"
+    args = ["export", str(tmp_path / "adapter"), "--output", str(output), "--backbone", str(tmp_path / "base")]
+    assert main([*args, "--static-batch", "2"]) == 0, capsys.readouterr().err
+    assert read_metadata(output)["image_mean"] == [0.5] * 3  # the normalisation of the backbone given
+    import onnx
+
+    (graph_input,) = onnx.load(str(output)).graph.input
+    assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim] == [2, 3, 16, 16]
+    assert main([*args, "--static-batch", "0", "--overwrite"]) == 1
+    assert "--static-batch 0: give a batch size >= 1" in capsys.readouterr().err

@@ -79,7 +79,7 @@ def test_push_without_credentials_fails_clearly(hub, tmp_path):
     state, url = hub
     push = ("import sys, memory_peft\nfrom peft import get_peft_model\nfrom memory_peft import MemoryTokenConfig\n"
             "from conftest import tiny_vit\n"
-            "get_peft_model(tiny_vit(), MemoryTokenConfig(m=1)).push_to_hub('tester/x')\n")
+            "get_peft_model(tiny_vit(), MemoryTokenConfig(m=1, num_labels=2)).push_to_hub('tester/x')\n")
     result = subprocess.run([sys.executable, "-c", push], cwd=ROOT / "tests", capture_output=True, text=True,
                             env={**os.environ, **hub_env(url, tmp_path, token=None)}, timeout=300)
     assert result.returncode != 0

@@ -20,7 +20,7 @@ def test_registered_once_with_installed_peft():
     assert PEFT_TYPE_TO_TUNER_MAPPING["MEMORY_TOKENS"] is MemoryTokenModel
     assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.MEMORY_TOKENS] == "memory_"
     memory_peft.register()  # idempotent
-    assert MemoryTokenConfig(m=1).peft_type == PeftType.MEMORY_TOKENS
+    assert MemoryTokenConfig(m=1, num_labels=2).peft_type == PeftType.MEMORY_TOKENS
 
 
 def test_add_set_delete_adapters():
@@ -65,11 +65,13 @@ def test_vit_for_image_classification_uses_the_adapter_head():
     torch.manual_seed(0)
     config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                        image_size=16, patch_size=8, num_labels=7)
-    model = get_peft_model(ViTForImageClassification(config).eval(), MemoryTokenConfig(m=2, num_labels=3))
+    model = get_peft_model(ViTForImageClassification(config).eval(), MemoryTokenConfig(m=2))  # 7 classes: the model's
     with torch.no_grad():
-        assert model(pixel_values=PIXELS).logits.shape == (3, 3)
+        logits = model(pixel_values=PIXELS).logits
+        assert logits.shape == (3, 7) and not logits.any()  # the adapter's own head, zero at the start
         with model.disable_adapter():
-            assert model(pixel_values=PIXELS).logits.shape == (3, 7)
+            stock = model(pixel_values=PIXELS).logits
+            assert stock.shape == (3, 7) and stock.abs().min() > 0  # the stock classifier
 
 
 @pytest.mark.parametrize(
@@ -79,7 +81,7 @@ def test_vit_for_image_classification_uses_the_adapter_head():
         (dict(m=2.5), r"m must be an int >= 0"),
         (dict(m=True), r"m must be an int >= 0"),
         (dict(mode="sparse"), r"mode must be one of"),
-        (dict(num_labels=0), r"num_labels must be an int >= 1"),
+        (dict(num_labels=0), r"num_labels must be None or an int >= 1"),
         (dict(layers="0,1"), r"layers must be a list of layer indices"),
         (dict(init_std=-0.1), r"init_std must be a number >= 0"),
     ],
@@ -91,9 +93,9 @@ def test_bad_config_is_refused_with_a_named_field(kwargs, message):
 
 def test_layers_out_of_range_and_unsupported_backbone():
     with pytest.raises(ValueError, match=r"layers \[5\] out of range: the backbone has 2 layers"):
-        get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, layers=[0, 5]))
+        get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, layers=[0, 5], num_labels=2))
     with pytest.raises(TypeError, match=r"cannot adapt a Sequential: supported backbones are ViTModel"):
-        get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), MemoryTokenConfig(m=2))
+        get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), MemoryTokenConfig(m=2, num_labels=2))
 
 
 def test_labels_outside_the_head_are_refused():
@@ -154,7 +156,7 @@ def test_what_trains_does_not_depend_on_call_order(tmp_path):
 
 
 def test_merge_and_unload_points_to_unload():
-    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2))
+    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, num_labels=2))
     with pytest.raises(ValueError, match=r"cannot be merged into weights\. To get the plain backbone back, call "
                                          r"unload\(\)"):
         model.merge_and_unload()

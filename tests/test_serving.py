@@ -10,6 +10,7 @@ from conftest import tiny_vit
 from helpers import (DTYPES, assert_identical, assert_matches, masked_model, memories_of, randomise_task,
                      real_vit_in)
 from memory_peft import MemoryTokenConfig
+from memory_peft.tuner.backbone import describe_backbone
 from reference import attention_rows, mlp_block, reference_masked_model
 
 
@@ -99,7 +100,7 @@ def test_extension_reads_earlier_memory_and_keeps_earlier_outputs(images):
 
 
 def test_extension_needs_its_earlier_adapter():
-    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, mode="masked", extends=["gone"]))
+    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, mode="masked", extends=["gone"], num_labels=2))
     with pytest.raises(ValueError, match=r"extends \['gone'\], which are not loaded"):
         model(pixel_values=torch.randn(1, 3, 16, 16))
 
@@ -109,13 +110,16 @@ def test_top_k_equals_dense_when_k_is_m_and_selects_otherwise(mode):
     torch.manual_seed(0)
     vit = tiny_vit(num_hidden_layers=2)
     pixels = torch.randn(2, 3, 16, 16)
-    dense = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=16, mode=mode, init_std=1.0))
+    dense = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=16, mode=mode, init_std=1.0, num_labels=2))
     randomise_task(dense, "default", 0)
     state = {k: v for k, v in dense.state_dict().items() if "memory_" in k}
     results = {}
     for k in (16, 4):
-        model = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=16, mode=mode, top_k=k))
+        model = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=16, mode=mode, top_k=4, num_labels=2))
         model.load_state_dict(state, strict=False)
+        for layer in describe_backbone(model.get_base_model()).layers:  # k = m: refused by the config, so set here
+            layer.memory_top_k["default"] = k
+        model.base_model._prepare_layout(["default"])
         with torch.no_grad():
             results[k] = model(pixel_values=pixels).logits
     with torch.no_grad():
@@ -130,7 +134,7 @@ def test_top_k_reads_exactly_the_best_entries():
 
     torch.manual_seed(1)
     vit = tiny_vit(num_hidden_layers=1)
-    model = get_peft_model(vit, MemoryTokenConfig(m=12, top_k=3, init_std=1.0))
+    model = get_peft_model(vit, MemoryTokenConfig(m=12, top_k=3, init_std=1.0, num_labels=2))
     layer = model.base_model.model.layers[0]
     x = torch.randn(2, 5, 32)
     with torch.no_grad():

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import InputError, UnsupportedModelError
+from .errors import InputError, MemoryPeftError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -25,17 +25,19 @@ class Architecture:
     pre_norm: Optional[str] = None  # CLIP: LayerNorm on the embeddings before the first layer
     interpolates: bool = False  # Dinov2: the embeddings always interpolate the position embedding (no flag)
     wrapper: str = ""  # where a task model (e.g. ViTForImageClassification) keeps the backbone: "vit."
+    classifier: Optional[str] = None  # a task model's own head: its config's num_labels/id2label describe the task
 
 
-def _vit(wrapper: str = "") -> Architecture:
-    return Architecture(f"{wrapper}embeddings", f"{wrapper}layers", f"{wrapper}layernorm", wrapper=wrapper)
+def _vit(wrapper: str = "", classifier: Optional[str] = None) -> Architecture:
+    return Architecture(f"{wrapper}embeddings", f"{wrapper}layers", f"{wrapper}layernorm", wrapper=wrapper,
+                        classifier=classifier)
 
 
 # DeiT: the distillation token (position 1) is a base token like the patches: every class token reads it, nothing in
 # masked mode changes it, and in full mode the task's class token replaces only the class token at position 0.
 ARCHITECTURES = {
     "ViTModel": _vit(),
-    "ViTForImageClassification": _vit("vit."),
+    "ViTForImageClassification": _vit("vit.", classifier="classifier"),
     "DeiTModel": _vit(),
     "Dinov2Model": Architecture("embeddings", "encoder.layer", "layernorm", interpolates=True),
     "CLIPVisionModel": Architecture("embeddings", "encoder.layers", "post_layernorm", pre_norm="pre_layrnorm"),
@@ -204,13 +206,22 @@ def load_backbone(name_or_path: str, **kwargs) -> nn.Module:
     """A supported backbone from a Hub id or local folder, chosen by its config's model_type (CLIP: the vision tower)."""
     from transformers import AutoConfig, CLIPVisionModel, DeiTModel, Dinov2Model, ViTModel
 
-    model_type = AutoConfig.from_pretrained(name_or_path).model_type
-    if model_type in ("vit", "deit"):
-        cls = ViTModel if model_type == "vit" else DeiTModel
-        return cls.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
-    if model_type == "dinov2":
-        return Dinov2Model.from_pretrained(name_or_path, **kwargs)
-    if model_type in ("clip", "clip_vision_model"):
-        return CLIPVisionModel.from_pretrained(name_or_path, **kwargs)
+    from .storage import from_hub, is_local
+
+    is_local(name_or_path)  # a path that names nothing: said at once, not as a network error
+    try:
+        with from_hub(name_or_path, "base model"):
+            model_type = AutoConfig.from_pretrained(name_or_path).model_type
+            if model_type in ("vit", "deit"):
+                cls = ViTModel if model_type == "vit" else DeiTModel
+                return cls.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
+            if model_type == "dinov2":
+                return Dinov2Model.from_pretrained(name_or_path, **kwargs)
+            if model_type in ("clip", "clip_vision_model"):
+                return CLIPVisionModel.from_pretrained(name_or_path, **kwargs)
+    except OSError as exc:  # transformers' word for "no such model" (a repo or folder without the files it needs)
+        if isinstance(exc, MemoryPeftError):
+            raise
+        raise InputError(f"Base model {name_or_path} could not be loaded: {str(exc).splitlines()[0]}") from None
     raise UnsupportedModelError(f"{name_or_path} is a {model_type!r} model; memory-peft loads vit, deit, dinov2 and clip "
                                 f"checkpoints ({', '.join(SUPPORTED_BACKBONES)}).")

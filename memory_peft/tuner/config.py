@@ -30,7 +30,9 @@ class MemoryTokenConfig(PeftConfig):
             outputs change (one such adapter at a time); ``"masked"`` — the task's class token is appended after the
             patches and is the only token that reads the memory, so the base model's outputs stay exactly the same and
             any number of masked adapters run together in one forward pass.
-        num_labels: classes of this task's head.
+        num_labels: classes of this task's head. None (the default) takes it from ``label_names``, else from a base
+            model with a classification head (``ViTForImageClassification``: its ``config.num_labels`` and
+            ``id2label``); on a bare backbone (``ViTModel``) it must be given. Where they disagree, an error.
         train_class_token: train the task's class token (initialised from the pretrained class token plus its
             position embedding); ``False`` keeps it at that value.
         init_std: standard deviation of the memory's normal initialisation.
@@ -49,8 +51,12 @@ class MemoryTokenConfig(PeftConfig):
 
     m: int = field(default=5, metadata={"help": "memory tokens per adapted layer"})
     layers: Optional[list[int]] = field(default=None, metadata={"help": "layer indices with memory (None: all)"})
+    # "full" stays the default: it is the paper's "memory" setting and the more accurate one for a single task; the
+    # errors that refuse to combine or merge full adapters name mode="masked" (the mode that merges).
     mode: str = field(default="full", metadata={"help": "'full' or 'masked' attention"})
-    num_labels: int = field(default=2, metadata={"help": "classes of the task head"})
+    num_labels: Optional[int] = field(
+        default=None, metadata={"help": "classes of the task head (None: from label_names or the base model's head)"}
+    )
     train_class_token: bool = field(default=True, metadata={"help": "train the task's class token"})
     init_std: float = field(default=0.02, metadata={"help": "std of the memory initialisation"})
     memory_layernorm: bool = field(default=True, metadata={"help": "memory goes through the pre-attention LN"})
@@ -77,8 +83,10 @@ class MemoryTokenConfig(PeftConfig):
             raise InputError(f"MemoryTokenConfig.m must be an int >= 0 (memory tokens per layer), got {self.m!r}.")
         if self.mode not in MODES:
             raise InputError(f"MemoryTokenConfig.mode must be one of {MODES}, got {self.mode!r}.")
-        if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 1:
-            raise InputError(f"MemoryTokenConfig.num_labels must be an int >= 1, got {self.num_labels!r}.")
+        if self.num_labels is not None and (
+            isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 1
+        ):
+            raise InputError(f"MemoryTokenConfig.num_labels must be None or an int >= 1, got {self.num_labels!r}.")
         if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
             raise InputError(f"MemoryTokenConfig.init_std must be a number >= 0, got {self.init_std!r}.")
         if self.extends is not None:
@@ -91,6 +99,10 @@ class MemoryTokenConfig(PeftConfig):
             isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k
         ):
             raise InputError(f"MemoryTokenConfig.top_k must be None or an int >= 1, got {self.top_k!r}.")
+        if self.top_k is not None and self.top_k >= self.m:
+            # top-K would keep every memory entry and do nothing: the user asked for something this cannot give
+            raise InputError(f"MemoryTokenConfig.top_k={self.top_k} with m={self.m}: each query would read all "
+                             f"{self.m} memory entries, so top-K does nothing. Use top_k < m, or top_k=None.")
         for flag in ("train_class_token", "memory_layernorm"):
             if not isinstance(getattr(self, flag), bool):
                 raise InputError(f"MemoryTokenConfig.{flag} must be true or false, got {getattr(self, flag)!r}.")
@@ -103,6 +115,8 @@ class MemoryTokenConfig(PeftConfig):
             isinstance(self.label_names, (list, tuple)) and all(isinstance(n, str) for n in self.label_names)
         ):
             raise InputError(f"MemoryTokenConfig.label_names must be a list of strings, got {self.label_names!r}.")
+        if self.label_names is not None and self.num_labels is None:
+            self.num_labels = len(self.label_names)  # the names imply the count
         if self.label_names is not None and len(self.label_names) != self.num_labels:
             raise InputError(
                 f"MemoryTokenConfig.label_names has {len(self.label_names)} names for num_labels={self.num_labels}."

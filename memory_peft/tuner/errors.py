@@ -26,3 +26,7 @@ class OutputExistsError(MemoryPeftError, FileExistsError):
 
 class StorageError(MemoryPeftError, OSError):
     """Writing failed (permission denied, disk full); whatever was there before is left as it was."""
+
+
+class HubUnreachableError(MemoryPeftError, ConnectionError):
+    """A name that is not a local folder could not be looked up on the Hub (no network, offline mode, Hub down)."""

@@ -6,6 +6,8 @@ Shapes: B batch, n = 1 + N base tokens, T active tasks, D hidden.
 
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
@@ -16,7 +18,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from .attention import with_base_columns
 from .errors import InputError
 from .layer import MemoryPlan
-from .outputs import MultiTaskImageClassifierOutput, single_task
+from .outputs import SEVERAL_TASKS, MultiTaskImageClassifierOutput, SeveralTasksError, single_task
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class MemoryForward:
         if len(output.tasks) == 1:
             output = single_task(output)
             return output if return_dict is not False else output.to_tuple()
+        if not torch.compiler.is_compiling() and _called_by_a_pipeline():
+            # a transformers pipeline reads one "logits" from a plain copy of the output (a KeyError there otherwise)
+            raise SeveralTasksError(SEVERAL_TASKS.format(tasks=list(output.tasks)))
         return output if return_dict is not False else output.as_tuple()
 
     def forward_tasks(
@@ -101,6 +106,9 @@ class MemoryForward:
 
     def _task_outputs(self, names, features, labels, num_items, hidden_states=None, attentions=None):
         """features (B, T, D) -> heads, per-task losses where labels are given, their sum."""
+        if isinstance(labels, dict) and set(labels) - set(names):
+            raise InputError(f"labels for {sorted(set(labels) - set(names))}, which are not active adapters: the "
+                             f"active ones are {list(names)} (labels={{adapter name: tensor}} for those only).")
         labels = [_labels_for(labels, name, names) for name in names]
         logits = self._heads(names, features)
         tasks = {name: self._classify(name, logits[t], labels[t], num_items) for t, name in enumerate(names)}
@@ -113,8 +121,9 @@ class MemoryForward:
         """(B, num_layers, 2, n, D): every layer's keys and values of the base rows. In masked mode they depend on the
         image alone (the base rows never read task rows or memory): what ``memory_peft.cache`` stores."""
         backbone = self._backbone
-        pixel_values = backbone.check_pixels(pixel_values, bool(interpolate_pos_encoding))
-        base = backbone.embed(pixel_values.to(backbone.final_norm.weight.dtype), bool(interpolate_pos_encoding))
+        interpolate = self._interpolates(pixel_values, self.active_adapters, interpolate_pos_encoding)
+        pixel_values = backbone.check_pixels(pixel_values, interpolate)
+        base = backbone.embed(pixel_values.to(backbone.final_norm.weight.dtype), interpolate)
         per_layer = []
         for layer in backbone.layers:
             base, key, value = layer.forward_base(base)
@@ -160,8 +169,9 @@ class MemoryForward:
                 weights: bool = False) -> _Encoded:
         backbone, layout = self._backbone, self._layout_for(list(adapter_names))
         dtype = backbone.final_norm.weight.dtype
-        pixel_values = backbone.check_pixels(pixel_values, bool(interpolate_pos_encoding))
-        embedded = backbone.embed(pixel_values.to(dtype), bool(interpolate_pos_encoding))
+        interpolate = self._interpolates(pixel_values, adapter_names, interpolate_pos_encoding)
+        pixel_values = backbone.check_pixels(pixel_values, interpolate)
+        embedded = backbone.embed(pixel_values.to(dtype), interpolate)
         batch, n, _ = embedded.shape
         tokens = [self.memory_class_token[name] for name in adapter_names]  # T x (D,)
         if tokens[0].dtype != embedded.dtype:
@@ -189,6 +199,31 @@ class MemoryForward:
                                                   weights)
         x = backbone.final_norm(x)
         return _Encoded(x[:, :n], x[:, n:], states, probabilities)
+
+    def _interpolates(self, pixel_values, names, interpolate_pos_encoding: Optional[bool]) -> bool:
+        """Whether the position embeddings are interpolated: as asked, else (None) when the images are not the base
+        config's size, so that a processor sized to the adapters works where nothing passes the flag (transformers'
+        "image-classification" pipeline). Warns once per model and size when the images are not the size the active
+        adapters were trained at: that changes their predictions."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+            return bool(interpolate_pos_encoding)  # check_pixels names the problem
+        size = tuple(pixel_values.shape[-2:])
+        if not torch.compiler.is_compiling():  # a Python-side check: nothing of it belongs in a compiled graph
+            self._warn_size(size, names)
+        if interpolate_pos_encoding is None:
+            return size != (self._backbone.image_size, self._backbone.image_size)
+        return bool(interpolate_pos_encoding)
+
+    def _warn_size(self, size: tuple[int, int], names) -> None:
+        trained = {self.peft_config[name].image_size for name in names} - {None}
+        warned = self.__dict__.setdefault("_warned_sizes", set())
+        if not trained or size in {(s, s) for s in trained} or size in warned:
+            return
+        warned.add(size)
+        warnings.warn(f"Images of {size[0]}x{size[1]} px, but adapter(s) {list(names)} were trained at "
+                      f"{'/'.join(map(str, sorted(trained)))} px: predictions change with the input size. Resize the "
+                      "images to the training size (memory_peft.data.image_processor(base_model, size), or the "
+                      "'memory-image-classification' pipeline, which does).", UserWarning, stacklevel=4)
 
     def _run_rows(self, x: torch.Tensor, layout: Layout, masks: dict, hidden: bool, weights: bool):
         """x (B, L, D) through every layer as one stream -> (x, the rows entering each layer and leaving the last
@@ -253,6 +288,21 @@ class _Encoded(NamedTuple):
     features: torch.Tensor  # (B, T, D) final-normed task class tokens
     hidden_states: Optional[tuple[torch.Tensor, ...]] = None
     attentions: Optional[tuple[torch.Tensor, ...]] = None
+
+def _called_by_a_pipeline(depth: int = 12) -> bool:
+    """Whether a transformers ``Pipeline`` called this forward (within ``depth`` frames): the stock pipelines are
+    single-task consumers; "memory-image-classification" calls ``forward_tasks`` instead."""
+    from transformers.pipelines import Pipeline
+
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if isinstance(frame.f_locals.get("self"), Pipeline):
+            return True
+        frame = frame.f_back
+    return False
+
 
 def _labels_for(labels: Any, name: str, names: list[str]) -> Optional[torch.Tensor]:
     if labels is None or isinstance(labels, torch.Tensor) and len(names) == 1:

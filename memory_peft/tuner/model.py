@@ -18,7 +18,7 @@ from .backbone import Backbone, check_signature, describe_backbone, layer_parts,
 from .config import MemoryTokenConfig
 from .errors import AdapterFileError, InputError
 from .forward import Layout, MemoryForward
-from .labels import base_classifier, describe_classifier
+from .labels import base_classifier, describe_classifier, resolve_num_labels
 from .layer import NOT_MERGEABLE, MemoryLayer
 from .registration import PREFIX
 from .route import install_forward
@@ -38,6 +38,7 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         backbone = describe_backbone(model)
         config: MemoryTokenConfig = self.peft_config[adapter_name]
         config.validate()
+        saved = config.backbone is not None  # recorded by the tuner: an adapter loaded from files, its head its own
         check_signature(config.backbone, backbone, f"Adapter '{adapter_name}'")
         config.memory_layers(backbone.num_layers)  # range check before anything is created
         config.backbone = backbone.signature
@@ -49,6 +50,9 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
             self.memory_class_token = nn.ParameterDict()  # adapter -> (D,): embedding output at position 0
             self.memory_head = nn.ModuleDict()  # adapter -> Linear(D, num_labels)
             self.task_masks = nn.Module()  # non-persistent buffers: the active layout's task-mask rows
+        # from the config as it was before any adapter described its head there (labels.py)
+        has_head = backbone.architecture.classifier is not None and not saved
+        resolve_num_labels(config, self._base_classifier, has_head, adapter_name)
         self._add_class_token_and_head(adapter_name, config, backbone)
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
@@ -127,7 +131,8 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         if len(names) > 1 and full:
             raise InputError(
                 f"Adapter(s) {full} use full attention, which changes the backbone's tokens: they cannot run together "
-                "with other adapters. Only adapters trained with mode='masked' can be active at the same time."
+                "with other adapters. Only adapters trained with mode='masked' can be active at the same time: "
+                "retrain them with MemoryTokenConfig(mode='masked') (memory-peft train --setting memory-masked)."
             )
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._set_task_trainability(inference_mode)

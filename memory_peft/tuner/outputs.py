@@ -10,6 +10,21 @@ import torch
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
+from .errors import MemoryPeftError
+
+
+SEVERAL_TASKS = ("Several adapters {tasks} are active, so there is one logits tensor per task "
+                  "(output.tasks[name].logits), not one: serve them with pipeline(\"memory-image-classification\", "
+                  "model=...), or activate one adapter for single-task consumers such as the \"image-classification\" "
+                  "pipeline.")
+
+
+class SeveralTasksError(MemoryPeftError, KeyError, AttributeError):
+    """A single-task output field (``logits``) read from a several-task output."""
+
+    def __str__(self) -> str:  # KeyError's own str() would print the message as a quoted repr
+        return str(self.args[0])
+
 
 @dataclass
 class MultiTaskImageClassifierOutput(ModelOutput):
@@ -38,7 +53,13 @@ class MultiTaskImageClassifierOutput(ModelOutput):
     def __getitem__(self, key):
         if isinstance(key, str) and key not in self.keys() and self.tasks and key in self.tasks:
             raise KeyError(f"'{key}' is a task: read output.tasks['{key}'] (an ImageClassifierOutput).")
+        if key == "logits":  # what a single-task consumer reads, e.g. transformers' "image-classification" pipeline
+            raise SeveralTasksError(SEVERAL_TASKS.format(tasks=list(self.tasks or {})))
         return super().__getitem__(key)
+
+    @property
+    def logits(self):
+        raise SeveralTasksError(SEVERAL_TASKS.format(tasks=list(self.tasks or {})))
 
     def as_tuple(self) -> tuple:
         """The ``return_dict=False`` form: per-task logits in place of the per-task outputs."""

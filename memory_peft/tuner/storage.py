@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError,
-                                     RepositoryNotFoundError)
+                                     OfflineModeIsEnabled, RepositoryNotFoundError)
 from safetensors import SafetensorError, safe_open
 
-from .errors import AdapterFileError, OutputExistsError, StorageError
+from .errors import AdapterFileError, HubUnreachableError, OutputExistsError, StorageError
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
@@ -133,14 +135,66 @@ def adapter_file(source: str | os.PathLike, filename: str, subfolder: Optional[s
             raise AdapterFileError(f"{folder / filename} is missing (the folder holds {present}): {source!s} is not a "
                                    "complete memory-peft adapter. Save or download it again.")
         return folder / filename
+    with from_hub(source):
+        try:
+            return Path(hf_hub_download(str(source), filename, subfolder=subfolder, **hub_kwargs))
+        except (HFValidationError, RepositoryNotFoundError, EntryNotFoundError) as exc:
+            if _network_failure(exc):
+                raise
+            raise AdapterFileError(f"{source!s} is neither a local folder nor a Hub repo holding "
+                                   f"{Path(subfolder or '', filename)} ({exc.__class__.__name__}).") from None
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What the HTTP client under huggingface_hub raises when it cannot connect (httpx for huggingface_hub 1.x,
+    httpx2 for 2.x): not OSError, so a plain ``except OSError`` misses them."""
+    found = []
+    for module in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+_TRANSPORT_ERRORS = _transport_errors()
+_NETWORK_ERRORS = (*_TRANSPORT_ERRORS, ConnectionError, TimeoutError, LocalEntryNotFoundError, OfflineModeIsEnabled)
+
+
+def _network_failure(exc: BaseException) -> BaseException | None:
+    """The innermost network error behind ``exc``, if any: huggingface_hub, transformers and datasets each wrap it
+    (in LocalEntryNotFoundError, OSError, ConnectionError), so the cause chain is walked."""
+    seen, found = set(), None
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, _NETWORK_ERRORS):
+            found = exc
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
+@contextmanager
+def from_hub(source: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """Around a Hub lookup of ``source`` (a name that is not a local folder): a failure to reach the Hub becomes one
+    ``HubUnreachableError`` line that says so, whatever library raised it (huggingface_hub's httpx errors,
+    transformers' OSError, datasets' ConnectionError), with or without ``HF_HUB_OFFLINE``."""
     try:
-        return Path(hf_hub_download(str(source), filename, subfolder=subfolder, **hub_kwargs))
-    except (HFValidationError, RepositoryNotFoundError, EntryNotFoundError, LocalEntryNotFoundError) as exc:
-        raise AdapterFileError(f"{source!s} is neither a local folder nor a Hub repo holding "
-                               f"{Path(subfolder or '', filename)} ({exc.__class__.__name__}).") from None
-    except OSError as exc:  # the Hub could not be reached
-        raise AdapterFileError(f"{source!s} is not a local folder, and the Hub could not be reached to look it up "
-                               f"({exc.__class__.__name__}). Check the path, or the network.") from None
+        yield
+    except HubUnreachableError:
+        raise
+    except Exception as exc:
+        network = _network_failure(exc)
+        if network is None:
+            raise
+        offline = "offline mode (HF_HUB_OFFLINE) is on" if _offline() else type(network).__name__
+        raise HubUnreachableError(f"{source!s}{f' ({what})' if what else ''} is not a local folder and the Hub could "
+                                  f"not be reached ({offline}): check the path or the network.") from None
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def verify_weights(path: Path, expected_m: Optional[int] = None, hidden_size: Optional[int] = None) -> None:
