@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "each task was trained on, as recorded in its config)")
     evaluate.add_argument("--task", action="append", default=None, help="artifact tasks to evaluate (default: all)")
     evaluate.add_argument("--eval_size", type=int, default=0,
-                          help="score a seeded subset of this many images (0: the whole split, which can take minutes "
-                               "per task on a CPU: see README)")
+                          help="score a seeded subset of this many images (0: the whole split; on 2 CPU cores CIFAR-10's "
+                               "10,000 test images take ~2 min per task at 98 px, ~10 min at 224 px)")
     evaluate.add_argument("--image_size", type=int, default=None, help="default: the adapter's training size")
     evaluate.add_argument("--batch_size", type=int, default=32)
     evaluate.add_argument("--image_column", default=None)
