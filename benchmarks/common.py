@@ -62,14 +62,14 @@ def prepare(dataset: str, args, processor, device=None) -> dict:
 
 
 def fit(model: nn.Module, loss_of, n: int, lr: float, seed: int, args, accelerator: Accelerator,
-        head_lr=None, index_device=None) -> None:
+        head_lr=None, index_device=None, optimizer: str = "sgd") -> None:
     """The paper's recipe over ``epochs`` seeded passes of ``n`` examples; ``loss_of(model, indices)``, the indices on
     ``index_device`` (default: the CPU). Data and indices on the GPU keep every step free of host-device copies: a
     blocking copy per step (labels, or a CPU index into GPU pixels) waits for the step before, so the host could not
     queue kernels ahead."""
     steps_per_epoch = n // args.batch_size
     trainable, optimizer, scheduler = paper_recipe(model, lr, args.warmup_steps, args.epochs * steps_per_epoch,
-                                                   head_lr)
+                                                   head_lr, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(seed)
     model.train()
@@ -121,7 +121,8 @@ def run_head(data, features, lr, seed, args, accelerator):
     return head.cpu()
 
 
-def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator, cache=None, head_lr=None, **overrides):
+def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator, cache=None, head_lr=None,
+                optimizer="sgd", **overrides):
     """Train one setting (``overrides``: MemoryTokenConfig fields; ``head_lr``: the head's own LR); ``cache``
     (memory-masked only): the training images' base keys/values, read instead of running the base rows at every
     step."""
@@ -146,9 +147,43 @@ def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator, cache
         return mdl(**inputs, labels=y[idx]).loss
 
     fit(model, loss_of, len(y), lr, seed, args, accelerator, head_lr,
-        index_device=None if cache is not None else x.device)
+        index_device=None if cache is not None else x.device, optimizer=optimizer)
     # scored eagerly (batches of every size, no gradients: graphs that no training step would use again)
     return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+# what peft's LoRA users run on a ViT (peft's image-classification example, with the rank of design.md's yardstick):
+# LoRA on the attention's query and value projections, the new classifier trained in full, AdamW
+LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
+
+
+def lora_model(backbone: str, data, seed: int, **lora):
+    """peft's LoRA on ``ViTForImageClassification`` of the same pretrained weights, its classifier from zero (as every
+    memory-peft row's head): the row PEFT users compare memory with."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import ViTForImageClassification
+
+    torch.manual_seed(seed)
+    classifier = ViTForImageClassification.from_pretrained(
+        backbone, num_labels=data["num_labels"], id2label=dict(enumerate(data["label_names"])))
+    nn.init.zeros_(classifier.classifier.weight), nn.init.zeros_(classifier.classifier.bias)
+    return get_peft_model(classifier, LoraConfig(**{**LORA, **lora}))
+
+
+def run_lora(backbone: str, data, lr, seed, args, accelerator, **lora):
+    """Train LoRA on the images with the same schedule, clip and steps as the other rows, AdamW."""
+    model = lora_model(backbone, data, seed, **lora).to(accelerator.device)
+    x, y = data["train"][0], data["train"][1].to(accelerator.device)
+
+    def loss_of(mdl, idx):
+        return mdl(pixel_values=x[idx], interpolate_pos_encoding=True, labels=y[idx]).loss
+
+    fit(model, loss_of, len(y), lr, seed, args, accelerator, index_device=x.device, optimizer="adamw")
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def base_cache(vit, data, args, folder: Path, split: str = "train"):

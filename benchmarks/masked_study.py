@@ -29,7 +29,7 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (accuracy, base_cache, cached_accuracy, difference, frozen_features,  # noqa: E402
-                    mean_and_error, model_logits, prepare, run_head, run_setting)
+                    mean_and_error, model_logits, prepare, run_head, run_lora, run_setting, trainable_parameters)
 from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
 from memory_peft.cache import load_cache  # noqa: E402
 from memory_peft.data import image_processor  # noqa: E402
@@ -72,6 +72,13 @@ EXPERIMENTS = {
     # full fine-tuning from the probe (LP-FT, the CPU table's start, calibrated in design.md): the start that keeps a
     # zero head's first, random gradients from pulling the features apart
     "full (from the probe)": ("full", 0, {}, {}, [0.001, 0.0003]),
+    # what PEFT users pick instead (issue: measured against LoRA), and each setting with AdamW, the optimizer LoRA's
+    # users train with (at 124 steps AdamW beat SGD by 5 points for full-attention memory); AdamW LRs are ~10-100x lower
+    "lora r=8 (q, v), adamw": ("lora", 0, {}, {"head_init": "zero", "optimizer": "adamw"}, [0.001, 0.003]),
+    "memory m=5, zero head, adamw": ("memory", 5, {}, {"head_init": "zero", "optimizer": "adamw"}, [0.001, 0.003]),
+    "masked m=5, zero head, adamw": ("memory-masked", 5, {}, {"head_init": "zero", "optimizer": "adamw"},
+                                     [0.001, 0.003]),
+    "head+cls, zero head, adamw": ("head+cls", 0, {}, {"head_init": "zero", "optimizer": "adamw"}, [0.001, 0.003]),
 }
 
 # the head probe is cheap (cached features) and is the start of every run "from the probe": it always sweeps this far
@@ -197,7 +204,8 @@ def run_study(args) -> None:
                     head = probe.trained if seed == 0 else run_head(data, features, lr, seed, args, accelerator)
                     test = accuracy(head, features["test"], data["test"][1]) if lr == probe.lr else None
                     record(out, dict(experiment="head", lr=lr, seed=seed, val=val if seed == 0 else head_val(head),
-                                     test=test, train=accuracy(head, features["train"], data["train"][1]), seconds=0))
+                                     test=test, train=accuracy(head, features["train"], data["train"][1]),
+                                     trainable=trainable_parameters(head), seconds=0))
     masked = [e for e in args.experiments if e in EXPERIMENTS and EXPERIMENTS[e][0] == "memory-masked"]
     cached = caches(vit, data, args, out) if masked else None
     for name in (e for e in args.experiments if e != "head"):
@@ -214,8 +222,11 @@ def run_study(args) -> None:
                 return done
             started = time.perf_counter()
             cache = cached["train"] if setting == "memory-masked" else None
-            model = run_setting(vit, data, setting, m, lr, seed, init, run_args, accelerator, cache, head_lr,
-                                **overrides)
+            if setting == "lora":
+                model = run_lora(args.backbone, data, lr, seed, run_args, accelerator)
+            else:
+                model = run_setting(vit, data, setting, m, lr, seed, init, run_args, accelerator, cache, head_lr,
+                                    recipe.get("optimizer", "sgd"), **overrides)
             fitted = {}
             if cache is not None:  # scored from the caches; train accuracy too (cheap here), to see overfitting
                 val, test, fitted["train"] = (cached_accuracy(model, cached[s], device)
@@ -223,7 +234,7 @@ def run_study(args) -> None:
             else:
                 val, test = (accuracy(model_logits(model, device), *data[s]) for s in ("val", "test"))
             run = record(out, dict(experiment=name, lr=lr, seed=seed, val=val, test=test, **fitted,
-                                   seconds=round(time.perf_counter() - started)))
+                                   trainable=trainable_parameters(model), seconds=round(time.perf_counter() - started)))
             print(f"  {name:<40} lr {lr:<7} seed {seed}  val {100 * val:5.1f}  test {100 * test:5.1f}  "
                   f"({run['seconds']} s)", flush=True)
             return run
@@ -238,8 +249,8 @@ def run_study(args) -> None:
 def report(out: Path, args) -> str:
     """The markdown table: per experiment, its sweep, the chosen LR and test mean +- standard error over seeds."""
     runs = recorded_runs(out)
-    lines = ["| experiment | LRs tried (val %) | LR | test % (mean ± s.e.) | seeds | vs head+cls | gap closure | train % |",
-             "|---" * 8 + "|"]
+    lines = ["| experiment | LRs tried (val %) | LR | test % (mean ± s.e.) | seeds | vs head+cls | gap closure | train % "
+             "| trainable |", "|---" * 9 + "|"]
     summary = {}
     for name in ["head", *EXPERIMENTS]:
         sweep = {lr: r["val"] for (e, lr, seed), r in runs.items() if e == name and seed == 0}
@@ -248,7 +259,8 @@ def report(out: Path, args) -> str:
         seeded = [x for (e, x, seed) in runs if e == name and seed > 0]  # the other seeds ran at the chosen LR
         lr = seeded[0] if seeded else max(sweep, key=sweep.get)
         chosen = [r for (e, x, _), r in sorted(runs.items()) if e == name and x == lr and r["test"] is not None]
-        summary[name] = ([r["test"] for r in chosen], lr, sweep, [r["train"] for r in chosen if "train" in r])
+        summary[name] = ([r["test"] for r in chosen], lr, sweep, [r["train"] for r in chosen if "train" in r],
+                         next((r["trainable"] for r in chosen if "trainable" in r), None))
     # the reference: head + class token from the probe, else from a zero head (the start of the GPU table)
     reference = next((n for n in ("head+cls", "head+cls, zero head") if n in summary), None)
     reference_tests = summary[reference][0] if reference else None
@@ -259,7 +271,7 @@ def report(out: Path, args) -> str:
     full_gap, full_error = (difference(summary[full][0], summary["head"][0]) if full and "head" in summary
                             else (0.0, float("inf")))
     closes = 0 < full_error and full_gap > 2 * full_error
-    for name, (tests, lr, sweep, fitted) in summary.items():
+    for name, (tests, lr, sweep, fitted, trainable) in summary.items():
         tried = ", ".join(f"{x:g} ({100 * v:.1f})" for x, v in sorted(sweep.items()))
         mean, error = mean_and_error(tests)
         versus = ""
@@ -271,12 +283,15 @@ def report(out: Path, args) -> str:
         closure = (f"{(mean - statistics.mean(summary['head'][0])) / full_gap:.2f}"
                    if closes and name != "head" and name not in fulls else "—")
         lines.append(f"| {name} | {tried} | {lr:g} | {100 * mean:.1f}{spread} | {len(tests)} | {versus} "
-                     f"| {closure} | {train} |")
+                     f"| {closure} | {train} | {f'{trainable:,}' if trainable else '—'} |")
     steps = args.epochs * (args.train_size // args.batch_size)
     lines.append(f"\n{Path(args.dataset).name}, {args.train_size} train / {args.val_size} val (from train) / "
                  f"{args.test_size} test images at {args.image_size} px, {steps} steps of batch {args.batch_size} "
-                 f"({args.epochs} epochs), SGD momentum 0.9, cosine with {args.warmup_steps} warmup steps unless "
-                 f"stated, clip 1.0; LR chosen on validation at seed 0. Backbone {args.backbone}."
+                 f"({args.epochs} epochs), SGD momentum 0.9 (rows named 'adamw': AdamW, no weight decay), cosine "
+                 f"with {args.warmup_steps} warmup steps unless stated, clip 1.0; LR chosen on validation at seed 0. "
+                 f"LoRA: peft's LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'], "
+                 f"modules_to_save=['classifier']) on ViTForImageClassification of the same weights, classifier from "
+                 f"zero. Backbone {args.backbone}."
                  + (f" 'vs head+cls': difference of test means to the row {reference!r}, in units of their joint "
                     "standard error." if reference else "")
                  + (f" Gap closure: (row − head) / ({full} − head), {full} − head = {100 * full_gap:.1f} points "

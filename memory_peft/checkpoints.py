@@ -10,8 +10,9 @@ from .tuner.errors import InputError
 from .tuner.storage import write_text_atomically
 
 # the arguments a checkpoint must share with the run that resumes it
-RUN_DEFINING = ("backbone", "dataset", "image_column", "label_column", "train_size", "image_size", "setting", "m", "lr",
-                "batch_size", "grad_accum", "epochs", "max_steps", "warmup_steps", "grad_clip", "augment", "seed")
+RUN_DEFINING = ("backbone", "dataset", "image_column", "label_column", "train_size", "image_size", "setting", "m",
+                "optimizer", "lr", "batch_size", "grad_accum", "epochs", "max_steps", "warmup_steps", "grad_clip",
+                "augment", "seed")
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:

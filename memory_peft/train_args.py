@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 from .checkpoints import checkpoint_dirs, run_definition
-from .recipe import GRAD_CLIP
+from .recipe import DEFAULT_LR, GRAD_CLIP, OPTIMIZERS
 from .settings import SETTINGS
 from .tuner.errors import InputError, OutputExistsError
 
@@ -40,7 +40,10 @@ def parse_args(argv=None, prog=None):
                    "(default: memory)")
     p.add_argument("--mode", default=None, choices=sorted(SETTINGS), help="deprecated: the old name of --setting")
     p.add_argument("--m", type=int, default=5, help="memory tokens per layer")
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                   help="sgd: the paper's (momentum 0.9); adamw: what peft's LoRA users train with (no weight decay)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"default: {', '.join(f'{lr:g} for {name}' for name, lr in DEFAULT_LR.items())}")
     p.add_argument("--batch_size", type=int, default=32, help="per process")
     p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--epochs", type=int, default=2)
@@ -89,6 +92,7 @@ def parse_args(argv=None, prog=None):
                       "fine-tune setting; 'mode' is an adapter's attention, full or masked).", FutureWarning,
                       stacklevel=2)
     args.setting = args.setting or args.mode or "memory"
+    args.lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
     del args.mode
     return args
 

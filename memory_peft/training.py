@@ -138,7 +138,7 @@ def train(args):
     # accelerate steps a prepared scheduler once per process at each optimizer step: count in those units
     processes = accelerator.num_processes
     trainable, optimizer, scheduler = paper_recipe(model, args.lr, args.warmup_steps * processes,
-                                                   total_steps * processes)
+                                                   total_steps * processes, optimizer=args.optimizer)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
@@ -231,7 +231,7 @@ def base_cache(args, model, data, processor, accelerator):
 def finish(model, args, data, scores, step, train_seconds, output_dir: Path, shares=None) -> None:
     adapter_dir = output_dir / "adapter"
     command = args.command
-    results = {"setting": args.setting, "m": args.m, "lr": args.lr, "steps": step, "train_seconds": round(train_seconds, 1),
+    results = {"setting": args.setting, "m": args.m, "optimizer": args.optimizer, "lr": args.lr, "steps": step, "train_seconds": round(train_seconds, 1),
                "train_examples": len(data.train), "eval_examples": len(data.eval), "metrics": scores,
                "backbone": args.backbone, "dataset": args.dataset, "command": command}
     title = f"memory-peft {args.setting} adapter on {Path(args.dataset).name}"

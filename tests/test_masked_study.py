@@ -119,3 +119,36 @@ def test_a_study_folder_refuses_runs_of_another_set_up_and_reports_its_own(tmp_p
     assert (tmp_path / "runs.jsonl").read_text() == runs and (tmp_path / "study.json").read_text() == study
     masked_study.main(["--report", "--output_dir", str(tmp_path)])  # the folder's own set-up, whatever the defaults
     assert "images at 28 px" in capsys.readouterr().out
+
+
+def test_lora_and_adamw_rows_train_what_their_users_train_and_record_the_trainable_parameters(tmp_path, capsys):
+    """The LoRA row is peft's LoRA (r=8 on q_proj/v_proj, the classifier in full) on ViTForImageClassification of the
+    same weights; the AdamW rows sweep their own grid; every run records its trainable parameters, the report shows
+    them."""
+    if not (SHARED / "data" / "cifar10").is_dir():
+        pytest.skip("bundled CIFAR-10 not found")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import masked_study
+    from common import LORA
+    from transformers import AutoConfig
+
+    lora, masked = "lora r=8 (q, v), adamw", "masked m=5, zero head, adamw"
+    masked_study.main([*TINY, "--seeds", "1", "--max_extensions", "0", "--output_dir", str(tmp_path),
+                       "--experiments", "head", lora, masked])
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    config = AutoConfig.from_pretrained(SHARED / "models" / "vit-small-patch14-dinov2")
+    width, depth, classes = config.hidden_size, config.num_hidden_layers, 10
+    expected = {
+        "head": width * classes + classes,
+        # two projections per layer, each A (r x D) and B (D x r); the classifier trained in full
+        lora: depth * 2 * 2 * LORA["r"] * width + width * classes + classes,
+        # m memory rows per layer, the class token, the head
+        masked: depth * 5 * width + width + width * classes + classes,
+    }
+    for name, count in expected.items():
+        mine = [r for r in runs if r["experiment"] == name]
+        assert mine and {r["trainable"] for r in mine} == {count}, name
+    for name in (lora, masked):
+        assert {r["lr"] for r in runs if r["experiment"] == name} == set(masked_study.EXPERIMENTS[name][4])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {lora} |"))
+    assert row.endswith(f"| {expected[lora]:,} |")

@@ -1,4 +1,4 @@
-"""The paper's recipe (memory_peft.recipe): one LR by default, the heads' own LR when asked, refusals."""
+"""The recipe (memory_peft.recipe): one LR by default, the heads' own LR when asked, SGD or AdamW, refusals."""
 
 import pytest
 import torch
@@ -44,3 +44,30 @@ def test_one_lr_unless_the_head_gets_its_own():
 def test_head_lr_without_a_task_head_is_refused():
     with pytest.raises(InputError, match="no trainable task head"):
         paper_recipe(nn.Linear(4, 2), 0.01, 0, 10, head_lr=1.0)
+
+
+def test_adamw_takes_steps_of_the_lr_whatever_the_gradient_scale():
+    """AdamW's first step is lr * sign(gradient) (bias-corrected moments, epsilon aside) on every trained entry with a
+    gradient: its steps do not scale with the gradient as SGD's do, which is why it wants its own LR grid."""
+    model = memory_model()
+    trainable, optimizer, _ = paper_recipe(model, 0.01, warmup_steps=0, total_steps=10, optimizer="adamw")
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["weight_decay"] == 0.0
+    model(pixel_values=TINY_PIXELS.double(), labels=torch.tensor([0, 1, 2])).loss.backward()
+    before = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters() if p.requires_grad}
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            start, grad = before[name]
+            moved = (p.detach() - start)[grad.abs() > 1e-6]
+            torch.testing.assert_close(moved, -0.01 * grad[grad.abs() > 1e-6].sign(), atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match=r"Unknown optimizer 'adam'; choose one of \('sgd', 'adamw'\)"):
+        paper_recipe(model, 0.01, 0, 10, optimizer="adam")
+
+
+def test_the_training_script_takes_the_optimizer_and_its_default_lr():
+    from memory_peft.recipe import DEFAULT_LR
+    from memory_peft.training import parse_args
+
+    assert (parse_args([]).optimizer, parse_args([]).lr) == ("sgd", DEFAULT_LR["sgd"])
+    assert (parse_args(["--optimizer", "adamw"]).lr, parse_args(["--optimizer", "adamw", "--lr", "0.5"]).lr) == \
+        (DEFAULT_LR["adamw"], 0.5)
