@@ -46,8 +46,9 @@ def main(argv=None):
     _, optimizer, _ = paper_recipe(model, lr=0.01, warmup_steps=0, total_steps=1000)
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        cache = build_cache(model.eval(), data.train, to_pixels, Path(folder, "cache"), args.image_size, processor,
-                            args.batch_size)
+        cache = build_cache(
+            model.eval(), data.train, to_pixels, Path(folder, "cache"), args.image_size, processor, args.batch_size
+        )
         build_seconds = (time.perf_counter() - started) / len(cache)
         per_image = cache_bytes_per_image(Path(folder, "cache"))
         model.train()
@@ -81,17 +82,21 @@ def main(argv=None):
                 pairs.append(times)
     kept = steady_pairs(pairs)
     images_s, cache_s = statistics.median(t[0] for t in kept), statistics.median(t[1] for t in kept)
-    print(f"{args.image_size} px, batch {args.batch_size}, memory-masked m=5, {torch.get_num_threads()} threads, "
-          f"{len(cache)} images cached\n")
+    print(
+        f"{args.image_size} px, batch {args.batch_size}, memory-masked m=5, {torch.get_num_threads()} threads, "
+        f"{len(cache)} images cached\n"
+    )
     print("| training step | seconds | images / s |")
     print("|---|---|---|")
     print(f"| on the images | {images_s:.3f} | {args.batch_size / images_s:.1f} |")
     print(f"| on the cache (fp16), reading the batch included | {cache_s:.3f} | {args.batch_size / cache_s:.1f} |")
     read_s = statistics.median(reads[1:])
     print(f"| of which reading the batch from disk | {read_s:.3f} | |")
-    print(f"\nspeed-up per step: {images_s / cache_s:.1f} x with the read, {images_s / (cache_s - read_s):.1f} x for "
-          f"the compute alone (a loader worker reads the next batch meanwhile); cache: {per_image / 1e6:.2f} MB per "
-          f"image on disk, built once at {build_seconds * 1e3:.0f} ms per image")
+    print(
+        f"\nspeed-up per step: {images_s / cache_s:.1f} x with the read, {images_s / (cache_s - read_s):.1f} x for "
+        f"the compute alone (a loader worker reads the next batch meanwhile); cache: {per_image / 1e6:.2f} MB per "
+        f"image on disk, built once at {build_seconds * 1e3:.0f} ms per image"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from memory_peft.tuner.backbone import describe_backbone
 
 
 def merged_model(vit, tasks: int, m: int, folder: Path):
-    """``tasks`` masked adapters (random memory, 10 classes each) saved, merged into one artifact, loaded in one call."""
+    """``tasks`` masked adapters (random memory, 10 classes each) saved, merged into one artifact, loaded at once."""
     from peft import get_peft_model
 
     from memory_peft import MemoryTokenConfig
@@ -46,11 +46,18 @@ def prepare(dataset: str, args, processor, device=None) -> dict:
     val_end = min(args.val_size, len(train_all) // 5)
     train_end = val_end + (args.train_size or len(train_all) - val_end)
     test = data.eval.shuffle(seed=0)
-    splits = {"val": train_all.select(range(val_end)), "train": train_all.select(range(val_end, min(train_end, len(train_all)))),
-              "test": test.select(range(min(args.test_size or len(test), len(test))))}
+    splits = {
+        "val": train_all.select(range(val_end)),
+        "train": train_all.select(range(val_end, min(train_end, len(train_all)))),
+        "test": test.select(range(min(args.test_size or len(test), len(test)))),
+    }
     transform = image_transform(processor, data.image_column, data.label_column)
-    out = {"name": Path(dataset).name or dataset, "source": dataset, "num_labels": data.num_labels,
-           "label_names": data.label_names}
+    out = {
+        "name": Path(dataset).name or dataset,
+        "source": dataset,
+        "num_labels": data.num_labels,
+        "label_names": data.label_names,
+    }
     # Threads: decoding and the processor's resize release the GIL (1.5x on 2 cores; a 60,000-image split took
     # 50 s on one), and each chunk's result is the same whichever thread made it.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -61,15 +68,26 @@ def prepare(dataset: str, args, processor, device=None) -> dict:
     return out
 
 
-def fit(model: nn.Module, loss_of, n: int, lr: float, seed: int, args, accelerator: Accelerator,
-        head_lr=None, index_device=None, optimizer: str = "sgd") -> None:
+def fit(
+    model: nn.Module,
+    loss_of,
+    n: int,
+    lr: float,
+    seed: int,
+    args,
+    accelerator: Accelerator,
+    head_lr=None,
+    index_device=None,
+    optimizer: str = "sgd",
+) -> None:
     """The paper's recipe over ``epochs`` seeded passes of ``n`` examples; ``loss_of(model, indices)``, the indices on
     ``index_device`` (default: the CPU). Data and indices on the GPU keep every step free of host-device copies: a
     blocking copy per step (labels, or a CPU index into GPU pixels) waits for the step before, so the host could not
     queue kernels ahead."""
     steps_per_epoch = n // args.batch_size
-    trainable, optimizer, scheduler = paper_recipe(model, lr, args.warmup_steps, args.epochs * steps_per_epoch,
-                                                   head_lr, optimizer)
+    trainable, optimizer, scheduler = paper_recipe(
+        model, lr, args.warmup_steps, args.epochs * steps_per_epoch, head_lr, optimizer
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(seed)
     model.train()
@@ -88,8 +106,10 @@ def fit(model: nn.Module, loss_of, n: int, lr: float, seed: int, args, accelerat
 
 @torch.no_grad()
 def accuracy(predict, pixels_or_features: torch.Tensor, labels: torch.Tensor, batch: int = 256) -> float:
-    correct = sum(int((predict(pixels_or_features[i : i + batch]).argmax(-1).cpu() == labels[i : i + batch].cpu())
-                      .sum()) for i in range(0, len(labels), batch))
+    correct = sum(
+        int((predict(pixels_or_features[i : i + batch]).argmax(-1).cpu() == labels[i : i + batch].cpu()).sum())
+        for i in range(0, len(labels), batch)
+    )
     return correct / len(labels)
 
 
@@ -111,24 +131,42 @@ def frozen_features(vit, pixels: torch.Tensor, device) -> torch.Tensor:
 
 
 def run_head(data, features, lr, seed, args, accelerator):
+    """A linear head from zero on frozen features, with the run's optimizer (``args.optimizer``, default SGD)."""
     torch.manual_seed(seed)
     head = nn.Linear(features["train"].shape[1], data["num_labels"])
     nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
     device = accelerator.device
     x, y = features["train"].to(device), data["train"][1].to(device)
-    fit(head, lambda m, idx: nn.functional.cross_entropy(m(x[idx]), y[idx]), len(y), lr, seed, args, accelerator,
-        index_device=device)
+    fit(
+        head,
+        lambda m, idx: nn.functional.cross_entropy(m(x[idx]), y[idx]),
+        len(y),
+        lr,
+        seed,
+        args,
+        accelerator,
+        index_device=device,
+        optimizer=getattr(args, "optimizer", "sgd"),
+    )
     return head.cpu()
 
 
-def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator, cache=None, head_lr=None,
-                optimizer="sgd", **overrides):
+def run_setting(
+    vit, data, setting, m, lr, seed, probe, args, accelerator, cache=None, head_lr=None, optimizer="sgd", **overrides
+):
     """Train one setting (``overrides``: MemoryTokenConfig fields; ``head_lr``: the head's own LR); ``cache``
     (memory-masked only): the training images' base keys/values, read instead of running the base rows at every
     step."""
     torch.manual_seed(seed)
-    model = apply_setting(copy.deepcopy(vit), setting, num_labels=data["num_labels"], m=m,
-                          label_names=data["label_names"], image_size=args.image_size, **overrides)
+    model = apply_setting(
+        copy.deepcopy(vit),
+        setting,
+        num_labels=data["num_labels"],
+        m=m,
+        label_names=data["label_names"],
+        image_size=args.image_size,
+        **overrides,
+    )
     if probe is not None:
         model.base_model.initialise_head("default", probe)
     if accelerator.mixed_precision in ("bf16", "fp16"):
@@ -146,8 +184,18 @@ def run_setting(vit, data, setting, m, lr, seed, probe, args, accelerator, cache
             inputs = {"pixel_values": x[idx], "interpolate_pos_encoding": True}  # idx already on x's device
         return mdl(**inputs, labels=y[idx]).loss
 
-    fit(model, loss_of, len(y), lr, seed, args, accelerator, head_lr,
-        index_device=None if cache is not None else x.device, optimizer=optimizer)
+    fit(
+        model,
+        loss_of,
+        len(y),
+        lr,
+        seed,
+        args,
+        accelerator,
+        head_lr,
+        index_device=None if cache is not None else x.device,
+        optimizer=optimizer,
+    )
     # scored eagerly (batches of every size, no gradients: graphs that no training step would use again)
     return accelerator.unwrap_model(model, keep_torch_compile=False)
 
@@ -165,7 +213,8 @@ def lora_model(backbone: str, data, seed: int, **lora):
 
     torch.manual_seed(seed)
     classifier = ViTForImageClassification.from_pretrained(
-        backbone, num_labels=data["num_labels"], id2label=dict(enumerate(data["label_names"])))
+        backbone, num_labels=data["num_labels"], id2label=dict(enumerate(data["label_names"]))
+    )
     nn.init.zeros_(classifier.classifier.weight), nn.init.zeros_(classifier.classifier.bias)
     return get_peft_model(classifier, LoraConfig(**{**LORA, **lora}))
 
@@ -191,10 +240,14 @@ def base_cache(vit, data, args, folder: Path, split: str = "train"):
     x, y = data[split]
     model = apply_setting(copy.deepcopy(vit), "memory-masked", num_labels=data["num_labels"], m=1).eval()
     rows = datasets.Dataset.from_dict({"row": list(range(len(y)))})
-    return build_cache(model, rows, lambda batch: {"pixel_values": x[batch["row"]], "labels": y[batch["row"]]},
-                       folder, args.image_size, batch_size=64)
-
-
+    return build_cache(
+        model,
+        rows,
+        lambda batch: {"pixel_values": x[batch["row"]], "labels": y[batch["row"]]},
+        folder,
+        args.image_size,
+        batch_size=64,
+    )
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """torch.compile speed-up for serving: T merged masked tasks on the bundled backbone, eager vs compiled, interleaved.
 
-    python benchmarks/compile.py --tasks 10 --batch_size 8 --image_size 98
+python benchmarks/compile.py --tasks 10 --batch_size 8 --image_size 98
 """
 
 from __future__ import annotations
@@ -41,21 +41,26 @@ def main(argv=None):
     compiled = torch.compile(model)
     started = time.perf_counter()
     with torch.no_grad():
-        eager_out, compiled_out = model(pixel_values=pixels, interpolate_pos_encoding=True), \
-            compiled(pixel_values=pixels, interpolate_pos_encoding=True)
+        eager_out, compiled_out = (
+            model(pixel_values=pixels, interpolate_pos_encoding=True),
+            compiled(pixel_values=pixels, interpolate_pos_encoding=True),
+        )
     compile_seconds = time.perf_counter() - started
-    difference = max((eager_out.tasks[t].logits - compiled_out.tasks[t].logits).abs().max().item()
-                     for t in eager_out.tasks)
+    difference = max(
+        (eager_out.tasks[t].logits - compiled_out.tasks[t].logits).abs().max().item() for t in eager_out.tasks
+    )
     ratios, eager_times = [], []
     for _ in range(args.repeats):  # interleaved; each ratio from two neighbouring measurements
         eager, fast = seconds(model, pixels), seconds(compiled, pixels)
         ratios.append(fast / eager)
         eager_times.append(eager)
-    print(f"{args.tasks} merged tasks, batch {args.batch_size} at {args.image_size} px, {torch.get_num_threads()} "
-          f"threads: eager {1000 * statistics.median(eager_times):.0f} ms; compiled / eager = "
-          f"{statistics.median(ratios):.2f} x (median of {args.repeats}; speed-up "
-          f"{1 / statistics.median(ratios):.2f} x); first compiled call {compile_seconds:.0f} s; "
-          f"max |logit difference| {difference:.1e}")
+    print(
+        f"{args.tasks} merged tasks, batch {args.batch_size} at {args.image_size} px, {torch.get_num_threads()} "
+        f"threads: eager {1000 * statistics.median(eager_times):.0f} ms; compiled / eager = "
+        f"{statistics.median(ratios):.2f} x (median of {args.repeats}; speed-up "
+        f"{1 / statistics.median(ratios):.2f} x); first compiled call {compile_seconds:.0f} s; "
+        f"max |logit difference| {difference:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,12 @@ def measure(configs: dict, repeats: int) -> dict:
         for _ in range(repeats + 1):  # the first round warms up
             for key, (eager, session, pixels) in configs.items():
                 feed = {"pixel_values": pixels.numpy()}
-                times[key].append((timed(lambda: eager(pixels)), timed(lambda: session.run(None, feed))))
+                times[key].append(
+                    (
+                        timed(lambda eager=eager, pixels=pixels: eager(pixels)),
+                        timed(lambda session=session, feed=feed: session.run(None, feed)),
+                    )
+                )
     medians = {}
     for key, pairs in times.items():
         kept = steady_pairs(pairs[1:])
@@ -74,7 +79,7 @@ def main(argv=None):
     print("| T | batch | eager | onnxruntime | eager / onnxruntime |")
     print("|---|---|---|---|---|")
     for count, batch, eager_s, ort_s in rows:
-        unit = (lambda s: f"{s * 1e3:.1f} ms") if batch == 1 else (lambda s: f"{batch / s:.1f} img/s")
+        unit = (lambda s: f"{s * 1e3:.1f} ms") if batch == 1 else (lambda s, batch=batch: f"{batch / s:.1f} img/s")
         print(f"| {count} | {batch} | {unit(eager_s)} | {unit(ort_s)} | {eager_s / ort_s:.2f} x |")
     low, high = min(args.tasks), max(args.tasks)
     if low != high:

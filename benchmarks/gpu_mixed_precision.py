@@ -56,8 +56,10 @@ def run(precision: str, steps: int = 40, size: int = 32):
         losses.append(loss.item())
     finite = all(torch.isfinite(p).all() for p in params)
     first, last = losses[0], losses[-1]
-    print(f"{precision:>4}: loss {first:.3f} -> {last:.3f}, median step {1000 * sorted(times)[len(times) // 2]:.1f} ms, "
-          f"weights finite: {finite}, adapter dtype {params[0].dtype}")
+    print(
+        f"{precision:>4}: loss {first:.3f} -> {last:.3f}, median step {1000 * sorted(times)[len(times) // 2]:.1f} ms, "
+        f"weights finite: {finite}, adapter dtype {params[0].dtype}"
+    )
     AcceleratorState._reset_state(True)  # the next precision gets a fresh accelerate state
     return first, last, finite
 

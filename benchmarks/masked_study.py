@@ -28,9 +28,22 @@ import torch
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (accuracy, base_cache, cached_accuracy, difference, frozen_features,  # noqa: E402
-                    mean_and_error, model_logits, prepare, run_head, run_lora, run_setting, trainable_parameters)
-from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
+from common import (  # noqa: E402
+    accuracy,
+    base_cache,
+    cached_accuracy,
+    difference,
+    frozen_features,
+    mean_and_error,
+    model_logits,
+    prepare,
+    run_head,
+    run_lora,
+    run_setting,
+    trainable_parameters,
+)
+
+from memory_peft.assets import default_backbone, default_dataset, portable  # noqa: E402
 from memory_peft.cache import load_cache  # noqa: E402
 from memory_peft.data import image_processor  # noqa: E402
 from memory_peft.settings import apply_setting  # noqa: E402
@@ -57,8 +70,13 @@ EXPERIMENTS = {
     # after the GPU table (full CIFAR-10: masked m=5 from a zero head 79.7 vs head + class token 83.4): what more
     # memory, or a head that learns at the head-only LR, adds to the zero-head start
     "masked m=20, zero head": ("memory-masked", 20, {}, {"head_init": "zero"}, [0.003, 0.01]),
-    "masked m=5, zero head, head at the probe's LR": ("memory-masked", 5, {}, {"head_init": "zero", "head_lr": "probe"},
-                                                      [0.003, 0.01, 0.03]),
+    "masked m=5, zero head, head at the probe's LR": (
+        "memory-masked",
+        5,
+        {},
+        {"head_init": "zero", "head_lr": "probe"},
+        [0.003, 0.01, 0.03],
+    ),
     # the reference at the same start as the GPU table (on the images: ~17 min per run on 2 cores)
     "head+cls, zero head": ("head+cls", 0, {}, {"head_init": "zero"}, [0.01, 0.03]),
     # the rest of the paper's ordering at this budget, same start: full-attention memory and full fine-tuning (the
@@ -67,8 +85,13 @@ EXPERIMENTS = {
     "full, zero head": ("full", 0, {}, {"head_init": "zero"}, [0.001, 0.003]),
     # full fine-tuning under one LR left its zero head at the backbone's small LR (60.3 %, below head-only): the same
     # with the head at the head-only LR, the stronger full fine-tuning that gap closure is measured against
-    "full, zero head, head at the probe's LR": ("full", 0, {}, {"head_init": "zero", "head_lr": "probe"},
-                                                [0.001, 0.003]),
+    "full, zero head, head at the probe's LR": (
+        "full",
+        0,
+        {},
+        {"head_init": "zero", "head_lr": "probe"},
+        [0.001, 0.003],
+    ),
     # full fine-tuning from the probe (LP-FT, the CPU table's start, calibrated in design.md): the start that keeps a
     # zero head's first, random gradients from pulling the features apart
     "full (from the probe)": ("full", 0, {}, {}, [0.001, 0.0003]),
@@ -76,8 +99,13 @@ EXPERIMENTS = {
     # users train with (at 124 steps AdamW beat SGD by 5 points for full-attention memory); AdamW LRs are ~10-100x lower
     "lora r=8 (q, v), adamw": ("lora", 0, {}, {"head_init": "zero", "optimizer": "adamw"}, [0.001, 0.003]),
     "memory m=5, zero head, adamw": ("memory", 5, {}, {"head_init": "zero", "optimizer": "adamw"}, [0.001, 0.003]),
-    "masked m=5, zero head, adamw": ("memory-masked", 5, {}, {"head_init": "zero", "optimizer": "adamw"},
-                                     [0.001, 0.003]),
+    "masked m=5, zero head, adamw": (
+        "memory-masked",
+        5,
+        {},
+        {"head_init": "zero", "optimizer": "adamw"},
+        [0.001, 0.003],
+    ),
     "head+cls, zero head, adamw": ("head+cls", 0, {}, {"head_init": "zero", "optimizer": "adamw"}, [0.001, 0.003]),
 }
 
@@ -97,21 +125,40 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--warmup_steps", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--max_extensions", type=int, default=2,
-                   help=f"edge extensions of each image-trained experiment's sweep; the head probe (seconds, on cached "
-                        f"features) always extends up to {PROBE_EXTENSIONS} times, so runs 'from the probe' start from "
-                        f"the same head whatever this is")
-    p.add_argument("--experiments", nargs="+", default=None, choices=["head", *EXPERIMENTS],
-                   help="default: all, head first")
-    p.add_argument("--lr", action="append", default=[], metavar="EXPERIMENT=LR,LR",
-                   help="replace an experiment's LR grid (runs already recorded at these LRs are reused)")
+    p.add_argument(
+        "--max_extensions",
+        type=int,
+        default=2,
+        help=f"edge extensions of each image-trained experiment's sweep; the head probe (seconds, on cached "
+        f"features) always extends up to {PROBE_EXTENSIONS} times, so runs 'from the probe' start from "
+        f"the same head whatever this is",
+    )
+    p.add_argument(
+        "--experiments", nargs="+", default=None, choices=["head", *EXPERIMENTS], help="default: all, head first"
+    )
+    p.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="EXPERIMENT=LR,LR",
+        help="replace an experiment's LR grid (runs already recorded at these LRs are reused)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--report", action="store_true",
-                   help="only print the table of the runs recorded so far (the set-up: the folder's study.json)")
-    p.add_argument("--output_dir", default="outputs/masked_study",
-                   help="one study per folder: study.json pins its data, backbone and budget")
-    p.add_argument("--adopt", action="store_true",
-                   help="a folder with runs but no study.json (made before it existed): pin it to these arguments")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="only print the table of the runs recorded so far (the set-up: the folder's study.json)",
+    )
+    p.add_argument(
+        "--output_dir",
+        default="outputs/masked_study",
+        help="one study per folder: study.json pins its data, backbone and budget",
+    )
+    p.add_argument(
+        "--adopt",
+        action="store_true",
+        help="a folder with runs but no study.json (made before it existed): pin it to these arguments",
+    )
     args = p.parse_args(argv)
     args.backbone = args.backbone or default_backbone()
     args.dataset = args.dataset or default_dataset("cifar10")
@@ -126,8 +173,17 @@ def parse_args(argv=None):
 
 
 # what every run and cache in a study folder depends on; seeds and extensions only say how many runs there are
-STUDY_FIELDS = ("backbone", "dataset", "train_size", "val_size", "test_size", "image_size", "epochs", "batch_size",
-                "warmup_steps")
+STUDY_FIELDS = (
+    "backbone",
+    "dataset",
+    "train_size",
+    "val_size",
+    "test_size",
+    "image_size",
+    "epochs",
+    "batch_size",
+    "warmup_steps",
+)
 
 
 def claim_study(out: Path, args, report_only: bool = False) -> None:
@@ -137,8 +193,10 @@ def claim_study(out: Path, args, report_only: bool = False) -> None:
     path, setup = out / "study.json", {field: getattr(args, field) for field in STUDY_FIELDS}
     if not path.is_file():
         if (out / "runs.jsonl").exists() and not args.adopt:
-            raise InputError(f"{out} holds runs of unknown set-up (runs.jsonl but no study.json): pass --adopt if "
-                             "they were made with these arguments, or another --output_dir.")
+            raise InputError(
+                f"{out} holds runs of unknown set-up (runs.jsonl but no study.json): pass --adopt if "
+                "they were made with these arguments, or another --output_dir."
+            )
         if report_only and not args.adopt:
             return  # nothing recorded to describe, and a report writes nothing
         write_text_atomically(path, json.dumps(setup, indent=1))
@@ -147,11 +205,16 @@ def claim_study(out: Path, args, report_only: bool = False) -> None:
     if report_only:
         vars(args).update({field: recorded[field] for field in STUDY_FIELDS})
         return
-    wrong = [f"{field} {recorded.get(field)!r} there, {setup[field]!r} here" for field in STUDY_FIELDS
-             if recorded.get(field) != setup[field]]
+    wrong = [
+        f"{field} {recorded.get(field)!r} there, {setup[field]!r} here"
+        for field in STUDY_FIELDS
+        if recorded.get(field) != setup[field]
+    ]
     if wrong:
-        raise InputError(f"{out} holds a study with another set-up ({'; '.join(wrong)}): its runs and caches do not "
-                         "apply. Pass another --output_dir (or the same arguments as that study).")
+        raise InputError(
+            f"{out} holds a study with another set-up ({'; '.join(wrong)}): its runs and caches do not "
+            "apply. Pass another --output_dir (or the same arguments as that study)."
+        )
 
 
 def recorded_runs(out: Path) -> dict:
@@ -191,66 +254,117 @@ def run_study(args) -> None:
     data = prepare(args.dataset, args, image_processor(args.backbone, args.image_size))
     began = time.perf_counter()
     features = {split: frozen_features(vit, data[split][0], device) for split in ("train", "val", "test")}
-    print(f"{data['name']}: {len(data['train'][1])} train / {len(data['val'][1])} val / {len(data['test'][1])} test, "
-          f"features in {time.perf_counter() - began:.0f} s", flush=True)
+    print(
+        f"{data['name']}: {len(data['train'][1])} train / {len(data['val'][1])} val / {len(data['test'][1])} test, "
+        f"features in {time.perf_counter() - began:.0f} s",
+        flush=True,
+    )
     head_val = lambda h: accuracy(h, features["val"], data["val"][1])  # noqa: E731
-    probe = sweep_learning_rate(lambda lr: run_head(data, features, lr, 0, args, accelerator), head_val,
-                                [0.3, 1.0, 3.0], max_extensions=PROBE_EXTENSIONS)
+    probe = sweep_learning_rate(
+        lambda lr: run_head(data, features, lr, 0, args, accelerator),
+        head_val,
+        [0.3, 1.0, 3.0],
+        max_extensions=PROBE_EXTENSIONS,
+    )
     if "head" in args.experiments:
         done = recorded_runs(out)
         for lr, val in probe.scores.items():
-            for seed in ([0] if lr != probe.lr else range(args.seeds)):
+            for seed in [0] if lr != probe.lr else range(args.seeds):
                 if ("head", lr, seed) not in done:
                     head = probe.trained if seed == 0 else run_head(data, features, lr, seed, args, accelerator)
                     test = accuracy(head, features["test"], data["test"][1]) if lr == probe.lr else None
-                    record(out, dict(experiment="head", lr=lr, seed=seed, val=val if seed == 0 else head_val(head),
-                                     test=test, train=accuracy(head, features["train"], data["train"][1]),
-                                     trainable=trainable_parameters(head), seconds=0))
+                    record(
+                        out,
+                        dict(
+                            experiment="head",
+                            lr=lr,
+                            seed=seed,
+                            val=val if seed == 0 else head_val(head),
+                            test=test,
+                            train=accuracy(head, features["train"], data["train"][1]),
+                            trainable=trainable_parameters(head),
+                            seconds=0,
+                        ),
+                    )
     masked = [e for e in args.experiments if e in EXPERIMENTS and EXPERIMENTS[e][0] == "memory-masked"]
     cached = caches(vit, data, args, out) if masked else None
     for name in (e for e in args.experiments if e != "head"):
-        setting, m, overrides, recipe, _ = EXPERIMENTS[name]
-        run_args = copy.copy(args)
-        run_args.warmup_steps = recipe.get("warmup_steps", args.warmup_steps)
-        init = None if recipe.get("head_init") == "zero" else probe.trained
-        head_lr = probe.lr if recipe.get("head_lr") == "probe" else None
-
-        def train_one(lr, seed=0):
-            lr = float(f"{lr:.6g}")  # extensions multiply by 3: record 0.0333333, not 0.033333333333333335
-            done = recorded_runs(out).get((name, lr, seed))
-            if done is not None:
-                return done
-            started = time.perf_counter()
-            cache = cached["train"] if setting == "memory-masked" else None
-            if setting == "lora":
-                model = run_lora(args.backbone, data, lr, seed, run_args, accelerator)
-            else:
-                model = run_setting(vit, data, setting, m, lr, seed, init, run_args, accelerator, cache, head_lr,
-                                    recipe.get("optimizer", "sgd"), **overrides)
-            fitted = {}
-            if cache is not None:  # scored from the caches; train accuracy too (cheap here), to see overfitting
-                val, test, fitted["train"] = (cached_accuracy(model, cached[s], device)
-                                              for s in ("val", "test", "train"))
-            else:
-                val, test = (accuracy(model_logits(model, device), *data[s]) for s in ("val", "test"))
-            run = record(out, dict(experiment=name, lr=lr, seed=seed, val=val, test=test, **fitted,
-                                   trainable=trainable_parameters(model), seconds=round(time.perf_counter() - started)))
-            print(f"  {name:<40} lr {lr:<7} seed {seed}  val {100 * val:5.1f}  test {100 * test:5.1f}  "
-                  f"({run['seconds']} s)", flush=True)
-            return run
-
-        swept = sweep_learning_rate(train_one, lambda run: run["val"], args.grids[name],
-                                    max_extensions=args.max_extensions)
-        for seed in range(1, args.seeds):
-            train_one(swept.lr, seed)
+        run_experiment(name, args, out, vit, data, cached, probe, accelerator)
     print(report(out, args), flush=True)
+
+
+def run_experiment(name: str, args, out: Path, vit, data, cached, probe, accelerator) -> None:
+    """One experiment: its LR sweep at seed 0 (runs already recorded are reused), then the other seeds at the
+    chosen LR."""
+    device = accelerator.device
+    setting, m, overrides, recipe, _ = EXPERIMENTS[name]
+    run_args = copy.copy(args)
+    run_args.warmup_steps = recipe.get("warmup_steps", args.warmup_steps)
+    init = None if recipe.get("head_init") == "zero" else probe.trained
+    head_lr = probe.lr if recipe.get("head_lr") == "probe" else None
+
+    def train_one(lr, seed=0):
+        lr = float(f"{lr:.6g}")  # extensions multiply by 3: record 0.0333333, not 0.033333333333333335
+        done = recorded_runs(out).get((name, lr, seed))
+        if done is not None:
+            return done
+        started = time.perf_counter()
+        cache = cached["train"] if setting == "memory-masked" else None
+        if setting == "lora":
+            model = run_lora(args.backbone, data, lr, seed, run_args, accelerator)
+        else:
+            model = run_setting(
+                vit,
+                data,
+                setting,
+                m,
+                lr,
+                seed,
+                init,
+                run_args,
+                accelerator,
+                cache,
+                head_lr,
+                recipe.get("optimizer", "sgd"),
+                **overrides,
+            )
+        fitted = {}
+        if cache is not None:  # scored from the caches; train accuracy too (cheap here), to see overfitting
+            val, test, fitted["train"] = (cached_accuracy(model, cached[s], device) for s in ("val", "test", "train"))
+        else:
+            val, test = (accuracy(model_logits(model, device), *data[s]) for s in ("val", "test"))
+        run = record(
+            out,
+            dict(
+                experiment=name,
+                lr=lr,
+                seed=seed,
+                val=val,
+                test=test,
+                **fitted,
+                trainable=trainable_parameters(model),
+                seconds=round(time.perf_counter() - started),
+            ),
+        )
+        print(
+            f"  {name:<40} lr {lr:<7} seed {seed}  val {100 * val:5.1f}  test {100 * test:5.1f}  ({run['seconds']} s)",
+            flush=True,
+        )
+        return run
+
+    swept = sweep_learning_rate(train_one, lambda run: run["val"], args.grids[name], max_extensions=args.max_extensions)
+    for seed in range(1, args.seeds):
+        train_one(swept.lr, seed)
 
 
 def report(out: Path, args) -> str:
     """The markdown table: per experiment, its sweep, the chosen LR and test mean +- standard error over seeds."""
     runs = recorded_runs(out)
-    lines = ["| experiment | LRs tried (val %) | LR | test % (mean ± s.e.) | seeds | vs head+cls | gap closure | train % "
-             "| trainable |", "|---" * 9 + "|"]
+    lines = [
+        "| experiment | LRs tried (val %) | LR | test % (mean ± s.e.) | seeds | vs head+cls | gap closure | train % "
+        "| trainable |",
+        "|---" * 9 + "|",
+    ]
     summary = {}
     for name in ["head", *EXPERIMENTS]:
         sweep = {lr: r["val"] for (e, lr, seed), r in runs.items() if e == name and seed == 0}
@@ -259,8 +373,13 @@ def report(out: Path, args) -> str:
         seeded = [x for (e, x, seed) in runs if e == name and seed > 0]  # the other seeds ran at the chosen LR
         lr = seeded[0] if seeded else max(sweep, key=sweep.get)
         chosen = [r for (e, x, _), r in sorted(runs.items()) if e == name and x == lr and r["test"] is not None]
-        summary[name] = ([r["test"] for r in chosen], lr, sweep, [r["train"] for r in chosen if "train" in r],
-                         next((r["trainable"] for r in chosen if "trainable" in r), None))
+        summary[name] = (
+            [r["test"] for r in chosen],
+            lr,
+            sweep,
+            [r["train"] for r in chosen if "train" in r],
+            next((r["trainable"] for r in chosen if "trainable" in r), None),
+        )
     # the reference: head + class token from the probe, else from a zero head (the start of the GPU table)
     reference = next((n for n in ("head+cls", "head+cls, zero head") if n in summary), None)
     reference_tests = summary[reference][0] if reference else None
@@ -268,8 +387,9 @@ def report(out: Path, args) -> str:
     # full: of the full fine-tuning rows, the one validation ranks first (its best LR's), never chosen on test
     fulls = [n for n in summary if n in EXPERIMENTS and EXPERIMENTS[n][0] == "full"]
     full = max(fulls, key=lambda n: max(summary[n][2].values()), default=None)
-    full_gap, full_error = (difference(summary[full][0], summary["head"][0]) if full and "head" in summary
-                            else (0.0, float("inf")))
+    full_gap, full_error = (
+        difference(summary[full][0], summary["head"][0]) if full and "head" in summary else (0.0, float("inf"))
+    )
     closes = 0 < full_error and full_gap > 2 * full_error
     for name, (tests, lr, sweep, fitted, trainable) in summary.items():
         tried = ", ".join(f"{x:g} ({100 * v:.1f})" for x, v in sorted(sweep.items()))
@@ -280,22 +400,37 @@ def report(out: Path, args) -> str:
             versus = f"{100 * gap:+.1f} ({gap / joint:+.1f} s.e.)" if joint > 0 else f"{100 * gap:+.1f}"
         train = f"{100 * statistics.mean(fitted):.1f}" if fitted else "—"
         spread = f" ± {100 * error:.1f}" if len(tests) > 1 else ""
-        closure = (f"{(mean - statistics.mean(summary['head'][0])) / full_gap:.2f}"
-                   if closes and name != "head" and name not in fulls else "—")
-        lines.append(f"| {name} | {tried} | {lr:g} | {100 * mean:.1f}{spread} | {len(tests)} | {versus} "
-                     f"| {closure} | {train} | {f'{trainable:,}' if trainable else '—'} |")
+        closure = (
+            f"{(mean - statistics.mean(summary['head'][0])) / full_gap:.2f}"
+            if closes and name != "head" and name not in fulls
+            else "—"
+        )
+        lines.append(
+            f"| {name} | {tried} | {lr:g} | {100 * mean:.1f}{spread} | {len(tests)} | {versus} "
+            f"| {closure} | {train} | {f'{trainable:,}' if trainable else '—'} |"
+        )
     steps = args.epochs * (args.train_size // args.batch_size)
-    lines.append(f"\n{Path(args.dataset).name}, {args.train_size} train / {args.val_size} val (from train) / "
-                 f"{args.test_size} test images at {args.image_size} px, {steps} steps of batch {args.batch_size} "
-                 f"({args.epochs} epochs), SGD momentum 0.9 (rows named 'adamw': AdamW, no weight decay), cosine "
-                 f"with {args.warmup_steps} warmup steps unless stated, clip 1.0; LR chosen on validation at seed 0. "
-                 f"LoRA: peft's LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'], "
-                 f"modules_to_save=['classifier']) on ViTForImageClassification of the same weights, classifier from "
-                 f"zero. Backbone {args.backbone}."
-                 + (f" 'vs head+cls': difference of test means to the row {reference!r}, in units of their joint "
-                    "standard error." if reference else "")
-                 + (f" Gap closure: (row − head) / ({full} − head), {full} − head = {100 * full_gap:.1f} points "
-                    f"({full_gap / full_error:.1f} s.e.)." if closes else ""))
+    lines.append(
+        f"\n{Path(args.dataset).name}, {args.train_size} train / {args.val_size} val (from train) / "
+        f"{args.test_size} test images at {args.image_size} px, {steps} steps of batch {args.batch_size} "
+        f"({args.epochs} epochs), SGD momentum 0.9 (rows named 'adamw': AdamW, no weight decay), cosine "
+        f"with {args.warmup_steps} warmup steps unless stated, clip 1.0; LR chosen on validation at seed 0. "
+        f"LoRA: peft's LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'], "
+        f"modules_to_save=['classifier']) on ViTForImageClassification of the same weights, classifier from "
+        f"zero. Backbone {portable(args.backbone)}."
+        + (
+            f" 'vs head+cls': difference of test means to the row {reference!r}, in units of their joint "
+            "standard error."
+            if reference
+            else ""
+        )
+        + (
+            f" Gap closure: (row − head) / ({full} − head), {full} − head = {100 * full_gap:.1f} points "
+            f"({full_gap / full_error:.1f} s.e.)."
+            if closes
+            else ""
+        )
+    )
     return "\n".join(lines)
 
 

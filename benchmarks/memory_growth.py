@@ -1,6 +1,6 @@
 """Does serving leak? RSS before/after many consecutive forwards of T merged masked adapters on the bundled ViT.
 
-    python benchmarks/memory_growth.py --tasks 10 --forwards 1000
+python benchmarks/memory_growth.py --tasks 10 --forwards 1000
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import merged_model  # noqa: E402
-from memory_peft.tuner.backbone import load_backbone  # noqa: E402
+
 from memory_peft.assets import default_backbone  # noqa: E402
+from memory_peft.tuner.backbone import load_backbone  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -44,8 +45,13 @@ def rss_growth(model, pixels: torch.Tensor, forwards: int, warmup: int = 50) -> 
             outputs = model(pixel_values=pixels, interpolate_pos_encoding=True)
         gc.collect()
         after = rss_mb()
-    return {"rss_before_mb": before, "rss_after_mb": after, "growth_mb": after - before,
-            "seconds": time.perf_counter() - started, "tasks": len(outputs.tasks)}
+    return {
+        "rss_before_mb": before,
+        "rss_after_mb": after,
+        "growth_mb": after - before,
+        "seconds": time.perf_counter() - started,
+        "tasks": len(outputs.tasks),
+    }
 
 
 def main(argv=None):
@@ -58,15 +64,16 @@ def main(argv=None):
     p.add_argument("--image_size", type=int, default=56)
     args = p.parse_args(argv)
 
-
     vit = load_backbone(args.backbone or default_backbone())
     with tempfile.TemporaryDirectory() as folder:
         model = merged_model(vit, args.tasks, args.m, Path(folder))
     pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     result = rss_growth(model, pixels, args.forwards)
-    print(f"{args.forwards} forwards, {result['tasks']} merged tasks, batch {args.batch_size} at {args.image_size} px: "
-          f"RSS {result['rss_before_mb']:.1f} MB -> {result['rss_after_mb']:.1f} MB "
-          f"(growth {result['growth_mb']:+.1f} MB) in {result['seconds']:.1f} s")
+    print(
+        f"{args.forwards} forwards, {result['tasks']} merged tasks, batch {args.batch_size} at {args.image_size} px: "
+        f"RSS {result['rss_before_mb']:.1f} MB -> {result['rss_after_mb']:.1f} MB "
+        f"(growth {result['growth_mb']:+.1f} MB) in {result['seconds']:.1f} s"
+    )
     return result
 
 

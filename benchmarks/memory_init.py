@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import accuracy, frozen_features, model_logits, prepare, run_head  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
-from common import accuracy, frozen_features, model_logits, prepare, run_head  # noqa: E402
 from memory_peft import MemoryTokenConfig  # noqa: E402
 from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
 from memory_peft.data import image_processor, image_transform, load_image_data  # noqa: E402
@@ -56,8 +56,9 @@ def main(argv=None):
     vit = load_backbone(backbone).eval()
 
     def features(model):
-        return model.forward_tasks(pixel_values=pixels, interpolate_pos_encoding=True, output_hidden_states=True) \
-            .hidden_states[-1][:, -1]
+        return model.forward_tasks(
+            pixel_values=pixels, interpolate_pos_encoding=True, output_hidden_states=True
+        ).hidden_states[-1][:, -1]
 
     torch.manual_seed(0)
     plain = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=0, num_labels=10, mode="masked")).eval()
@@ -79,19 +80,24 @@ def main(argv=None):
             model.base_model.initialise_head("default", probe)
             return f" {100 * accuracy(model_logits(model, 'cpu'), *split['val']):.1f} % |"
 
-    print("| memory at initialisation | attention on memory (mean) | max layer | class feature change vs m=0 |"
-          + (" probe's validation accuracy |" if probe else ""))
+    print(
+        "| memory at initialisation | attention on memory (mean) | max layer | class feature change vs m=0 |"
+        + (" probe's validation accuracy |" if probe else "")
+    )
     print("|---" * (5 if probe else 4) + "|")
     if probe:
         print(f"| m=0 (class token only) | 0 | 0 | 0 |{probe_accuracy(plain)}")
     for name, overrides in CONFIGS.items():
         torch.manual_seed(0)
-        model = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(**{"m": 5, **overrides}, num_labels=10,
-                                                                      mode="masked")).eval()
+        model = get_peft_model(
+            copy.deepcopy(vit), MemoryTokenConfig(**{"m": 5, **overrides}, num_labels=10, mode="masked")
+        ).eval()
         share = memory_attention_share(model, pixels, interpolate_pos_encoding=True)["default"]
         change = ((features(model) - reference).norm(dim=-1) / reference.norm(dim=-1)).mean().item()
-        print(f"| {name} | {100 * sum(share) / len(share):.1f} % | {100 * max(share):.1f} % | {100 * change:.1f} % |"
-              + (probe_accuracy(model) if probe else ""))
+        print(
+            f"| {name} | {100 * sum(share) / len(share):.1f} % | {100 * max(share):.1f} % | {100 * change:.1f} % |"
+            + (probe_accuracy(model) if probe else "")
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What a GPU would launch, counted on the CPU: ATen ops per call (about one kernel each) and torch.compile graph breaks.
+"""What a GPU would launch, counted on the CPU: ATen ops per call (about one kernel each), torch.compile graph breaks.
 
     python benchmarks/op_counts.py [--layers 12] [--out benchmarks/results_op_counts_cpu.md]
 
@@ -27,8 +27,9 @@ SETTINGS = ("full", "head", "head+cls", "memory", "memory-masked")
 
 def tiny_vit(layers: int) -> ViTModel:
     torch.manual_seed(0)
-    config = ViTConfig(patch_size=32, hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                       num_hidden_layers=layers)
+    config = ViTConfig(
+        patch_size=32, hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=layers
+    )
     return ViTModel(config, add_pooling_layer=False).eval()
 
 
@@ -63,26 +64,36 @@ def main(argv=None):
         stock = sum(count_ops(lambda: vit(pixels)).values())
         rows.append(("stock ViTModel forward", stock, 0.0, graph_breaks(lambda x: vit(x), pixels)[0]))
         inference = {f"merged masked, T={t}": merged(copy.deepcopy(vit), t) for t in (1, 2, 10, 20)}
-        inference["full attention, m=5"] = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=5, num_labels=2)).eval()
+        inference["full attention, m=5"] = get_peft_model(
+            copy.deepcopy(vit), MemoryTokenConfig(m=5, num_labels=2)
+        ).eval()
         for name, model in inference.items():
             model(pixel_values=pixels)
-            ops = sum(count_ops(lambda: model(pixel_values=pixels)).values())
-            breaks = graph_breaks(lambda x: model(pixel_values=x), pixels)[0]
+            ops = sum(count_ops(lambda model=model: model(pixel_values=pixels)).values())
+            breaks = graph_breaks(lambda x, model=model: model(pixel_values=x), pixels)[0]
             rows.append((f"{name}: inference", ops, (ops - stock) / args.layers, breaks))
     steps = {}
     for setting in SETTINGS:
         model = apply_setting(copy.deepcopy(vit), setting, 100, m=5).train()
         steps[setting] = sum(count_ops(training_step(model, pixels, labels)).values())
-        breaks = graph_breaks(lambda x, y: model(pixel_values=x, labels=y).loss, pixels, labels)[0]
+        breaks = graph_breaks(lambda x, y, model=model: model(pixel_values=x, labels=y).loss, pixels, labels)[0]
         rows.append((f"{setting}: training step (forward, backward, SGD)", steps[setting], None, breaks))
 
-    lines = [f"## ATen ops per call and graph breaks — tiny ViT, {args.layers} layers, batch 2, CPU", "",
-             "| path | ops per call | extra ops per layer vs stock | graph breaks |", "|---|---|---|---|"]
+    lines = [
+        f"## ATen ops per call and graph breaks — tiny ViT, {args.layers} layers, batch 2, CPU",
+        "",
+        "| path | ops per call | extra ops per layer vs stock | graph breaks |",
+        "|---|---|---|---|",
+    ]
     for name, ops, extra, breaks in rows:
         lines.append(f"| {name} | {ops} | {'' if extra is None else f'{extra:+.2f}'} | {breaks} |")
-    lines += ["", f"Masked training step / full fine-tuning step, ops: {steps['memory-masked'] / steps['full']:.2f} "
-              f"(memory, full attention: {steps['memory'] / steps['full']:.2f}; head: "
-              f"{steps['head'] / steps['full']:.2f}).", ""]
+    lines += [
+        "",
+        f"Masked training step / full fine-tuning step, ops: {steps['memory-masked'] / steps['full']:.2f} "
+        f"(memory, full attention: {steps['memory'] / steps['full']:.2f}; head: "
+        f"{steps['head'] / steps['full']:.2f}).",
+        "",
+    ]
     text = "\n".join(lines)
     print(text)
     Path(args.out).write_text(text)

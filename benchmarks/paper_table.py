@@ -34,22 +34,37 @@ from accelerate import Accelerator
 from accelerate.utils import TorchDynamoPlugin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (accuracy, base_cache, frozen_features, mean_and_error, model_logits, prepare,  # noqa: E402
-                    run_head, run_setting)
+from common import accuracy, base_cache, frozen_features, mean_and_error, model_logits, prepare, run_head, run_setting  # noqa: E402
 from paper_table_report import bar_plot, closures, markdown, sweep_plot  # noqa: E402
+
 from memory_peft.artifact import load_multitask, merge_adapters  # noqa: E402
-from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
-from memory_peft.tuner.backbone import load_backbone  # noqa: E402
+from memory_peft.assets import default_backbone, default_dataset, portable  # noqa: E402
 from memory_peft.data import image_processor  # noqa: E402
+from memory_peft.recipe import OPTIMIZERS  # noqa: E402
 from memory_peft.reporting import model_card  # noqa: E402
 from memory_peft.sweep import sweep_learning_rate  # noqa: E402
 from memory_peft.training import TEMPLATE  # noqa: E402
+from memory_peft.tuner.backbone import load_backbone  # noqa: E402
 from memory_peft.tuner.storage import write_text_atomically  # noqa: E402
 
 # Chosen from a first run (benchmarks/results_paper_table.md history): full FT at 0.01 collapsed and 0.003 fell below
 # the head-only start, memory at 0.3 diverged, m=20 diverged at 0.1 on fashion_mnist; each grid now brackets its best.
-LR_GRIDS = {"head": [0.3, 1.0, 3.0], "head+cls": [0.01, 0.03], "full": [0.0003, 0.001], "memory": [0.03, 0.1],
-            "memory-masked": [0.03, 0.1]}
+LR_GRIDS = {
+    "head": [0.3, 1.0, 3.0],
+    "head+cls": [0.01, 0.03],
+    "full": [0.0003, 0.001],
+    "memory": [0.03, 0.1],
+    "memory-masked": [0.03, 0.1],
+}
+# --optimizer adamw: AdamW's steps are ~lr per entry whatever the gradient's scale, so its grids sit 10-100x lower
+# (the masked study's AdamW rows start from the same grid); full fine-tuning lower still, as its users run it
+ADAMW_LR_GRIDS = {
+    "head": [0.003, 0.01, 0.03],
+    "head+cls": [0.001, 0.003],
+    "full": [0.00003, 0.0001],
+    "memory": [0.001, 0.003],
+    "memory-masked": [0.001, 0.003],
+}
 SETTINGS = ["head+cls", "memory-masked", "memory", "full"]
 # --preset: defaults for a whole run, each overridable by its own flag. "gpu": all images of a dataset, 4 epochs,
 # 3 seeds, bf16 autocast, batch 256, heads from zero as in the paper (at 10x the CPU table's steps, masked memory from
@@ -59,19 +74,37 @@ SETTINGS = ["head+cls", "memory-masked", "memory", "full"]
 # both datasets do not fit one 15-minute lease: --settings splits a table over calls.
 PRESETS = {
     "cpu": {},
-    "gpu": dict(train_size=0, val_size=5000, test_size=0, epochs=4, batch_size=256, warmup_steps=50, seeds=3,
-                memory_sizes=[5], mixed_precision="bf16", max_extensions=2, head_init="zero",
-                lr=["head=0.1,0.3,1", "head+cls=0.1,0.3"]),
+    "gpu": dict(
+        train_size=0,
+        val_size=5000,
+        test_size=0,
+        epochs=4,
+        batch_size=256,
+        warmup_steps=50,
+        seeds=3,
+        memory_sizes=[5],
+        mixed_precision="bf16",
+        max_extensions=2,
+        head_init="zero",
+        lr=["head=0.1,0.3,1", "head+cls=0.1,0.3"],
+    ),
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="defaults for the whole run (gpu: " + ", ".join(f"{k} {v}" for k, v in PRESETS["gpu"].items())
-                        + "); any flag given overrides its preset value")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="defaults for the whole run (gpu: "
+        + ", ".join(f"{k} {v}" for k, v in PRESETS["gpu"].items())
+        + "); any flag given overrides its preset value",
+    )
     p.add_argument("--backbone", default=None)
-    p.add_argument("--datasets", nargs="+", default=None, help="Hub ids or local folders (default: cifar10 fashion_mnist)")
+    p.add_argument(
+        "--datasets", nargs="+", default=None, help="Hub ids or local folders (default: cifar10 fashion_mnist)"
+    )
     p.add_argument("--train_size", type=int, default=2000, help="0: all of train minus the validation split")
     p.add_argument("--val_size", type=int, default=500, help="carved from train, for the LR choice")
     p.add_argument("--test_size", type=int, default=1000, help="0: the whole test split")
@@ -80,23 +113,50 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--warmup_steps", type=int, default=10)
     p.add_argument("--memory_sizes", type=int, nargs="+", default=[1, 5, 10, 20])
-    p.add_argument("--seeds", type=int, default=2,
-                   help="seeds for the compared rows (head, head+cls, full, memory m=5, memory-masked m=5); the other "
-                        "memory sizes run seed 0")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=2,
+        help="seeds for the compared rows (head, head+cls, full, memory m=5, memory-masked m=5); the other "
+        "memory sizes run seed 0",
+    )
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no", help="autocast for training")
-    p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile every training run's model (inductor, one graph, as train.py --compile; "
-                        "reduce-overhead: CUDA graphs); one graph per setting serves all its LRs and seeds")
-    p.add_argument("--cache_base", action="store_true",
-                   help="memory-masked rows train on the base keys/values of the training images, computed once per "
-                        "dataset (fp16, memory_peft.cache) instead of at every step")
-    p.add_argument("--max_extensions", type=int, default=4,
-                   help="LR steps (x3 or /3) a sweep may add past the edge of its grid while the best sits there")
+    p.add_argument(
+        "--compile",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="torch.compile every training run's model (inductor, one graph, as train.py --compile; "
+        "reduce-overhead: CUDA graphs); one graph per setting serves all its LRs and seeds",
+    )
+    p.add_argument(
+        "--cache_base",
+        action="store_true",
+        help="memory-masked rows train on the base keys/values of the training images, computed once per "
+        "dataset (fp16, memory_peft.cache) instead of at every step",
+    )
+    p.add_argument(
+        "--max_extensions",
+        type=int,
+        default=4,
+        help="LR steps (x3 or /3) a sweep may add past the edge of its grid while the best sits there",
+    )
     p.add_argument("--lr", action="append", default=[], metavar="MODE=LR,LR", help="override an LR grid")
     p.add_argument("--head_init", choices=["probe", "zero"], default="probe")
-    p.add_argument("--settings", nargs="+", choices=SETTINGS, default=SETTINGS,
-                   help="the rows to train besides head (always: it is the reference and the probe); e.g. split one "
-                        "table over calls to a machine lent by the minute")
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="sgd",
+        help="every row's optimizer: sgd (the paper's) or adamw (what LoRA's users train with), each with its own "
+        "LR grids (--lr overrides them)",
+    )
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        choices=SETTINGS,
+        default=SETTINGS,
+        help="the rows to train besides head (always: it is the reference and the probe); e.g. split one "
+        "table over calls to a machine lent by the minute",
+    )
     p.add_argument("--output_dir", default="outputs/paper_table")
     p.add_argument("--cards_dir", default=str(Path(__file__).resolve().parents[1] / "model_cards"))
     preset, _ = p.parse_known_args(argv)
@@ -104,7 +164,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.datasets = args.datasets or [default_dataset("cifar10"), default_dataset("fashion_mnist")]
     args.backbone = args.backbone or default_backbone()
-    args.grids = dict(LR_GRIDS)
+    args.grids = dict(LR_GRIDS if args.optimizer == "sgd" else ADAMW_LR_GRIDS)
     for item in args.lr:
         setting, _, values = item.partition("=")
         args.grids[setting] = [float(v) for v in values.split(",")]
@@ -118,8 +178,10 @@ def make_accelerator(args) -> Accelerator:
     # all through PeftModel.forward: a whole table (settings, memory sizes, cached masked inputs) can pass dynamo's
     # default limit of graphs per function (8)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return Accelerator(mixed_precision=args.mixed_precision,
-                       dynamo_plugin=TorchDynamoPlugin(backend="inductor", mode=args.compile, fullgraph=True))
+    return Accelerator(
+        mixed_precision=args.mixed_precision,
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", mode=args.compile, fullgraph=True),
+    )
 
 
 def table_for(data, vit, args, accelerator, log) -> dict:
@@ -132,17 +194,28 @@ def table_for(data, vit, args, accelerator, log) -> dict:
 
     def record(column, swept, tests, began, model=None):
         lr, val = swept.lr, swept.scores
-        rows[column] = {"lr": lr, "val": val, "sweep_stopped_by": swept.stopped_by, "test": tests,
-                        "seconds": round(time.perf_counter() - began)}
+        rows[column] = {
+            "lr": lr,
+            "val": val,
+            "sweep_stopped_by": swept.stopped_by,
+            "test": tests,
+            "seconds": round(time.perf_counter() - began),
+        }
         spread = f" ± {mean_and_error(tests)[1] * 100:.1f}" if len(tests) > 1 else ""
-        log(f"  {column:<18} lr {lr:<6} val {max(val.values()) * 100:5.1f}  test {statistics.mean(tests) * 100:5.1f}"
-            f"{spread}  ({rows[column]['seconds']} s)")
+        log(
+            f"  {column:<18} lr {lr:<6} val {max(val.values()) * 100:5.1f}  test {statistics.mean(tests) * 100:5.1f}"
+            f"{spread}  ({rows[column]['seconds']} s)"
+        )
         return model
 
     began = time.perf_counter()
     head_val = lambda h: accuracy(h, features["val"], data["val"][1])  # noqa: E731
-    swept = sweep_learning_rate(lambda lr: run_head(data, features, lr, 0, args, accelerator), head_val,
-                                args.grids["head"], max_extensions=args.max_extensions)
+    swept = sweep_learning_rate(
+        lambda lr: run_head(data, features, lr, 0, args, accelerator),
+        head_val,
+        args.grids["head"],
+        max_extensions=args.max_extensions,
+    )
     probe = swept.trained
     heads = [probe] + [run_head(data, features, swept.lr, s, args, accelerator) for s in range(1, args.seeds)]
     record("head", swept, [accuracy(h, features["test"], data["test"][1]) for h in heads], began)
@@ -156,18 +229,23 @@ def table_for(data, vit, args, accelerator, log) -> dict:
             """One run, logged as it ends (a run cut short still shows every run it finished): its model and
             validation accuracy at seed 0 (the sweep), test accuracy at the other seeds (at the chosen LR)."""
             started = time.perf_counter()
-            model = run_setting(vit, data, setting, m, lr, seed, init, args, accelerator, cache)
+            model = run_setting(
+                vit, data, setting, m, lr, seed, init, args, accelerator, cache, optimizer=args.optimizer
+            )
             seconds = time.perf_counter() - started
             split = "val" if seed == 0 else "test"
             score = accuracy(model_logits(model, device), *data[split])
-            log(f"    {column} lr {lr:.4g} seed {seed}: {split} {100 * score:.1f}  ({seconds:.0f} s, "
-                f"{1000 * seconds / steps:.0f} ms per step)")
+            log(
+                f"    {column} lr {lr:.4g} seed {seed}: {split} {100 * score:.1f}  ({seconds:.0f} s, "
+                f"{1000 * seconds / steps:.0f} ms per step)"
+            )
             return model, score
 
         swept = sweep_learning_rate(train, lambda run: run[1], grid, max_extensions=args.max_extensions)
         model = swept.trained[0]
-        tests = [accuracy(model_logits(model, device), *data["test"])] + [train(swept.lr, s)[1]
-                                                                           for s in range(1, seeds)]
+        tests = [accuracy(model_logits(model, device), *data["test"])] + [
+            train(swept.lr, s)[1] for s in range(1, seeds)
+        ]
         return record(column, swept, tests, began, model)
 
     # The compared rows first, the costliest (full) last of them: a run cut short (a GPU lease) keeps the most.
@@ -177,8 +255,9 @@ def table_for(data, vit, args, accelerator, log) -> dict:
     if "memory-masked" in args.settings:
         with tempfile.TemporaryDirectory(dir=args.output_dir) as folder:
             cache = base_cache(vit, data, args, Path(folder, "cache")) if args.cache_base else None
-            adapters["memory-masked m=5"] = setting_row("memory-masked m=5", "memory-masked", 5,
-                                                        args.grids["memory-masked"], seeds=args.seeds, cache=cache)
+            adapters["memory-masked m=5"] = setting_row(
+                "memory-masked m=5", "memory-masked", 5, args.grids["memory-masked"], seeds=args.seeds, cache=cache
+            )
     if "memory" in args.settings:
         adapters["memory m=5"] = setting_row("memory m=5", "memory", 5, args.grids["memory"], seeds=args.seeds)
     if "full" in args.settings:
@@ -205,8 +284,10 @@ def main(argv=None):
         began = time.perf_counter()
         data = prepare(source, args, processor, accelerator.device)
         datasets[data["name"]] = data
-        log(f"{data['name']}: {len(data['train'][1])} train / {len(data['val'][1])} val / {len(data['test'][1])} test "
-            f"(loaded and preprocessed in {time.perf_counter() - began:.0f} s)")
+        log(
+            f"{data['name']}: {len(data['train'][1])} train / {len(data['val'][1])} val / {len(data['test'][1])} test "
+            f"(loaded and preprocessed in {time.perf_counter() - began:.0f} s)"
+        )
         result = table_for(data, vit, args, accelerator, log)
         rows = result["rows"]
         results[data["name"]] = {"rows": rows, **closures(rows), "seconds": round(time.perf_counter() - began)}
@@ -216,12 +297,22 @@ def main(argv=None):
         for column, model in result["adapters"].items():
             folder = out / data["name"] / column.replace(" ", "_").replace("=", "")
             model.save_pretrained(folder)
-            card = model_card(TEMPLATE, dict(
-                title=f"memory-peft {column} on {data['name']}", base_model=args.backbone, dataset=source,
-                setting=column.split()[0], m=int(column.split("=")[1]), num_labels=data["num_labels"],
-                image_size=args.image_size, steps=args.epochs * (len(data["train"][1]) // args.batch_size),
-                eval_examples=len(data["test"][1]), metrics={"top1": rows[column]["test"][0]},
-                command="python benchmarks/paper_table.py " + " ".join(sys.argv[1:] if argv is None else argv)))
+            card = model_card(
+                TEMPLATE,
+                dict(
+                    title=f"memory-peft {column} on {data['name']}",
+                    base_model=portable(args.backbone),
+                    dataset=portable(source),
+                    setting=column.split()[0],
+                    m=int(column.split("=")[1]),
+                    num_labels=data["num_labels"],
+                    image_size=args.image_size,
+                    steps=args.epochs * (len(data["train"][1]) // args.batch_size),
+                    eval_examples=len(data["test"][1]),
+                    metrics={"top1": rows[column]["test"][0]},
+                    command="python benchmarks/paper_table.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                ),
+            )
             card.save(folder / "README.md")
             Path(args.cards_dir).mkdir(parents=True, exist_ok=True)
             card.save(Path(args.cards_dir) / f"{data['name']}-{folder.name}.md")
@@ -234,21 +325,32 @@ def main(argv=None):
         merged = merge_adapters(masked, out / "merged_masked", overwrite=True)
         model = load_multitask(copy.deepcopy(vit).cpu(), merged).to(accelerator.device).eval()
         for name, data in datasets.items():
-            predict = lambda pixels, name=name: model(pixel_values=pixels.to(accelerator.device),  # noqa: E731
-                                                      interpolate_pos_encoding=True).tasks[name].logits
+
+            def predict(pixels, name=name):
+                output = model(pixel_values=pixels.to(accelerator.device), interpolate_pos_encoding=True)
+                return output.tasks[name].logits
+
             merged_scores[name] = accuracy(predict, *data["test"])
-            log(f"multi-task check {name}: alone {alone_masked[name] * 100:.2f} %, merged {merged_scores[name] * 100:.2f} %")
+            log(
+                f"multi-task check {name}: alone {alone_masked[name] * 100:.2f} %, "
+                f"merged {merged_scores[name] * 100:.2f} %"
+            )
     table = markdown(results, args)
     total = time.perf_counter() - started
     per_dataset = ", ".join(f"{n} {r['seconds'] / 60:.1f} min" for n, r in results.items())
     table += f"\nWall time {total / 60:.1f} min ({per_dataset})."
     if merged_scores:
         table += "\nMulti-task check (masked m=5 adapters of all datasets merged, one forward): " + ", ".join(
-            f"{n} alone {alone_masked[n] * 100:.2f} % / merged {merged_scores[n] * 100:.2f} %" for n in merged_scores)
+            f"{n} alone {alone_masked[n] * 100:.2f} % / merged {merged_scores[n] * 100:.2f} %" for n in merged_scores
+        )
     log("\n" + table)
     write_text_atomically(out / "results.md", table + "\n")
-    record = {"args": dict(vars(args)), "results": results,
-              "multitask": {"alone": alone_masked, "merged": merged_scores}, "wall_seconds": round(total)}
+    record = {
+        "args": dict(vars(args)),
+        "results": results,
+        "multitask": {"alone": alone_masked, "merged": merged_scores},
+        "wall_seconds": round(total),
+    }
     write_text_atomically(out / "results.json", json.dumps(record, indent=2, default=str))
     return results, alone_masked, merged_scores
 

@@ -19,13 +19,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import difference, mean_and_error  # noqa: E402
+
+from memory_peft.assets import portable  # noqa: E402
 from memory_peft.tuner.errors import InputError  # noqa: E402
 from memory_peft.tuner.storage import write_text_atomically  # noqa: E402
 
 COLUMNS = ["full", "head", "head+cls", "memory m=1", "memory m=5", "memory m=10", "memory m=20", "memory-masked m=5"]
 # What must agree between runs whose rows go into one table.
-BUDGET = ("backbone", "image_size", "train_size", "val_size", "test_size", "epochs", "batch_size", "warmup_steps",
-          "seeds", "head_init", "mixed_precision", "grids")
+BUDGET = (
+    "backbone",
+    "image_size",
+    "train_size",
+    "val_size",
+    "test_size",
+    "epochs",
+    "batch_size",
+    "warmup_steps",
+    "seeds",
+    "head_init",
+    "mixed_precision",
+    "grids",
+)
 
 
 def mean(rows, column):
@@ -37,8 +51,10 @@ def closures(rows) -> dict:
     gap is missing)."""
     head, full = mean(rows, "head"), mean(rows, "full")
     gap = (full - head) if full != head else float("nan")
-    return {"gap_closure": (mean(rows, "memory m=5") - head) / gap,
-            "masked_gap_closure": (mean(rows, "memory-masked m=5") - head) / gap}
+    return {
+        "gap_closure": (mean(rows, "memory m=5") - head) / gap,
+        "masked_gap_closure": (mean(rows, "memory-masked m=5") - head) / gap,
+    }
 
 
 def comparisons(rows) -> list[tuple[str, str, float, float]]:
@@ -57,24 +73,37 @@ def cell(rows, column) -> str:
 
 def markdown(results: dict, args) -> str:
     columns = [c for c in COLUMNS if any(c in r["rows"] for r in results.values())]
-    lines = ["| dataset | " + " | ".join(columns) + " | gap closure m=5 | masked gap closure |",
-             "|---" * (len(columns) + 3) + "|"]
+    lines = [
+        "| dataset | " + " | ".join(columns) + " | gap closure m=5 | masked gap closure |",
+        "|---" * (len(columns) + 3) + "|",
+    ]
     for name, result in results.items():
         rows = result["rows"]
-        lines.append(f"| {name} | " + " | ".join(cell(rows, c) for c in columns) + f" | {result['gap_closure']:.2f} | "
-                     f"{result['masked_gap_closure']:.2f} |")
+        lines.append(
+            f"| {name} | " + " | ".join(cell(rows, c) for c in columns) + f" | {result['gap_closure']:.2f} | "
+            f"{result['masked_gap_closure']:.2f} |"
+        )
         lines.append("| best LR | " + " | ".join(str(rows[c]["lr"]) if c in rows else "" for c in columns) + " | | |")
-    lines.append("\nDifferences of test means, in units of their joint standard error (issue 16's goals: each "
-                 "memory row above head + class token by at least one):")
+    lines.append(
+        "\nDifferences of test means, in units of their joint standard error (issue 16's goals: each "
+        "memory row above head + class token by at least one):"
+    )
     for name, result in results.items():
-        lines.append(f"- {name}: " + "; ".join(
-            f"{a} − {b} {100 * d:+.1f} ({d / e:+.1f} s.e.)" if e > 0 else f"{a} − {b} {100 * d:+.1f}"
-            for a, b, d, e in comparisons(result["rows"])))
-    lines.append(f"\n{args.train_size} train / {args.val_size} validation (from train) / {args.test_size} test images "
-                 f"per dataset at {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9, "
-                 f"cosine with {args.warmup_steps} warmup steps, clip 1.0; LR grids {args.grids}; head init "
-                 f"{args.head_init}; seeds {args.seeds} (compared rows: mean ± standard error); mixed precision "
-                 f"{args.mixed_precision}. Backbone {args.backbone}.")
+        lines.append(
+            f"- {name}: "
+            + "; ".join(
+                f"{a} − {b} {100 * d:+.1f} ({d / e:+.1f} s.e.)" if e > 0 else f"{a} − {b} {100 * d:+.1f}"
+                for a, b, d, e in comparisons(result["rows"])
+            )
+        )
+    lines.append(
+        f"\n{args.train_size} train / {args.val_size} validation (from train) / {args.test_size} test images "
+        f"per dataset at {args.image_size} px, {args.epochs} epochs, batch {args.batch_size}, "
+        f"{'AdamW (no weight decay)' if getattr(args, 'optimizer', 'sgd') == 'adamw' else 'SGD momentum 0.9'}, "
+        f"cosine with {args.warmup_steps} warmup steps, clip 1.0; LR grids {args.grids}; head init "
+        f"{args.head_init}; seeds {args.seeds} (compared rows: mean ± standard error); mixed precision "
+        f"{args.mixed_precision}. Backbone {portable(args.backbone)}."
+    )
     return "\n".join(lines)
 
 
@@ -130,12 +159,15 @@ def combine(paths: list[Path]) -> tuple[dict, argparse.Namespace]:
         runs.append((path, run))
     first_path, first = runs[0]
     for path, run in runs[1:]:
-        differ = {k: (run["args"].get(k), first["args"].get(k)) for k in BUDGET
-                  if run["args"].get(k) != first["args"].get(k)}
+        differ = {
+            k: (run["args"].get(k), first["args"].get(k)) for k in BUDGET if run["args"].get(k) != first["args"].get(k)
+        }
         if differ:
-            raise InputError(f"{path} and {first_path} were run with different "
-                             + "; ".join(f"{k} ({a} vs {b})" for k, (a, b) in differ.items())
-                             + ": their rows do not belong in one table.")
+            raise InputError(
+                f"{path} and {first_path} were run with different "
+                + "; ".join(f"{k} ({a} vs {b})" for k, (a, b) in differ.items())
+                + ": their rows do not belong in one table."
+            )
     results = {}
     for _, run in runs:
         for name, result in run["results"].items():

@@ -70,8 +70,9 @@ def big_masked_forward(tuner, pixels, names):
         allowed[n + T :] = True
         z = base.layernorm_before(torch.cat([x, memory.expand(batch, -1, -1)], 1))
         att = base.attention
-        q, k, v = (p(z).view(batch, length, -1, att.head_dim).transpose(1, 2) for p in (att.q_proj, att.k_proj,
-                                                                                         att.v_proj))
+        q, k, v = (
+            p(z).view(batch, length, -1, att.head_dim).transpose(1, 2) for p in (att.q_proj, att.k_proj, att.v_proj)
+        )
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, allowed)
         x = x + att.o_proj(out.transpose(1, 2).reshape(batch, length, -1)[:, : n + T])
         x = x + base.mlp(base.layernorm_after(x))
@@ -86,7 +87,7 @@ def masked_tasks_model(vit, count, device):
 
 
 def inference(args, batch, device, dtype):
-    """{config: median ratio to the base forward}, {config: eager ops per call}, kept/total repetitions, base seconds."""
+    """{config: median ratio to the base forward}, {config: eager ops per call}, kept/total repetitions, base time."""
     torch.manual_seed(0)
     vit = ViTModel(ViTConfig(patch_size=32), add_pooling_layer=False).eval()
     stock = copy.deepcopy(vit).to(device, dtype)
@@ -99,21 +100,36 @@ def inference(args, batch, device, dtype):
     # config -> (untimed set-up, timed forward, eager forward for the op count): choosing the active adapters walks
     # every module, which serving does once, not per batch, so it stays out of the timed region
     nothing = lambda: None  # noqa: E731
-    run = {"base": compiled(stock, args.compile), "full": compiled(full, args.compile),
-           "merged": compiled(merged, args.compile)}
-    configs = {"base": (nothing, lambda: run["base"](pixels), lambda: stock(pixels)),
-               "full m=5": (nothing, lambda: run["full"](pixel_values=pixels), lambda: full(pixel_values=pixels))}
+    run = {
+        "base": compiled(stock, args.compile),
+        "full": compiled(full, args.compile),
+        "merged": compiled(merged, args.compile),
+    }
+    configs = {
+        "base": (nothing, lambda: run["base"](pixels), lambda: stock(pixels)),
+        "full m=5": (nothing, lambda: run["full"](pixel_values=pixels), lambda: full(pixel_values=pixels)),
+    }
     for count in args.tasks:
-        configs[f"merged T={count}"] = (lambda c=count: activate(merged, names[:c]),
-                                        lambda: run["merged"](pixel_values=pixels), lambda: merged(pixel_values=pixels))
+        configs[f"merged T={count}"] = (
+            lambda c=count: activate(merged, names[:c]),
+            lambda: run["merged"](pixel_values=pixels),
+            lambda: merged(pixel_values=pixels),
+        )
     if args.compile == "none":
-        large = {k: get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=256, top_k=k, num_labels=100))
-                 .to(device, dtype).eval() for k in (None, 16)}
+        large = {
+            k: get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=256, top_k=k, num_labels=100))
+            .to(device, dtype)
+            .eval()
+            for k in (None, 16)
+        }
         configs["full m=256 dense"] = (nothing, lambda: large[None](pixel_values=pixels), None)
         configs["full m=256 top-16"] = (nothing, lambda: large[16](pixel_values=pixels), None)
         for count in args.tasks:
             configs[f"big mask T={count}"] = (
-                nothing, lambda c=count: big_masked_forward(merged.base_model, pixels, names[:c]), None)
+                nothing,
+                lambda c=count: big_masked_forward(merged.base_model, pixels, names[:c]),
+                None,
+            )
     ops = {}
     with torch.no_grad():
         for name, (setup, _, eager) in configs.items():
@@ -128,10 +144,11 @@ def inference(args, batch, device, dtype):
 
 def host_overhead(args):
     """The same comparison on a ViT too small to compute anything (hidden 64): the time left is Python, dispatch and
-    per-kernel overhead — the regime of a GPU running batch 32 of a ViT-B/32, where launches, not FLOPs, set the pace."""
+    per-kernel overhead: the regime of a GPU running batch 32 of a ViT-B/32, where launches, not FLOPs, set the pace."""
     torch.manual_seed(0)
-    vit = ViTModel(ViTConfig(patch_size=32, hidden_size=64, intermediate_size=128, num_attention_heads=2),
-                   add_pooling_layer=False).eval()
+    vit = ViTModel(
+        ViTConfig(patch_size=32, hidden_size=64, intermediate_size=128, num_attention_heads=2), add_pooling_layer=False
+    ).eval()
     stock = copy.deepcopy(vit)
     merged = masked_tasks_model(copy.deepcopy(vit), 10, torch.device("cpu"))
     names = [f"task{t}" for t in range(10)]
@@ -145,7 +162,10 @@ def host_overhead(args):
 
     configs = {"base": (lambda: None, lambda: stock(pixels))}
     for count in (1, 10):
-        configs[f"merged T={count}"] = (lambda c=count: activate(merged, names[:c]), lambda: merged(pixel_values=pixels))
+        configs[f"merged T={count}"] = (
+            lambda c=count: activate(merged, names[:c]),
+            lambda: merged(pixel_values=pixels),
+        )
     with torch.no_grad():
         kept = without_foreign_load(interleaved(configs, args.reps, forwards), "base")
     return median_ratios(kept, "base"), statistics.median(r["base"] for r in kept)
@@ -211,8 +231,9 @@ def training(args, batch, device, dtype):
         ops[name] = sum(count_ops(step.eager).values())
         configs[name] = (lambda: None, step)
     reference = "full" if "full" in configs else next(iter(configs))
-    reps = interleaved(configs, args.reps, lambda step: training_step_cost(step, device),
-                       warmup=1 if args.compile == "none" else 3)
+    reps = interleaved(
+        configs, args.reps, lambda step: training_step_cost(step, device), warmup=1 if args.compile == "none" else 3
+    )
     kept = without_foreign_load(reps, reference, seconds=lambda cost: cost[0])
     time_ratio = median_ratios(kept, reference, seconds=lambda cost: cost[0])
     memory_ratio = median_ratios(kept, reference, seconds=lambda cost: cost[1])
@@ -240,38 +261,56 @@ def sizes():
 def inference_lines(args, batch, device, dtype) -> list[str]:
     ratio, ops, kept, total, base_seconds = inference(args, batch, device, dtype)
     eager = args.compile == "none"
-    lines = [f"### Inference, batch {batch}: base forward {1000 * base_seconds:.2f} ms (median); {kept} of {total} "
-             f"repetitions kept; base {ops['base']} ops per eager call", "",
-             "| T | merged (one forward) | limit 1+T/(N+1) | eager ops (+ per layer) |"
-             + (" T separate adapter forwards | one big masked sequence |" if eager else ""),
-             "|---|---|---|---|" + ("---|---|" if eager else "")]
+    lines = [
+        f"### Inference, batch {batch}: base forward {1000 * base_seconds:.2f} ms (median); {kept} of {total} "
+        f"repetitions kept; base {ops['base']} ops per eager call",
+        "",
+        "| T | merged (one forward) | limit 1+T/(N+1) | eager ops (+ per layer) |"
+        + (" T separate adapter forwards | one big masked sequence |" if eager else ""),
+        "|---|---|---|---|" + ("---|---|" if eager else ""),
+    ]
     for count in args.tasks:
         name = f"merged T={count}"
-        row = (f"| {count} | {ratio[name]:.3f} x | {1 + count / 50:.2f} x | {ops[name]} "
-               f"({(ops[name] - ops['base']) / 12:+.2f}) |")
+        row = (
+            f"| {count} | {ratio[name]:.3f} x | {1 + count / 50:.2f} x | {ops[name]} "
+            f"({(ops[name] - ops['base']) / 12:+.2f}) |"
+        )
         if eager:
             row += f" {count * ratio['merged T=1']:.2f} x | {ratio[f'big mask T={count}']:.3f} x |"
         lines.append(row)
-    lines += ["", f"Full-attention memory adapter (m=5) vs base forward: {ratio['full m=5']:.3f} x "
-              f"({ops['full m=5']} ops, {(ops['full m=5'] - ops['base']) / 12:+.2f} per layer)", ""]
+    lines += [
+        "",
+        f"Full-attention memory adapter (m=5) vs base forward: {ratio['full m=5']:.3f} x "
+        f"({ops['full m=5']} ops, {(ops['full m=5'] - ops['base']) / 12:+.2f} per layer)",
+        "",
+    ]
     if eager:
-        lines += ["(T separate forwards = T x the measured one-adapter forward.)", "",
-                  f"Large memory, full attention, m=256: dense {ratio['full m=256 dense']:.3f} x, top-K (k=16) "
-                  f"{ratio['full m=256 top-16']:.3f} x the base forward (top-K scores every entry to choose, so it "
-                  "saves no compute in this form; it changes what is read).", ""]
+        lines += [
+            "(T separate forwards = T x the measured one-adapter forward.)",
+            "",
+            f"Large memory, full attention, m=256: dense {ratio['full m=256 dense']:.3f} x, top-K (k=16) "
+            f"{ratio['full m=256 top-16']:.3f} x the base forward (top-K scores every entry to choose, so it "
+            "saves no compute in this form; it changes what is read).",
+            "",
+        ]
     return lines
 
 
 def training_lines(args, batch, device, dtype) -> list[str]:
     reference, time_ratio, memory_ratio, seconds, memory, ops, kept = training(args, batch, device, dtype)
     what = "peak CUDA memory" if device.type == "cuda" else "saved activations + grads + optimizer state"
-    lines = [f"### Training step, batch {batch} ({'autocast ' + args.dtype if dtype != torch.float32 else 'fp32'}; "
-             f"medians of {kept} of {args.reps} repetitions)", "",
-             f"| setting | img/s | time vs {reference} | memory vs {reference} ({what}) | eager ops per step |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"### Training step, batch {batch} ({'autocast ' + args.dtype if dtype != torch.float32 else 'fp32'}; "
+        f"medians of {kept} of {args.reps} repetitions)",
+        "",
+        f"| setting | img/s | time vs {reference} | memory vs {reference} ({what}) | eager ops per step |",
+        "|---|---|---|---|---|",
+    ]
     for name in seconds:
-        lines.append(f"| {name} | {batch / seconds[name]:.0f} | {time_ratio[name]:.3f} x | {memory_ratio[name]:.3f} x "
-                     f"({memory[name] / 2**20:.0f} MiB) | {ops[name]} |")
+        lines.append(
+            f"| {name} | {batch / seconds[name]:.0f} | {time_ratio[name]:.3f} x | {memory_ratio[name]:.3f} x "
+            f"({memory[name] / 2**20:.0f} MiB) | {ops[name]} |"
+        )
     return lines + [""]
 
 
@@ -302,10 +341,14 @@ def main(argv=None):
             emit(inference_lines(args, batch, device, dtype))
     if device.type == "cpu" and "overhead" not in args.skip:
         overhead, base_seconds = host_overhead(args)
-        emit([f"Host overhead (tiny ViT, hidden 64, 12 layers, batch 2: no compute, only Python and kernel dispatch; "
-              f"base forward {1000 * base_seconds:.1f} ms): merged T=1 {overhead['merged T=1']:.2f} x, merged T=10 "
-              f"{overhead['merged T=10']:.2f} x the base forward. A GPU running batch 32 eagerly is in this regime.",
-              ""])
+        emit(
+            [
+                f"Host overhead (tiny ViT, hidden 64, 12 layers, batch 2: no compute, only Python and kernel dispatch; "
+                f"base forward {1000 * base_seconds:.1f} ms): merged T=1 {overhead['merged T=1']:.2f} x, merged T=10 "
+                f"{overhead['merged T=10']:.2f} x the base forward. A GPU running batch 32 eagerly is in this regime.",
+                "",
+            ]
+        )
     if "training" not in args.skip and args.settings:
         for batch in args.training_batch or args.batch:
             emit(training_lines(args, batch, device, dtype))

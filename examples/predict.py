@@ -20,11 +20,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory_peft import load_adapters  # noqa: E402
 from memory_peft.artifact import load_multitask  # noqa: E402
-from memory_peft.tuner.backbone import load_backbone  # noqa: E402
-from memory_peft.sources import describe, named_sources  # noqa: E402
-from memory_peft.data import image_processor  # noqa: E402
-from memory_peft.tuner.errors import InputError, MemoryPeftError  # noqa: E402
 from memory_peft.assets import default_backbone  # noqa: E402
+from memory_peft.data import image_processor  # noqa: E402
+from memory_peft.sources import describe, named_sources  # noqa: E402
+from memory_peft.tuner.backbone import load_backbone  # noqa: E402
+from memory_peft.tuner.errors import InputError, MemoryPeftError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -76,8 +76,9 @@ def predict(args) -> dict[str, list[list[tuple[str, float]]]]:
         names = configs[task].label_names or [str(i) for i in range(configs[task].num_labels)]
         probabilities = output.logits.softmax(-1)
         top = probabilities.topk(min(args.top, probabilities.shape[-1]), dim=-1)
-        predictions[task] = [[(names[i], p) for i, p in zip(idx.tolist(), prob.tolist())]
-                             for idx, prob in zip(top.indices, top.values)]
+        predictions[task] = [
+            [(names[i], p) for i, p in zip(idx.tolist(), prob.tolist())] for idx, prob in zip(top.indices, top.values)
+        ]
     for i, path in enumerate(args.images):
         print(path)
         for task in predictions:

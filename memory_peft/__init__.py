@@ -7,6 +7,9 @@ and never the other way round. Importing the package registers the tuner with pe
 "memory-image-classification" pipeline with transformers.
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from .pipelines import register as register_pipeline
 from .settings import SETTINGS, make_setting
 from .tuner import MemoryLayer, MemoryTokenConfig, MemoryTokenModel
@@ -36,4 +39,7 @@ __all__ = [
     "make_setting",
     "register",
 ]
-__version__ = "0.1.0"
+try:  # one place, pyproject.toml, read from the installed package's metadata
+    __version__ = _version("memory-peft")
+except PackageNotFoundError:  # a checkout on sys.path that was never installed (pip install -e . gives the version)
+    __version__ = "0+unknown"

@@ -2,7 +2,7 @@
 
 Layout of a merged artifact::
 
-    memory_tasks.json            {"format": "memory-peft-multitask", "tasks": [...], "base_model": ..., "backbone": {...}}
+    memory_tasks.json            {"format": "memory-peft-multitask", "tasks": [...], "base_model": ..., "backbone": ...}
     README.md                    a model card listing the tasks
     <task>/adapter_config.json   each task's files, byte for byte as its adapter saved them
     <task>/adapter_model.safetensors
@@ -16,7 +16,6 @@ import shlex
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
@@ -37,8 +36,13 @@ def _read_adapter(name: str, source: str) -> dict:
     with safe_open(str(weights_path), "pt") as f:
         class_token = [k for k in f.keys() if k.endswith("memory_class_token")]
         hidden = f.get_slice(class_token[0]).get_shape()[0] if class_token else None
-    return {"name": name, "source": source, "config": config, "hidden_size": hidden,
-            "paths": (config_path, weights_path)}
+    return {
+        "name": name,
+        "source": source,
+        "config": config,
+        "hidden_size": hidden,
+        "paths": (config_path, weights_path),
+    }
 
 
 def _check_compatible(adapters: list[dict]) -> None:
@@ -104,8 +108,13 @@ def merge_adapters(adapters: Mapping[str, str], output_dir: str | os.PathLike, o
         raise InputError(f"Task names must be plain folder names; got {bad}.")
     read = [_read_adapter(name, str(source)) for name, source in adapters.items()]
     _check_compatible(read)
-    index = {"format": FORMAT, "version": 1, "tasks": [a["name"] for a in read],
-             "base_model": read[0]["config"].get("base_model_name_or_path"), "backbone": read[0]["config"].get("backbone")}
+    index = {
+        "format": FORMAT,
+        "version": 1,
+        "tasks": [a["name"] for a in read],
+        "base_model": read[0]["config"].get("base_model_name_or_path"),
+        "backbone": read[0]["config"].get("backbone"),
+    }
 
     def fill(folder: Path):
         for adapter in read:
@@ -124,24 +133,32 @@ def _card(read: list[dict], index: dict) -> ModelCard:
         for a in read
     )
     data = ModelCardData(library_name="peft", tags=["memory-peft", "multi-task", "learnable-memory"])
-    text = (f"---\n{data.to_yaml()}\n---\n\n# memory-peft multi-task artifact\n\n{len(read)} masked memory adapters "
-            f"on `{index['base_model']}`, served together in one forward pass.\n\n| task | classes | m | layers |\n"
-            f"|---|---|---|---|\n{rows}\n\n```python\nfrom memory_peft.artifact import load_multitask\n"
-            f"model = load_multitask(base_model, \"<this folder or repo>\")  # one output per task\n```\n")
+    text = (
+        f"---\n{data.to_yaml()}\n---\n\n# memory-peft multi-task artifact\n\n{len(read)} masked memory adapters "
+        f"on `{index['base_model']}`, served together in one forward pass.\n\n| task | classes | m | layers |\n"
+        f"|---|---|---|---|\n{rows}\n\n```python\nfrom memory_peft.artifact import load_multitask\n"
+        f'model = load_multitask(base_model, "<this folder or repo>")  # one output per task\n```\n'
+    )
     return ModelCard(text)
 
 
 def read_index(source: str) -> dict:
     if is_local(source) and not (Path(source) / INDEX).is_file() and (Path(source) / CONFIG_FILE).is_file():
-        raise InputError(f"{source} is a single adapter ({CONFIG_FILE}), not a multi-task artifact: there is nothing "
-                         "to split. Load it with PeftModel.from_pretrained, or merge it with others (merge_adapters).")
+        raise InputError(
+            f"{source} is a single adapter ({CONFIG_FILE}), not a multi-task artifact: there is nothing "
+            "to split. Load it with PeftModel.from_pretrained, or merge it with others (merge_adapters)."
+        )
     index = read_config_file(adapter_file(source, INDEX))
     if index.get("format") != FORMAT:
-        raise InputError(f"{source} is not a memory-peft multi-task artifact ({INDEX} has format {index.get('format')!r}).")
+        raise InputError(
+            f"{source} is not a memory-peft multi-task artifact ({INDEX} has format {index.get('format')!r})."
+        )
     return index
 
 
-def split_artifact(source: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
+def split_artifact(
+    source: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False
+) -> dict[str, Path]:
     """Write each task of a merged artifact as a standalone adapter folder ``output_dir/<task>``, byte for byte."""
     source = str(source)
     tasks = read_index(source)["tasks"]
@@ -160,7 +177,7 @@ def split_artifact(source: str | os.PathLike, output_dir: str | os.PathLike, ove
     return out
 
 
-def load_multitask(base_model: nn.Module, source: str | os.PathLike, tasks: Optional[list[str]] = None) -> PeftModel:
+def load_multitask(base_model: nn.Module, source: str | os.PathLike, tasks: list[str] | None = None) -> PeftModel:
     """Load a merged artifact (folder or Hub id) onto ``base_model`` in one call; all (or ``tasks``) active."""
     source = str(source)
     available = read_index(source)["tasks"]

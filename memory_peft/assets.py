@@ -24,3 +24,10 @@ def default_backbone() -> str:
 def default_dataset(name: str = "cifar10") -> str:
     local = shared_dir() / "data" / name
     return str(local) if local.is_dir() else HUB_DATASETS[name]
+
+
+def portable(source: str) -> str:
+    """How a results file or model card names a backbone or dataset: a Hub id as it is, a local folder relative to the
+    working directory (e.g. ``../shared/data/cifar10``), never a machine's absolute path."""
+    text = str(source)
+    return os.path.relpath(text) if os.path.isabs(text) and Path(text).exists() else text

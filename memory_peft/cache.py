@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import datasets
 import numpy as np
@@ -37,16 +37,28 @@ def fingerprint(model, image_size: int, processor, dtype: torch.dtype, images=No
             digest.update(name.encode())
             digest.update(tensor.detach().float().flatten()[:: max(1, tensor.numel() // 4096)].cpu().numpy().tobytes())
     processor_settings = json.dumps(processor.to_dict(), sort_keys=True, default=str) if processor is not None else ""
-    info = {"backbone": digest.hexdigest(), "image_size": image_size,
-            "processor": hashlib.sha256(processor_settings.encode()).hexdigest(), "dtype": str(dtype).split(".")[-1]}
+    info = {
+        "backbone": digest.hexdigest(),
+        "image_size": image_size,
+        "processor": hashlib.sha256(processor_settings.encode()).hexdigest(),
+        "dtype": str(dtype).split(".")[-1],
+    }
     if images is not None:
         info["images"] = f"{len(images)} rows, fingerprint {images._fingerprint}"
     return info
 
 
-def build_cache(model, images: datasets.Dataset, to_pixels: Callable[[dict], dict], folder: str | Path,
-                image_size: int, processor=None, batch_size: int = 32, dtype: torch.dtype = torch.float16,
-                overwrite: bool = False) -> "BaseCache":
+def build_cache(
+    model,
+    images: datasets.Dataset,
+    to_pixels: Callable[[dict], dict],
+    folder: str | Path,
+    image_size: int,
+    processor=None,
+    batch_size: int = 32,
+    dtype: torch.dtype = torch.float16,
+    overwrite: bool = False,
+) -> BaseCache:
     """Compute every image's base keys/values once and store them at ``folder`` (written atomically).
 
     ``images``: the raw rows; ``to_pixels(batch) -> {"pixel_values": (B, C, S, S), "labels": (B,)}`` (e.g.
@@ -66,13 +78,20 @@ def build_cache(model, images: datasets.Dataset, to_pixels: Callable[[dict], dic
         # flat rows: a batch is then read back as one contiguous array (nested lists would be converted per value)
         return {COLUMN: keys_values.to(dtype).flatten(1).cpu().numpy(), "labels": converted["labels"].numpy()}
 
-    features = datasets.Features({COLUMN: datasets.Sequence(datasets.Value(info["dtype"])),
-                                  "labels": datasets.Value("int64")})
+    features = datasets.Features(
+        {COLUMN: datasets.Sequence(datasets.Value(info["dtype"])), "labels": datasets.Value("int64")}
+    )
 
     def fill(staging: Path):
-        cached = images.map(encode, batched=True, batch_size=batch_size, remove_columns=images.column_names,
-                            features=features, cache_file_name=str(staging / "map.arrow"),
-                            desc="caching base keys/values")
+        cached = images.map(
+            encode,
+            batched=True,
+            batch_size=batch_size,
+            remove_columns=images.column_names,
+            features=features,
+            cache_file_name=str(staging / "map.arrow"),
+            desc="caching base keys/values",
+        )
         cached.save_to_disk(str(staging / "data"))
         (staging / "map.arrow").unlink(missing_ok=True)
         (staging / INFO).write_text(json.dumps({**info, "examples": len(cached), "shape": list(shape)}, indent=2))
@@ -91,8 +110,11 @@ class BaseCache(torch.utils.data.Dataset):
         self.shape = tuple(shape)
         # per Arrow chunk, its rows as one (rows, values) numpy view of the mapped file: reading a batch is then one
         # copy per row, with no per-value conversion
-        self.rows = [chunk.flatten().to_numpy(zero_copy_only=True).reshape(len(chunk), -1)
-                     for chunk in table.column(COLUMN).chunks if len(chunk)]
+        self.rows = [
+            chunk.flatten().to_numpy(zero_copy_only=True).reshape(len(chunk), -1)
+            for chunk in table.column(COLUMN).chunks
+            if len(chunk)
+        ]
         self.starts = np.cumsum([0] + [len(rows) for rows in self.rows])
         self.labels = table.column("labels").to_numpy()
 
@@ -103,8 +125,10 @@ class BaseCache(torch.utils.data.Dataset):
         indices = np.asarray(list(indices), dtype=np.int64)
         chunks = np.searchsorted(self.starts, indices, side="right") - 1
         values = np.stack([self.rows[c][i - self.starts[c]] for c, i in zip(chunks.tolist(), indices.tolist())])
-        return {"base_keys_values": torch.from_numpy(values.reshape(len(indices), *self.shape)),
-                "labels": torch.from_numpy(self.labels[indices])}
+        return {
+            "base_keys_values": torch.from_numpy(values.reshape(len(indices), *self.shape)),
+            "labels": torch.from_numpy(self.labels[indices]),
+        }
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {key: value[0] for key, value in self.batch([index]).items()}
@@ -117,22 +141,32 @@ class BaseCache(torch.utils.data.Dataset):
         return batch  # __getitems__ already gave the whole batch
 
 
-def load_cache(folder: str | Path, model, image_size: int, processor=None, dtype: torch.dtype = torch.float16,
-               images: Optional[datasets.Dataset] = None) -> BaseCache:
+def load_cache(
+    folder: str | Path,
+    model,
+    image_size: int,
+    processor=None,
+    dtype: torch.dtype = torch.float16,
+    images: datasets.Dataset | None = None,
+) -> BaseCache:
     """A cache built for this backbone, image size, processor, dtype (and ``images``, when given), memory-mapped, or
     a clear error."""
     folder = Path(folder)
     if not (folder / INFO).is_file():
-        raise InputError(f"{folder} is not a base-activation cache (no {INFO}): build one with build_cache "
-                         "(train.py --cache_base FOLDER builds it when the folder does not exist).")
+        raise InputError(
+            f"{folder} is not a base-activation cache (no {INFO}): build one with build_cache "
+            "(train.py --cache_base FOLDER builds it when the folder does not exist)."
+        )
     recorded = json.loads((folder / INFO).read_text())
     expected = fingerprint(model, image_size, processor, dtype, images)
     wrong = [key for key in expected if recorded.get(key) != expected[key]]
     if wrong:
-        raise InputError(f"The cache at {folder} was computed with another {', '.join(wrong)} "
-                         f"({', '.join(f'{k}: {recorded.get(k)!s:.16} here {expected[k]!s:.16}' for k in wrong)}): "
-                         "its keys/values would be wrong for this model. Build it again (another folder, or "
-                         "--overwrite).")
+        raise InputError(
+            f"The cache at {folder} was computed with another {', '.join(wrong)} "
+            f"({', '.join(f'{k}: {recorded.get(k)!s:.16} here {expected[k]!s:.16}' for k in wrong)}): "
+            "its keys/values would be wrong for this model. Build it again (another folder, or "
+            "--overwrite)."
+        )
     return BaseCache(folder, recorded["shape"])
 
 

@@ -10,9 +10,26 @@ from .tuner.errors import InputError
 from .tuner.storage import write_text_atomically
 
 # the arguments a checkpoint must share with the run that resumes it
-RUN_DEFINING = ("backbone", "dataset", "image_column", "label_column", "train_size", "image_size", "setting", "m",
-                "optimizer", "lr", "batch_size", "grad_accum", "epochs", "max_steps", "warmup_steps", "grad_clip",
-                "augment", "seed")
+RUN_DEFINING = (
+    "backbone",
+    "dataset",
+    "image_column",
+    "label_column",
+    "train_size",
+    "image_size",
+    "setting",
+    "m",
+    "optimizer",
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "epochs",
+    "max_steps",
+    "warmup_steps",
+    "grad_clip",
+    "augment",
+    "seed",
+)
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -40,13 +57,16 @@ def resume(accelerator, args, output_dir: Path) -> tuple[int, int, int]:
     try:
         accelerator.load_state(str(checkpoint))
     except (RuntimeError, KeyError, FileNotFoundError) as exc:
-        raise InputError(f"--resume: {checkpoint} does not fit this model ({str(exc).splitlines()[0]}). Resume with "
-                         "the same arguments, or start over with --overwrite.") from None
+        raise InputError(
+            f"--resume: {checkpoint} does not fit this model ({str(exc).splitlines()[0]}). Resume with "
+            "the same arguments, or start over with --overwrite."
+        ) from None
     step = progress["step"]
     if accelerator.is_main_process:  # the log keeps only what the resumed state has seen
         log = output_dir / "metrics.jsonl"
-        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step] \
-            if log.exists() else []
+        kept = (
+            [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step] if log.exists() else []
+        )
         write_text_atomically(log, "".join(f"{line}\n" for line in kept))
     accelerator.print(f"resumed from {checkpoint} at step {step}")
     return step, progress["epoch"], progress["batches_done"]

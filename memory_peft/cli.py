@@ -1,11 +1,11 @@
 """The ``memory-peft`` command: train, evaluate, merge, split, inspect, export.
 
-    memory-peft train --setting memory --m 5 --output_dir outputs/cifar
-    memory-peft evaluate outputs/cifar/adapter --dataset ../shared/data/cifar10
-    memory-peft merge cifar=outputs/cifar/adapter fashion=user/fashion-memory --output outputs/merged
-    memory-peft split outputs/merged --output outputs/single
-    memory-peft inspect outputs/merged
-    memory-peft export outputs/merged --output model.onnx
+memory-peft train --setting memory --m 5 --output_dir outputs/cifar
+memory-peft evaluate outputs/cifar/adapter --dataset ../shared/data/cifar10
+memory-peft merge cifar=outputs/cifar/adapter fashion=user/fashion-memory --output outputs/merged
+memory-peft split outputs/merged --output outputs/single
+memory-peft inspect outputs/merged
+memory-peft export outputs/merged --output model.onnx
 """
 
 from __future__ import annotations
@@ -23,22 +23,33 @@ PROG = "memory-peft"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("train", help="train an adapter or a fine-tune setting (all options: train --help)",
-                        add_help=False)
+    commands.add_parser(
+        "train", help="train an adapter or a fine-tune setting (all options: train --help)", add_help=False
+    )
 
     evaluate = commands.add_parser("evaluate", help="top-1/top-5 accuracy of an adapter or of each task of an artifact")
     evaluate.add_argument("source", help="adapter or merged artifact: local folder or Hub id")
     evaluate.add_argument("--backbone", default=None, help="default: the adapter's base_model_name_or_path")
-    evaluate.add_argument("--dataset", action="append", default=None, metavar="[TASK=]DATASET",
-                          help="Hub id or local folder in Hub layout; TASK=DATASET for one task (default: the dataset "
-                               "each task was trained on, as recorded in its config)")
+    evaluate.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        metavar="[TASK=]DATASET",
+        help="Hub id or local folder in Hub layout; TASK=DATASET for one task (default: the dataset "
+        "each task was trained on, as recorded in its config)",
+    )
     evaluate.add_argument("--task", action="append", default=None, help="artifact tasks to evaluate (default: all)")
-    evaluate.add_argument("--eval_size", type=int, default=0,
-                          help="score a seeded subset of this many images (0: the whole split; on 2 CPU cores CIFAR-10's "
-                               "10,000 test images take ~2 min per task at 98 px, ~10 min at 224 px)")
+    evaluate.add_argument(
+        "--eval_size",
+        type=int,
+        default=0,
+        help="score a seeded subset of this many images (0: the whole split; on 2 CPU cores CIFAR-10's "
+        "10,000 test images take ~2 min per task at 98 px, ~10 min at 224 px)",
+    )
     evaluate.add_argument("--image_size", type=int, default=None, help="default: the adapter's training size")
     evaluate.add_argument("--batch_size", type=int, default=32)
     evaluate.add_argument("--image_column", default=None)
@@ -54,17 +65,29 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--output", required=True, help="folder that gets one adapter folder per task")
     split.add_argument("--overwrite", action="store_true")
 
-    export = commands.add_parser("export", help="the adapter(s) as one ONNX graph, task names and labels in its metadata")
+    export = commands.add_parser(
+        "export", help="the adapter(s) as one ONNX graph, task names and labels in its metadata"
+    )
     export.add_argument("source", help="adapter or merged artifact: local folder or Hub id")
-    export.add_argument("--output", required=True, help=".onnx file to write (replaced only once the new one is complete)")
+    export.add_argument(
+        "--output", required=True, help=".onnx file to write (replaced only once the new one is complete)"
+    )
     export.add_argument("--backbone", default=None, help="default: the adapter's base_model_name_or_path")
     export.add_argument("--task", action="append", default=None, help="artifact tasks to export (default: all)")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     batch = export.add_mutually_exclusive_group()
-    batch.add_argument("--static-batch", type=int, default=None, metavar="N",
-                       help="a graph for batches of exactly N images (default: any batch size)")
-    batch.add_argument("--dynamic-batch", action="store_true",
-                       help="any batch size: now the default, still accepted for scripts that pass it")
+    batch.add_argument(
+        "--static-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a graph for batches of exactly N images (default: any batch size)",
+    )
+    batch.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="any batch size: now the default, still accepted for scripts that pass it",
+    )
     export.add_argument("--image-size", type=int, default=None, help="default: the adapters' training size")
     export.add_argument("--overwrite", action="store_true")
 
@@ -96,17 +119,23 @@ def inspect(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     backbone = info["backbone"] or {}
-    print(f"{info['source']}: {info['kind']} on {info['base_model']} "
-          f"(hidden {backbone.get('hidden_size')}, {backbone.get('num_layers')} layers, "
-          f"patch {backbone.get('patch_size')})")
-    print("| task | mode | m | layers | classes | trained at | parameters | size on disk |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print(
+        f"{info['source']}: {info['kind']} on {info['base_model']} "
+        f"(hidden {backbone.get('hidden_size')}, {backbone.get('num_layers')} layers, "
+        f"patch {backbone.get('patch_size')})"
+    )
+    print(
+        "| task | mode | m | layers | classes | trained at | parameters | size on disk |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     for row in info["tasks"]:
         labels = row["labels"] or []
         named = f" ({', '.join(labels[:5])}{', ...' if len(labels) > 5 else ''})" if labels else ""
         size = f"{row['image_size']} px" if row["image_size"] else "?"
-        print(f"| {row['task']} | {row['mode']} | {row['m']} | {row['layers']} | {row['classes']}{named} | {size} | "
-              f"{row['parameters']:,} | {row['bytes'] / 1e6:.3f} MB |")
+        print(
+            f"| {row['task']} | {row['mode']} | {row['m']} | {row['layers']} | {row['classes']}{named} | {size} | "
+            f"{row['parameters']:,} | {row['bytes'] / 1e6:.3f} MB |"
+        )
     total = sum(r["parameters"] for r in info["tasks"])
     print(f"{len(info['tasks'])} task(s), {total:,} parameters, {sum(r['bytes'] for r in info['tasks']) / 1e6:.3f} MB")
     return 0
@@ -125,8 +154,15 @@ def export(args) -> int:
     model, backbone_id = load_source(args.source, args.backbone, args.task)
     # the processor of the backbone the model runs on (--backbone when given): its normalisation goes into the metadata
     processor = image_processor(backbone_id, args.image_size or served_image_size(model)) if args.backbone else None
-    path = export_onnx(model, output, image_size=args.image_size, batch_size=args.static_batch or 1,
-                       dynamic_batch=args.static_batch is None, opset=args.opset, image_processor=processor)
+    path = export_onnx(
+        model,
+        output,
+        image_size=args.image_size,
+        batch_size=args.static_batch or 1,
+        dynamic_batch=args.static_batch is None,
+        opset=args.opset,
+        image_processor=processor,
+    )
     tasks = model.base_model.active_adapters
     print(f"exported {len(tasks)} task(s) {tasks} to {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
@@ -166,8 +202,9 @@ def evaluate(args) -> int:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     report = {}
     for dataset in dict.fromkeys(datasets.values()):  # each dataset loaded once, for the tasks trained on it
-        data = load_image_data(dataset, args.image_column, args.label_column, train_size=1,
-                               eval_size=args.eval_size or None)
+        data = load_image_data(
+            dataset, args.image_column, args.label_column, train_size=1, eval_size=args.eval_size or None
+        )
         for task in [t for t in tasks if datasets[t] == dataset]:
             config = model.peft_config[task]
             check_classes(task, config, data)
@@ -179,8 +216,11 @@ def evaluate(args) -> int:
             scores = evaluate_model(model, loader, accelerator, progress=f"{task} ({len(data.eval)} images)")
             report[task] = {"dataset": dataset, "examples": len(data.eval), "image_size": size, "accuracy": scores}
             summary = ", ".join(f"{name} {100 * value:.2f}%" for name, value in scores.items())
-            print(f"{task}: {summary} on {len(data.eval)} images of {dataset} ({time.time() - started:.0f} s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{task}: {summary} on {len(data.eval)} images of {dataset} ({time.time() - started:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     print(json.dumps(report, indent=2))
     return 0
 
@@ -199,19 +239,24 @@ def task_datasets(info: dict, tasks: list[str], given: list[str]) -> dict[str, s
     chosen = {t: per_task.get(t) or (for_all[0] if for_all else known[t].get("dataset")) for t in tasks}
     missing = [t for t, d in chosen.items() if not d]
     if missing:
-        raise InputError(f"Task(s) {missing} record no training dataset (adapters saved before memory-peft recorded "
-                         "it): pass --dataset PATH_OR_HUB_ID, or --dataset TASK=PATH_OR_HUB_ID per task.")
+        raise InputError(
+            f"Task(s) {missing} record no training dataset (adapters saved before memory-peft recorded "
+            "it): pass --dataset PATH_OR_HUB_ID, or --dataset TASK=PATH_OR_HUB_ID per task."
+        )
     return chosen
 
 
 def check_classes(task: str, config, data) -> None:
     """The dataset must have the task's classes: same count, and the same names where both record them."""
-    if data.num_labels != config.num_labels or (config.label_names and data.label_names
-                                                and list(config.label_names) != list(data.label_names)):
+    if data.num_labels != config.num_labels or (
+        config.label_names and data.label_names and list(config.label_names) != list(data.label_names)
+    ):
         names = f" ({config.label_names[:5]}...)" if config.label_names else ""
-        raise InputError(f"Task '{task}' classifies {config.num_labels} classes{names}, but the dataset has "
-                         f"{data.num_labels} ({(data.label_names or [])[:5]}...): score it on its own dataset "
-                         f"(--dataset {task}=PATH_OR_HUB_ID).")
+        raise InputError(
+            f"Task '{task}' classifies {config.num_labels} classes{names}, but the dataset has "
+            f"{data.num_labels} ({(data.label_names or [])[:5]}...): score it on its own dataset "
+            f"(--dataset {task}=PATH_OR_HUB_ID)."
+        )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import datasets
 import torch
@@ -26,7 +25,7 @@ class ImageData:
         return len(self.label_names)
 
 
-def _find_column(split: datasets.Dataset, wanted: Optional[str], kind: type, fallbacks: tuple[str, ...], what: str):
+def _find_column(split: datasets.Dataset, wanted: str | None, kind: type, fallbacks: tuple[str, ...], what: str):
     columns = split.column_names
     if wanted is not None:
         if wanted not in columns:
@@ -43,10 +42,10 @@ def _find_column(split: datasets.Dataset, wanted: Optional[str], kind: type, fal
 
 def load_image_data(
     dataset: str,
-    image_column: Optional[str] = None,
-    label_column: Optional[str] = None,
-    train_size: Optional[int] = None,
-    eval_size: Optional[int] = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    train_size: int | None = None,
+    eval_size: int | None = None,
     seed: int = 0,
 ) -> ImageData:
     """Load train and eval splits (eval: test, else validation); subsets are a seeded shuffle of each split."""
@@ -56,8 +55,10 @@ def load_image_data(
         with from_hub(dataset, "dataset"):
             splits = datasets.load_dataset(dataset)
     except FileNotFoundError as exc:
-        raise InputError(f"Dataset {dataset!r} was not found: give a Hub id or a local folder in Hub layout "
-                         f"({str(exc).splitlines()[0]}).") from None
+        raise InputError(
+            f"Dataset {dataset!r} was not found: give a Hub id or a local folder in Hub layout "
+            f"({str(exc).splitlines()[0]})."
+        ) from None
     except ValueError as exc:
         if "corresponds to no data" not in str(exc):
             raise
@@ -98,8 +99,7 @@ def image_processor(backbone: str, image_size: int):
     except OSError as exc:
         if isinstance(exc, MemoryPeftError):
             raise
-        raise InputError(f"The image processor of {backbone} could not be loaded: {str(exc).splitlines()[0]}") \
-            from None
+        raise InputError(f"The image processor of {backbone} could not be loaded: {str(exc).splitlines()[0]}") from None
     return resized(processor, image_size)
 
 

@@ -7,7 +7,7 @@ below are deterministic, so they can be compared (and tested) on any machine.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from peft import PeftModel
@@ -27,8 +26,8 @@ from torch import nn
 from .sources import base_image_processor, served_image_size
 from .tuner.errors import InputError
 from .tuner.model import MemoryTokenModel
-from .tuner.storage import write_file_atomically
 from .tuner.multitask import activate
+from .tuner.storage import write_file_atomically
 
 INPUT = "pixel_values"
 METADATA_PREFIX = "memory_peft."
@@ -47,22 +46,30 @@ class TaskLogits(nn.Module):
         return tuple(task.logits for task in output.tasks.values())
 
 
-def exportable(model: PeftModel, tasks: Optional[list[str]] = None,
-               image_size: Optional[int] = None) -> tuple[TaskLogits, list[str], int]:
+def exportable(
+    model: PeftModel, tasks: list[str] | None = None, image_size: int | None = None
+) -> tuple[TaskLogits, list[str], int]:
     """Check what is exported and prepare it: (module, task names, image size). ``tasks`` activates these adapters
     (default: the active ones); they run together only if all use masked attention, or if there is one."""
     if not isinstance(model, PeftModel) or not isinstance(model.base_model, MemoryTokenModel):
-        raise InputError(f"export takes a PeftModel with memory adapters (get_peft_model / PeftModel.from_pretrained / "
-                         f"memory_peft.load_adapters), got {type(model).__name__}"
-                         f"{'' if not isinstance(model, PeftModel) else ' of another peft method'}.")
+        raise InputError(
+            f"export takes a PeftModel with memory adapters (get_peft_model / PeftModel.from_pretrained / "
+            f"memory_peft.load_adapters), got {type(model).__name__}"
+            f"{'' if not isinstance(model, PeftModel) else ' of another peft method'}."
+        )
     if tasks:
         activate(model, tasks)  # refuses a mix of full-attention and masked adapters, naming them
     size = image_size or served_image_size(model)  # a size given overrides what the adapters were trained at
     return TaskLogits(model).eval(), list(model.base_model.active_adapters), size
 
 
-def export_program(model: PeftModel, tasks: Optional[list[str]] = None, image_size: Optional[int] = None,
-                   batch_size: int = 1, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+def export_program(
+    model: PeftModel,
+    tasks: list[str] | None = None,
+    image_size: int | None = None,
+    batch_size: int = 1,
+    dynamic_batch: bool = True,
+) -> torch.export.ExportedProgram:
     """``torch.export`` of the active adapters' forward: one graph, no breaks, per-task logits as outputs. The batch
     axis is dynamic (as optimum's exports are); ``dynamic_batch=False`` fixes it at ``batch_size``."""
     module, _, size = exportable(model, tasks, image_size)
@@ -71,9 +78,16 @@ def export_program(model: PeftModel, tasks: Optional[list[str]] = None, image_si
         return torch.export.export(module, (pixels,), dynamic_shapes=_dynamic(dynamic_batch))
 
 
-def export_onnx(model: PeftModel, path: str | os.PathLike, tasks: Optional[list[str]] = None,
-                image_size: Optional[int] = None, batch_size: int = 1, dynamic_batch: bool = True,
-                opset: Optional[int] = None, image_processor=None) -> Path:
+def export_onnx(
+    model: PeftModel,
+    path: str | os.PathLike,
+    tasks: list[str] | None = None,
+    image_size: int | None = None,
+    batch_size: int = 1,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    image_processor=None,
+) -> Path:
     """Write the active adapters (or ``tasks``) as one ONNX graph at ``path`` (atomically: an existing file stays
     until the new one is complete). Input ``pixel_values`` (batch, channels, size, size), normalised as the base
     model's image processor does (or ``image_processor``'s), any batch size (``dynamic_batch=False``: ``batch_size``
@@ -89,8 +103,16 @@ def export_onnx(model: PeftModel, path: str | os.PathLike, tasks: Optional[list[
     if path.is_dir():
         raise InputError(f"{path} is a folder: give the path of the .onnx file to write.")
     with torch.no_grad():
-        program = torch.onnx.export(module, (pixels,), dynamo=True, input_names=[INPUT], output_names=names,
-                                    dynamic_shapes=_dynamic(dynamic_batch), opset_version=opset, verbose=False)
+        program = torch.onnx.export(
+            module,
+            (pixels,),
+            dynamo=True,
+            input_names=[INPUT],
+            output_names=names,
+            dynamic_shapes=_dynamic(dynamic_batch),
+            opset_version=opset,
+            verbose=False,
+        )
     proto = program.model_proto
     for key, value in _metadata(model, names, size, processor).items():
         proto.metadata_props.add(key=METADATA_PREFIX + key, value=value)
@@ -102,19 +124,27 @@ def read_metadata(path: str | os.PathLike) -> dict:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    return {prop.key[len(METADATA_PREFIX):]: json.loads(prop.value) for prop in proto.metadata_props
-            if prop.key.startswith(METADATA_PREFIX)}
+    return {
+        prop.key[len(METADATA_PREFIX) :]: json.loads(prop.value)
+        for prop in proto.metadata_props
+        if prop.key.startswith(METADATA_PREFIX)
+    }
 
 
 def _metadata(model: PeftModel, names: list[str], size: int, processor) -> dict[str, str]:
     configs = [model.peft_config[t] for t in names]
     labels = {t: c.class_names() for t, c in zip(names, configs)}
-    values = {"tasks": names, "labels": labels, "image_size": size,
-              "image_mean": list(processor.image_mean), "image_std": list(processor.image_std),
-              "rescale_factor": getattr(processor, "rescale_factor", 1 / 255),
-              # PIL's resampling filter of the processor's resize (2: bilinear, ViT's): a server must resize the same way
-              "resample": int(getattr(processor, "resample", None) or 2),
-              "base_model": configs[0].base_model_name_or_path}
+    values = {
+        "tasks": names,
+        "labels": labels,
+        "image_size": size,
+        "image_mean": list(processor.image_mean),
+        "image_std": list(processor.image_std),
+        "rescale_factor": getattr(processor, "rescale_factor", 1 / 255),
+        # PIL's resampling filter of the processor's resize (2: bilinear, ViT's): a server must resize the same way
+        "resample": int(getattr(processor, "resample", None) or 2),
+        "base_model": configs[0].base_model_name_or_path,
+    }
     return {key: json.dumps(value) for key, value in values.items()}
 
 

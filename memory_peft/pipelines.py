@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 
-
 from peft import PeftModel
 from transformers import AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY, ImageClassificationPipeline
@@ -56,22 +55,26 @@ class MemoryImageClassificationPipeline(ImageClassificationPipeline):
 
     def postprocess(self, model_outputs, function_to_apply=None, top_k=5):
         if function_to_apply not in (None, "softmax", "default"):
-            raise InputError(f"function_to_apply={function_to_apply!r}: memory adapters' heads are single-label "
-                             "classifiers, scored with a softmax.")
+            raise InputError(
+                f"function_to_apply={function_to_apply!r}: memory adapters' heads are single-label "
+                "classifiers, scored with a softmax."
+            )
         ranked = {}
         for task in self.tasks:
             scores = model_outputs[_LOGITS + task][0].float().softmax(-1)
             top = scores.topk(min(top_k, scores.shape[-1]))
-            ranked[task] = [{"label": self.labels[task][i], "score": p}
-                            for p, i in zip(top.values.tolist(), top.indices.tolist())]
+            ranked[task] = [
+                {"label": self.labels[task][i], "score": p} for p, i in zip(top.values.tolist(), top.indices.tolist())
+            ]
         return ranked[self.tasks[0]] if len(self.tasks) == 1 else ranked
 
 
 def register() -> None:
     """Make ``transformers.pipeline("memory-image-classification", model=peft_model)`` build this pipeline."""
     if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
-        PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=MemoryImageClassificationPipeline,
-                                            pt_model=AutoModel, type="image")
+        PIPELINE_REGISTRY.register_pipeline(
+            TASK, pipeline_class=MemoryImageClassificationPipeline, pt_model=AutoModel, type="image"
+        )
 
 
 __all__ = ["MemoryImageClassificationPipeline", "TASK", "register"]

@@ -4,7 +4,7 @@ paper table and the benchmarks all use it)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -14,7 +14,10 @@ from .tuner.errors import InputError
 
 MOMENTUM = 0.9
 GRAD_CLIP = 1.0
-OPTIMIZERS = ("sgd", "adamw")  # sgd: the paper's; adamw: torch's defaults without weight decay, as transformers' Trainer
+OPTIMIZERS = (
+    "sgd",
+    "adamw",
+)  # sgd: the paper's; adamw: torch's defaults without weight decay, as transformers' Trainer
 # the training script's LR when none is given: sgd's is the main job's (memory m=5, 124 steps); adamw's is the LR the
 # masked study's validation chose for full-attention memory m=5 (benchmarks/results_masked_study.md)
 DEFAULT_LR = {"sgd": 0.1, "adamw": 0.003}
@@ -27,8 +30,14 @@ class Recipe(NamedTuple):
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
 
-def paper_recipe(model: nn.Module, lr: float, warmup_steps: int, total_steps: int,
-                 head_lr: Optional[float] = None, optimizer: str = "sgd") -> Recipe:
+def paper_recipe(
+    model: nn.Module,
+    lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    head_lr: float | None = None,
+    optimizer: str = "sgd",
+) -> Recipe:
     """SGD (momentum 0.9; ``optimizer="adamw"``: AdamW, betas 0.9/0.999, no weight decay) over the parameters that
     require gradients, with a cosine schedule of ``total_steps`` after ``warmup_steps`` of linear warmup (steps as the
     scheduler is stepped: under accelerate, once per process and optimizer step).
@@ -38,17 +47,24 @@ def paper_recipe(model: nn.Module, lr: float, warmup_steps: int, total_steps: in
     the frozen-feature probe hardly follows the features that memory moves."""
     if optimizer not in OPTIMIZERS:
         raise InputError(f"Unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}.")
-    make = (lambda params: torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)) if optimizer == "sgd" else \
-        (lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
+    make = (
+        (lambda params: torch.optim.SGD(params, lr=lr, momentum=MOMENTUM))
+        if optimizer == "sgd"
+        else (lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     if head_lr is None:
         optimizer = make(trainable)
     else:
         heads = {id(p) for name, p in model.named_parameters() if p.requires_grad and HEAD in name.split(".")}
         if not heads:
-            raise InputError("head_lr was given, but the model has no trainable task head (memory_head): nothing "
-                             "would use it. Leave head_lr out, or train a memory-peft model.")
-        groups = [{"params": [p for p in trainable if id(p) not in heads], "lr": lr},
-                  {"params": [p for p in trainable if id(p) in heads], "lr": head_lr}]
+            raise InputError(
+                "head_lr was given, but the model has no trainable task head (memory_head): nothing "
+                "would use it. Leave head_lr out, or train a memory-peft model."
+            )
+        groups = [
+            {"params": [p for p in trainable if id(p) not in heads], "lr": lr},
+            {"params": [p for p in trainable if id(p) in heads], "lr": head_lr},
+        ]
         optimizer = make([g for g in groups if g["params"]])
     return Recipe(trainable, optimizer, get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps))

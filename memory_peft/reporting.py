@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from importlib.metadata import version
 import os
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .tuner.errors import InputError
 
+
 def describe(source: str) -> dict:
     """Per task: its config, parameter count and file size, read from the safetensors headers only."""
     from safetensors import safe_open
@@ -25,15 +26,30 @@ def describe(source: str) -> dict:
         with safe_open(str(weights), "pt") as f:
             shapes = [f.get_slice(k).get_shape() for k in f.keys()]
         parameters = sum(math.prod(s) for s in shapes)
-        rows.append({"task": task or "default", "mode": config["mode"], "m": config["m"],
-                     "layers": config.get("layers") or "all", "classes": config["num_labels"],
-                     "extends": config.get("extends"), "top_k": config.get("top_k"), "parameters": parameters,
-                     "image_size": config.get("image_size"), "labels": config.get("label_names"),
-                     "dataset": config.get("dataset"),
-                     "bytes": weights.stat().st_size + adapter_file(source, "adapter_config.json", task).stat().st_size})
+        rows.append(
+            {
+                "task": task or "default",
+                "mode": config["mode"],
+                "m": config["m"],
+                "layers": config.get("layers") or "all",
+                "classes": config["num_labels"],
+                "extends": config.get("extends"),
+                "top_k": config.get("top_k"),
+                "parameters": parameters,
+                "image_size": config.get("image_size"),
+                "labels": config.get("label_names"),
+                "dataset": config.get("dataset"),
+                "bytes": weights.stat().st_size + adapter_file(source, "adapter_config.json", task).stat().st_size,
+            }
+        )
     base = config.get("base_model_name_or_path")
-    return {"source": source, "kind": "multi-task artifact" if is_artifact else "adapter", "base_model": base,
-            "backbone": config.get("backbone"), "tasks": rows}
+    return {
+        "source": source,
+        "kind": "multi-task artifact" if is_artifact else "adapter",
+        "base_model": base,
+        "backbone": config.get("backbone"),
+        "tasks": rows,
+    }
 
 
 def _hub_has(repo_id: str, filename: str) -> bool:
@@ -57,8 +73,9 @@ def named_sources(items: list[str], usage: str) -> dict[str, str]:
         if not sep or not name or not path:
             raise InputError(f"{usage}, got {item!r}.")
         if name in named:
-            raise InputError(f"Task name {name!r} is given twice ({named[name]!r} and {path!r}): each task needs a "
-                             "name of its own.")
+            raise InputError(
+                f"Task name {name!r} is given twice ({named[name]!r} and {path!r}): each task needs a name of its own."
+            )
         named[name] = path
     return named
 
@@ -75,8 +92,11 @@ def load_source(source: str, backbone=None, tasks=None):
     if not backbone_id:
         raise InputError(f"{source} does not name its base model; pass --backbone.")
     base = load_backbone(backbone_id)
-    model = load_adapters(base, {"default": source}) if info["kind"] == "adapter" else \
-        load_multitask(base, source, tasks or [row["task"] for row in info["tasks"]])
+    model = (
+        load_adapters(base, {"default": source})
+        if info["kind"] == "adapter"
+        else load_multitask(base, source, tasks or [row["task"] for row in info["tasks"]])
+    )
     return model.eval(), backbone_id
 
 
@@ -88,8 +108,10 @@ def served_image_size(model) -> int:
         raise InputError("The model has no active adapter: activate one or more with memory_peft.activate.")
     sizes = {model.peft_config[name].image_size for name in names}
     if len(sizes) > 1:
-        raise InputError(f"The active adapters were trained at different image sizes {sorted(sizes, key=str)}: one "
-                         "forward takes one size, so serve or export them separately (or choose the size).")
+        raise InputError(
+            f"The active adapters were trained at different image sizes {sorted(sizes, key=str)}: one "
+            "forward takes one size, so serve or export them separately (or choose the size)."
+        )
     return sizes.pop() or model.base_model.model.config.image_size
 
 
@@ -99,6 +121,8 @@ def base_image_processor(model, size: int):
 
     base = model.peft_config[model.base_model.active_adapters[0]].base_model_name_or_path
     if not base:
-        raise InputError("The adapters do not name their base model, whose image processor gives the resizing and "
-                         "normalisation: pass image_processor=... (on the command line, --backbone).")
+        raise InputError(
+            "The adapters do not name their base model, whose image processor gives the resizing and "
+            "normalisation: pass image_processor=... (on the command line, --backbone)."
+        )
     return image_processor(base, size)

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 
 class SweepResult(NamedTuple):
@@ -13,9 +14,14 @@ class SweepResult(NamedTuple):
     stopped_by: str  # "interior", or which bound ended the extension: "lower bound", "upper bound", "extensions"
 
 
-def sweep_learning_rate(train_one: Callable[[float], Any], score: Callable[[Any], float], grid: list[float],
-                        factor: float = 3.0, bounds: tuple[float, float] = (1e-5, 30.0),
-                        max_extensions: int = 4) -> SweepResult:
+def sweep_learning_rate(
+    train_one: Callable[[float], Any],
+    score: Callable[[Any], float],
+    grid: list[float],
+    factor: float = 3.0,
+    bounds: tuple[float, float] = (1e-5, 30.0),
+    max_extensions: int = 4,
+) -> SweepResult:
     """Train at every LR of ``grid``, then, while the best validation score is at the lowest (highest) LR tried,
     also try that LR / ``factor`` (x ``factor``) within ``bounds``, at most ``max_extensions`` times. Ties keep the
     LR tried first. Only the best model is kept in memory."""

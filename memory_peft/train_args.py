@@ -27,7 +27,8 @@ from .settings import SETTINGS
 from .tuner.errors import InputError, OutputExistsError
 
 
-def parse_args(argv=None, prog=None):
+def build_parser(prog=None) -> argparse.ArgumentParser:
+    """The training command's options (also rendered into the docs' command-line reference)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default=None, help="Hub id or local folder of a ViT (default: bundled ViT-S/14)")
     p.add_argument("--dataset", default=None, help="Hub id or local folder in Hub layout (default: CIFAR-10)")
@@ -36,14 +37,23 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--train_size", type=int, default=2000, help="train subset (0: all)")
     p.add_argument("--eval_size", type=int, default=1000, help="eval subset (0: all)")
     p.add_argument("--image_size", type=int, default=98, help="square input size; multiple of the patch size")
-    p.add_argument("--setting", default=None, choices=sorted(SETTINGS), help="the paper's fine-tune setting "
-                   "(default: memory)")
+    p.add_argument(
+        "--setting", default=None, choices=sorted(SETTINGS), help="the paper's fine-tune setting (default: memory)"
+    )
     p.add_argument("--mode", default=None, choices=sorted(SETTINGS), help="deprecated: the old name of --setting")
     p.add_argument("--m", type=int, default=5, help="memory tokens per layer")
-    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
-                   help="sgd: the paper's (momentum 0.9); adamw: what peft's LoRA users train with (no weight decay)")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"default: {', '.join(f'{lr:g} for {name}' for name, lr in DEFAULT_LR.items())}")
+    p.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=OPTIMIZERS,
+        help="sgd: the paper's (momentum 0.9); adamw: what peft's LoRA users train with (no weight decay)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"default: {', '.join(f'{lr:g} for {name}' for name, lr in DEFAULT_LR.items())}",
+    )
     p.add_argument("--batch_size", type=int, default=32, help="per process")
     p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--epochs", type=int, default=2)
@@ -51,46 +61,83 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--warmup_steps", type=int, default=10)
     p.add_argument("--grad_clip", type=float, default=GRAD_CLIP)
     p.add_argument("--augment", action="store_true", help="random horizontal flips")
-    p.add_argument("--cache_base", default=None, metavar="FOLDER",
-                   help="memory-masked: train on the base keys/values of the training images, computed once into "
-                        "FOLDER (built when absent; refused if built for another backbone, size, processor or data)")
-    p.add_argument("--cache_dtype", default="float16", choices=["float16", "float32"],
-                   help="precision of the cached keys/values (float16: half the disk of float32)")
+    p.add_argument(
+        "--cache_base",
+        default=None,
+        metavar="FOLDER",
+        help="memory-masked: train on the base keys/values of the training images, computed once into "
+        "FOLDER (built when absent; refused if built for another backbone, size, processor or data)",
+    )
+    p.add_argument(
+        "--cache_dtype",
+        default="float16",
+        choices=["float16", "float32"],
+        help="precision of the cached keys/values (float16: half the disk of float32)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval_every", type=int, default=0, help="steps between evaluations (0: only at the end)")
     p.add_argument("--checkpoint_every", type=int, default=0, help="steps between checkpoints (0: none)")
-    p.add_argument("--log_every", type=int, default=0,
-                   help="steps per logged training loss, the mean over them (0: every step on a CPU, every 10 on an "
-                        "accelerator, where reading the loss makes the host wait for the step)")
-    p.add_argument("--num_workers", type=int, default=-1,
-                   help="DataLoader workers; -1: 4 on GPU, 0 on CPU (workers would take cores from the model)")
+    p.add_argument(
+        "--log_every",
+        type=int,
+        default=0,
+        help="steps per logged training loss, the mean over them (0: every step on a CPU, every 10 on an "
+        "accelerator, where reading the loss makes the host wait for the step)",
+    )
+    p.add_argument(
+        "--num_workers",
+        type=int,
+        default=-1,
+        help="DataLoader workers; -1: 4 on GPU, 0 on CPU (workers would take cores from the model)",
+    )
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's")
-    p.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile the model (inductor, one graph) with this mode; the same as `accelerate launch "
-                        "--dynamo_backend inductor`, which also works")
+    p.add_argument(
+        "--compile",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="torch.compile the model (inductor, one graph) with this mode; the same as `accelerate launch "
+        "--dynamo_backend inductor`, which also works",
+    )
     p.add_argument("--output_dir", default="outputs/train")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in an output_dir that holds an earlier run (its adapter is replaced at the end)")
-    p.add_argument("--stop_after", type=int, default=0,
-                   help="leave after this many optimizer steps in this session (time-sliced jobs; resume later)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output_dir that holds an earlier run (its adapter is replaced at the end)",
+    )
+    p.add_argument(
+        "--stop_after",
+        type=int,
+        default=0,
+        help="leave after this many optimizer steps in this session (time-sliced jobs; resume later)",
+    )
     p.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
     p.add_argument("--private", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None, prog=None):
+    args = build_parser(prog).parse_args(argv)
     if args.log_every < 0:
         raise InputError(f"--log_every {args.log_every}: give a number of steps, or 0 for the default.")
     if args.cache_base and (args.setting or args.mode) != "memory-masked":
-        raise InputError("--cache_base needs --setting memory-masked: only there are the base rows' keys/values "
-                         "functions of the image alone.")
+        raise InputError(
+            "--cache_base needs --setting memory-masked: only there are the base rows' keys/values "
+            "functions of the image alone."
+        )
     if args.cache_base and args.augment:
-        raise InputError("--cache_base caches each training image once, so --augment (random flips) cannot apply: "
-                         "drop one of them.")
+        raise InputError(
+            "--cache_base caches each training image once, so --augment (random flips) cannot apply: drop one of them."
+        )
     if args.mode is not None:
         if args.setting not in (None, args.mode):
             raise InputError(f"--mode {args.mode} and --setting {args.setting} disagree: give --setting only.")
-        warnings.warn("--mode is deprecated and will be removed in the next release: use --setting (the paper's "
-                      "fine-tune setting; 'mode' is an adapter's attention, full or masked).", FutureWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "--mode is deprecated and will be removed in the next release: use --setting (the paper's "
+            "fine-tune setting; 'mode' is an adapter's attention, full or masked).",
+            FutureWarning,
+            stacklevel=2,
+        )
     args.setting = args.setting or args.mode or "memory"
     args.lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
     del args.mode
@@ -119,23 +166,31 @@ def command_line(argv: list[str], prog=None) -> str:
 
 def check_output_dir(args, output_dir: Path) -> None:
     """Before any work: never mix two runs in one folder, and fail on a missing Hub login now, not after training."""
-    earlier = [p.name for p in (output_dir / "adapter", output_dir / "checkpoints", output_dir / "results.json")
-               if p.exists()]
+    earlier = [
+        p.name for p in (output_dir / "adapter", output_dir / "checkpoints", output_dir / "results.json") if p.exists()
+    ]
     if args.resume:
         checkpoints = checkpoint_dirs(output_dir)
         if not checkpoints:
-            raise InputError(f"--resume: no complete checkpoint under {output_dir / 'checkpoints'}; "
-                             "start without --resume.")
+            raise InputError(
+                f"--resume: no complete checkpoint under {output_dir / 'checkpoints'}; start without --resume."
+            )
         checkpoint = checkpoints[-1]
         recorded = json.loads((checkpoint / "progress.json").read_text()).get("run", {})
         now = run_definition(args)
-        differ = [f"--{k} {recorded[k]!r} there, {now[k]!r} now" for k in now if k in recorded and recorded[k] != now[k]]
+        differ = [
+            f"--{k} {recorded[k]!r} there, {now[k]!r} now" for k in now if k in recorded and recorded[k] != now[k]
+        ]
         if differ:
-            raise InputError(f"--resume: {checkpoint} was made by a run with other settings ({'; '.join(differ)}). "
-                             "Resume with the same arguments, or start over with --overwrite.")
+            raise InputError(
+                f"--resume: {checkpoint} was made by a run with other settings ({'; '.join(differ)}). "
+                "Resume with the same arguments, or start over with --overwrite."
+            )
     elif earlier and not args.overwrite:
-        raise OutputExistsError(f"{output_dir} already holds an earlier run ({', '.join(earlier)}): pass --resume to "
-                                "continue it, --overwrite to start over, or choose another --output_dir.")
+        raise OutputExistsError(
+            f"{output_dir} already holds an earlier run ({', '.join(earlier)}): pass --resume to "
+            "continue it, --overwrite to start over, or choose another --output_dir."
+        )
     if args.push_to_hub:
         check_hub_login(args.push_to_hub)
 
@@ -147,9 +202,13 @@ def check_hub_login(repo_id: str) -> None:
     try:
         me = HfApi().whoami()
     except (LocalTokenNotFoundError, HfHubHTTPError) as exc:
-        raise InputError(f"--push_to_hub {repo_id}: not logged in to the Hub ({exc.__class__.__name__}). Run "
-                         "`hf auth login` or set HF_TOKEN before training, or drop --push_to_hub.") from None
+        raise InputError(
+            f"--push_to_hub {repo_id}: not logged in to the Hub ({exc.__class__.__name__}). Run "
+            "`hf auth login` or set HF_TOKEN before training, or drop --push_to_hub."
+        ) from None
     namespaces = {me["name"], *(org["name"] for org in me.get("orgs", []))}
     if "/" in repo_id and repo_id.split("/")[0] not in namespaces:
-        raise InputError(f"--push_to_hub {repo_id}: you are logged in as {me['name']!r}, who can write to "
-                         f"{sorted(namespaces)}, not to {repo_id.split('/')[0]!r}. Use one of those namespaces.")
+        raise InputError(
+            f"--push_to_hub {repo_id}: you are logged in as {me['name']!r}, who can write to "
+            f"{sorted(namespaces)}, not to {repo_id.split('/')[0]!r}. Use one of those namespaces."
+        )

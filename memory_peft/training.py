@@ -18,18 +18,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .assets import default_backbone, default_dataset
-from .tuner.backbone import load_backbone
-from .data import collate, image_processor, image_transform, load_image_data
-from .tuner.errors import InputError, MemoryPeftError
-from .metrics import load_top_k_accuracy
-from .diagnostics import memory_attention_share
-from .recipe import paper_recipe
-from .reporting import JSONLinesTracker, model_card, plot_curves, plot_memory_attention, read_log
 from .cache import INFO, build_cache, load_cache
 from .checkpoints import checkpoint_dirs, resume, save_checkpoint  # noqa: F401  (checkpoint_dirs: re-exported)
+from .data import collate, image_processor, image_transform, load_image_data
+from .diagnostics import memory_attention_share
+from .metrics import load_top_k_accuracy
+from .recipe import paper_recipe
+from .reporting import JSONLinesTracker, model_card, plot_curves, plot_memory_attention, read_log
 from .settings import apply_setting, cast_frozen_weights
-from .tuner.storage import write_atomically, write_text_atomically
 from .train_args import check_output_dir, command_line, parse_args  # noqa: F401  (parse_args: re-exported)
+from .tuner.backbone import load_backbone
+from .tuner.errors import InputError, MemoryPeftError
+from .tuner.storage import write_atomically, write_text_atomically
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 
@@ -103,13 +103,17 @@ def train(args):
         log_with=[JSONLinesTracker("memory-peft", output_dir)],
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        **({"dynamo_plugin": TorchDynamoPlugin(backend="inductor", mode=args.compile, fullgraph=True)}
-           if args.compile else {}),
+        **(
+            {"dynamo_plugin": TorchDynamoPlugin(backend="inductor", mode=args.compile, fullgraph=True)}
+            if args.compile
+            else {}
+        ),
     )
     set_seed(args.seed)
 
-    data = load_image_data(args.dataset, args.image_column, args.label_column, args.train_size or None,
-                           args.eval_size or None, args.seed)
+    data = load_image_data(
+        args.dataset, args.image_column, args.label_column, args.train_size or None, args.eval_size or None, args.seed
+    )
     vit = load_backbone(args.backbone)  # first: it says when the Hub cannot be reached (the processor's loader cannot)
     processor = image_processor(args.backbone, args.image_size)
     train = data.train.with_transform(image_transform(processor, data.image_column, data.label_column, args.augment))
@@ -120,25 +124,41 @@ def train(args):
     eval_loader = DataLoader(evaluation, **loader_args)
 
     recorded = recorded_dataset(args.dataset, given)  # for `evaluate`
-    model = apply_setting(vit, args.setting, num_labels=data.num_labels, m=args.m, label_names=data.label_names,
-                          image_size=args.image_size, dataset=recorded)
+    model = apply_setting(
+        vit,
+        args.setting,
+        num_labels=data.num_labels,
+        m=args.m,
+        label_names=data.label_names,
+        image_size=args.image_size,
+        dataset=recorded,
+    )
     if args.cache_base:  # before any cast: the cache holds what the stored weights compute
         cache = base_cache(args, model, data, processor, accelerator)
-        train_loader = DataLoader(cache, shuffle=True, drop_last=True, batch_size=args.batch_size,
-                                  collate_fn=cache.collate, num_workers=workers)
+        train_loader = DataLoader(
+            cache,
+            shuffle=True,
+            drop_last=True,
+            batch_size=args.batch_size,
+            collate_fn=cache.collate,
+            num_workers=workers,
+        )
     if accelerator.mixed_precision in ("bf16", "fp16"):  # a frozen weight is cast once here, not at every use
         cast_frozen_weights(model, torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
     steps_per_epoch = len(train_loader) // (args.grad_accum * accelerator.num_processes)
     if steps_per_epoch == 0:  # drop_last: not one full optimizer step in the data, and no progress ever
         per_step = args.batch_size * args.grad_accum * accelerator.num_processes
-        raise InputError(f"{len(data.train)} training images make no full optimizer step of {per_step} images "
-                         f"(--batch_size {args.batch_size} x --grad_accum {args.grad_accum} x "
-                         f"{accelerator.num_processes} process(es)): lower --batch_size or raise --train_size.")
+        raise InputError(
+            f"{len(data.train)} training images make no full optimizer step of {per_step} images "
+            f"(--batch_size {args.batch_size} x --grad_accum {args.grad_accum} x "
+            f"{accelerator.num_processes} process(es)): lower --batch_size or raise --train_size."
+        )
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     # accelerate steps a prepared scheduler once per process at each optimizer step: count in those units
     processes = accelerator.num_processes
-    trainable, optimizer, scheduler = paper_recipe(model, args.lr, args.warmup_steps * processes,
-                                                   total_steps * processes, optimizer=args.optimizer)
+    trainable, optimizer, scheduler = paper_recipe(
+        model, args.lr, args.warmup_steps * processes, total_steps * processes, optimizer=args.optimizer
+    )
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
@@ -164,8 +184,11 @@ def train(args):
         batches = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
         for batch in batches:
             with accelerator.accumulate(model):
-                inputs = {"base_keys_values": batch["base_keys_values"]} if args.cache_base else \
-                    {"pixel_values": batch["pixel_values"], "interpolate_pos_encoding": True}
+                inputs = (
+                    {"base_keys_values": batch["base_keys_values"]}
+                    if args.cache_base
+                    else {"pixel_values": batch["pixel_values"], "interpolate_pos_encoding": True}
+                )
                 loss = model(**inputs, labels=batch["labels"]).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.grad_clip > 0:
@@ -219,27 +242,61 @@ def base_cache(args, model, data, processor, accelerator):
     folder, dtype, built = Path(args.cache_base), getattr(torch, args.cache_dtype), None
     if accelerator.is_main_process and not (folder / INFO).exists():
         started = time.time()
-        built = build_cache(model.to(accelerator.device), data.train, image_transform(processor, data.image_column,
-                            data.label_column), folder, args.image_size, processor, args.batch_size, dtype)
-        accelerator.print(f"cached the base keys/values of {len(data.train)} images in {time.time() - started:.0f} s "
-                          f"at {folder}")
+        built = build_cache(
+            model.to(accelerator.device),
+            data.train,
+            image_transform(processor, data.image_column, data.label_column),
+            folder,
+            args.image_size,
+            processor,
+            args.batch_size,
+            dtype,
+        )
+        accelerator.print(
+            f"cached the base keys/values of {len(data.train)} images in {time.time() - started:.0f} s at {folder}"
+        )
     accelerator.wait_for_everyone()
-    return built if built is not None else load_cache(folder, model, args.image_size, processor, dtype,
-                                                      images=data.train)
+    return (
+        built if built is not None else load_cache(folder, model, args.image_size, processor, dtype, images=data.train)
+    )
 
 
 def finish(model, args, data, scores, step, train_seconds, output_dir: Path, shares=None) -> None:
     adapter_dir = output_dir / "adapter"
     command = args.command
-    results = {"setting": args.setting, "m": args.m, "optimizer": args.optimizer, "lr": args.lr, "steps": step, "train_seconds": round(train_seconds, 1),
-               "train_examples": len(data.train), "eval_examples": len(data.eval), "metrics": scores,
-               "backbone": args.backbone, "dataset": args.dataset, "command": command}
+    results = {
+        "setting": args.setting,
+        "m": args.m,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "steps": step,
+        "train_seconds": round(train_seconds, 1),
+        "train_examples": len(data.train),
+        "eval_examples": len(data.eval),
+        "metrics": scores,
+        "backbone": args.backbone,
+        "dataset": args.dataset,
+        "command": command,
+    }
     title = f"memory-peft {args.setting} adapter on {Path(args.dataset).name}"
     plot_curves(read_log(output_dir / "metrics.jsonl"), output_dir / "curves.png", title)
-    card = model_card(TEMPLATE, dict(title=title, base_model=args.backbone, dataset=args.dataset, setting=args.setting,
-                                     m=args.m if "memory" in args.setting else 0, num_labels=data.num_labels,
-                                     image_size=args.image_size, steps=step, eval_examples=len(data.eval),
-                                     metrics=scores, command=command, attention_plot=bool(shares)))
+    card = model_card(
+        TEMPLATE,
+        dict(
+            title=title,
+            base_model=args.backbone,
+            dataset=args.dataset,
+            setting=args.setting,
+            m=args.m if "memory" in args.setting else 0,
+            num_labels=data.num_labels,
+            image_size=args.image_size,
+            steps=step,
+            eval_examples=len(data.eval),
+            metrics=scores,
+            command=command,
+            attention_plot=bool(shares),
+        ),
+    )
 
     def save_with_card(folder):
         model.save_pretrained(folder)
@@ -273,7 +330,8 @@ def push(model, card, repo_id: str, private: bool, adapter_dir: Path) -> None:
         card.push_to_hub(repo_id)
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
-        raise InputError(f"Pushing to the Hub repo {repo_id!r} failed (HTTP {status}: {str(exc).splitlines()[0]}). "
-                         f"The adapter is saved in {adapter_dir}; push it later with "
-                         f"`huggingface_hub.upload_folder(repo_id=..., folder_path='{adapter_dir}')`.") from None
-
+        raise InputError(
+            f"Pushing to the Hub repo {repo_id!r} failed (HTTP {status}: {str(exc).splitlines()[0]}). "
+            f"The adapter is saved in {adapter_dir}; push it later with "
+            f"`huggingface_hub.upload_folder(repo_id=..., folder_path='{adapter_dir}')`."
+        ) from None

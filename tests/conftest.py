@@ -57,7 +57,8 @@ def tiny_vit(seed: int = 0, **overrides):
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(seed)
-    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
-                  patch_size=8)
+    config = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=8
+    )
     config.update(overrides)
     return ViTModel(ViTConfig(**config), add_pooling_layer=False).eval()

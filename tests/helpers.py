@@ -17,17 +17,31 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SHARED, load_real_vit
 from peft import get_peft_model
 from safetensors.torch import load_file
 
-from conftest import ROOT, SHARED, load_real_vit
 from memory_peft import MemoryTokenConfig
 
 IDENTITY_TOLERANCE = 1e-10  # float64: 12 layers of summation-order differences stay near 1e-14
 FP32_RELATIVE_TOLERANCE = 1e-5  # of the largest magnitude: ~100 x float32's epsilon, for a 12-layer stack
 TINY_PIXELS = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # for conftest.tiny_vit
-TRAIN_SCRIPT_TINY = ["--train_size", "48", "--eval_size", "32", "--image_size", "56", "--batch_size", "8",
-                     "--num_workers", "0", "--warmup_steps", "1", "--lr", "0.05"]
+TRAIN_SCRIPT_TINY = [
+    "--train_size",
+    "48",
+    "--eval_size",
+    "32",
+    "--image_size",
+    "56",
+    "--batch_size",
+    "8",
+    "--num_workers",
+    "0",
+    "--warmup_steps",
+    "1",
+    "--lr",
+    "0.05",
+]
 
 
 def assert_identical(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -70,8 +84,11 @@ def randomise_task(model, name, seed):
 
 def memories_of(model, name):
     """{layer index: (m, D) memory} of one adapter."""
-    return {layer.layer_index: layer.memory_tokens[name] for layer in model.base_model.model.layers
-            if name in layer.memory_tokens}
+    return {
+        layer.layer_index: layer.memory_tokens[name]
+        for layer in model.base_model.model.layers
+        if name in layer.memory_tokens
+    }
 
 
 def masked_model(vit, tasks):
@@ -97,7 +114,9 @@ def make_trained_model(vit, **config):
 def save_adapter(vit, path, seed, pixels=TINY_PIXELS, **config):
     """Save a randomised masked adapter on a copy of ``vit`` to ``path``; returns its logits on ``pixels``."""
     torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(**{"mode": "masked", "init_std": 0.5, "num_labels": 2, **config}))
+    model = get_peft_model(
+        copy.deepcopy(vit), MemoryTokenConfig(**{"mode": "masked", "init_std": 0.5, "num_labels": 2, **config})
+    )
     randomise_task(model, "default", seed)
     model.eval().save_pretrained(path)
     with torch.no_grad():
@@ -108,8 +127,14 @@ def train(output_dir, *args, launcher=(sys.executable,), timeout=600):
     """Run examples/train.py on tiny subsets of the bundled CIFAR-10 as a user does; it must succeed."""
     if not (SHARED / "data" / "cifar10").is_dir():
         pytest.skip("bundled CIFAR-10 not found")
-    command = [*launcher, str(ROOT / "examples" / "train.py"), "--output_dir", str(output_dir), *TRAIN_SCRIPT_TINY,
-               *args]
+    command = [
+        *launcher,
+        str(ROOT / "examples" / "train.py"),
+        "--output_dir",
+        str(output_dir),
+        *TRAIN_SCRIPT_TINY,
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -67,8 +67,9 @@ class Handler(BaseHTTPRequestHandler):
             if repo not in self.state.repos:
                 return self._error(404, "Repository not found", "RepoNotFound")
             files = [{"rfilename": name, "size": len(data)} for name, data in self.state.repos[repo].items()]
-            return self._json(200, {"id": repo, "modelId": repo, "sha": self.state.commits[repo], "siblings": files,
-                                    "private": False})
+            return self._json(
+                200, {"id": repo, "modelId": repo, "sha": self.state.commits[repo], "siblings": files, "private": False}
+            )
         return self._resolve()
 
     def do_HEAD(self):
@@ -115,8 +116,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(404, "Repository not found", "RepoNotFound")
         if action == "preupload":
             files = json.loads(body)["files"]
-            return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                              for f in files]})
+            return self._json(
+                200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
         with self.state.lock:
             for line in body.decode().splitlines():
                 item = json.loads(line)
@@ -127,8 +129,7 @@ class Handler(BaseHTTPRequestHandler):
                     self.state.repos[repo].pop(item["value"]["path"], None)
             sha = hashlib.sha1(json.dumps(sorted(self.state.repos[repo])).encode() + body).hexdigest()
             self.state.commits[repo] = sha
-        return self._json(200, {"commitUrl": f"{self.endpoint}/{repo}/commit/{sha}", "commitOid": sha,
-                                "success": True})
+        return self._json(200, {"commitUrl": f"{self.endpoint}/{repo}/commit/{sha}", "commitOid": sha, "success": True})
 
 
 def start_hub() -> tuple[ThreadingHTTPServer, HubState, str]:
@@ -141,8 +142,12 @@ def start_hub() -> tuple[ThreadingHTTPServer, HubState, str]:
 
 
 def hub_env(url, tmp_path, token=TOKEN):
-    env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1",
-           "HF_HUB_DISABLE_XET": "1"}
+    env = {
+        "HF_ENDPOINT": url,
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",
+    }
     if token:
         env["HF_TOKEN"] = token
     return env

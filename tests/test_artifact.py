@@ -5,19 +5,21 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_vit
+from helpers import TINY_PIXELS, save_adapter
 from transformers import ViTConfig, ViTModel
 
-from conftest import tiny_vit
 from memory_peft.artifact import INDEX, load_multitask, merge_adapters, split_artifact
-from helpers import TINY_PIXELS, save_adapter
 
 PIXELS = TINY_PIXELS
 
 
 def test_merge_load_split_round_trip(tmp_path):
     vit = tiny_vit()
-    alone = {name: save_adapter(vit, tmp_path / name, seed, m=m, num_labels=labels)
-             for seed, (name, m, labels) in enumerate([("cifar", 3, 10), ("fashion", 5, 10), ("coarse", 0, 2)])}
+    alone = {
+        name: save_adapter(vit, tmp_path / name, seed, m=m, num_labels=labels)
+        for seed, (name, m, labels) in enumerate([("cifar", 3, 10), ("fashion", 5, 10), ("coarse", 0, 2)])
+    }
     merged = merge_adapters({n: tmp_path / n for n in alone}, tmp_path / "merged")
     index = json.loads((merged / INDEX).read_text())
     assert index["tasks"] == ["cifar", "fashion", "coarse"]
@@ -43,20 +45,35 @@ def test_merge_refuses_bad_combinations(tmp_path):
     vit = tiny_vit()
     save_adapter(vit, tmp_path / "masked", 0, m=2)
     save_adapter(vit, tmp_path / "full", 1, m=2, mode="full")
-    wide = ViTModel(ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                              image_size=16, patch_size=8), add_pooling_layer=False)
+    wide = ViTModel(
+        ViTConfig(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=16,
+            patch_size=8,
+        ),
+        add_pooling_layer=False,
+    )
     save_adapter(wide, tmp_path / "wide", 2, m=2)
     save_adapter(tiny_vit(num_hidden_layers=3), tmp_path / "deep", 3, m=2)
-    with pytest.raises(ValueError, match=r"'full' \(.*full\) uses mode='full'.*Only adapters trained with "
-                                         r"mode='masked' can be merged: retrain it with `memory-peft train --setting "
-                                         r"memory-masked --m 2 --output_dir outputs/full-masked`\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"'full' \(.*full\) uses mode='full'.*Only adapters trained with "
+        r"mode='masked' can be merged: retrain it with `memory-peft train --setting "
+        r"memory-masked --m 2 --output_dir outputs/full-masked`\.$",
+    ):
         merge_adapters({"masked": tmp_path / "masked", "full": tmp_path / "full"}, tmp_path / "out")
     # a training script's adapter: its own command, with the merge-ready setting and a folder of its own
     save_adapter(vit, tmp_path / "run" / "adapter", 1, m=2, mode="full")
     command = "python examples/train.py --setting memory --m 2 --lr 0.1 --output_dir outputs/cifar --overwrite"
     (tmp_path / "run" / "results.json").write_text(json.dumps({"command": command}))
-    with pytest.raises(ValueError, match=r"retrain it with `python examples/train.py --m 2 --lr 0.1 --setting "
-                                         r"memory-masked --output_dir outputs/cifar-masked`\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"retrain it with `python examples/train.py --m 2 --lr 0.1 --setting "
+        r"memory-masked --output_dir outputs/cifar-masked`\.$",
+    ):
         merge_adapters({"masked": tmp_path / "masked", "cifar": tmp_path / "run" / "adapter"}, tmp_path / "out")
     with pytest.raises(ValueError, match=r"different backbones.*'hidden_size': 32.*'hidden_size': 48"):
         merge_adapters({"masked": tmp_path / "masked", "wide": tmp_path / "wide"}, tmp_path / "out")

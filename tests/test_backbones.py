@@ -11,11 +11,20 @@ import copy
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
-from transformers import (CLIPVisionConfig, CLIPVisionModel, DeiTConfig, DeiTModel, Dinov2Config, Dinov2Model,
-                          ViTConfig, ViTForImageClassification, ViTModel)
-
 from helpers import assert_identical, randomise_task
+from peft import PeftModel, get_peft_model
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    DeiTConfig,
+    DeiTModel,
+    Dinov2Config,
+    Dinov2Model,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+
 from memory_peft import MemoryTokenConfig, activate
 from memory_peft.tuner.backbone import describe_backbone
 
@@ -54,7 +63,9 @@ def adapted(base, seed, **config):
     torch.manual_seed(seed)
     if isinstance(base, ViTForImageClassification):  # a new adapter on a classifier takes the classifier's count (7)
         config["num_labels"] = None
-    model = get_peft_model(copy.deepcopy(base), MemoryTokenConfig(**{"init_std": 0.5, "num_labels": 2, **config})).eval()
+    model = get_peft_model(
+        copy.deepcopy(base), MemoryTokenConfig(**{"init_std": 0.5, "num_labels": 2, **config})
+    ).eval()
     randomise_task(model, "default", seed)
     # adapters load into fp32 parameters: keep every value fp32-representable so that save -> load stays exact
     return model.float().double()
@@ -63,7 +74,9 @@ def adapted(base, seed, **config):
 def tuner_parts(model, name="default"):
     tuner = model.base_model
     backbone = describe_backbone(tuner.model)
-    memories = {layer.layer_index: layer.memory_tokens[name] for layer in backbone.layers if name in layer.memory_tokens}
+    memories = {
+        layer.layer_index: layer.memory_tokens[name] for layer in backbone.layers if name in layer.memory_tokens
+    }
     return tuner, backbone, memories
 
 
@@ -106,8 +119,9 @@ def test_masked_adapters_keep_the_base_and_combine_exactly(name, tmp_path):
         tuner, backbone, memories = tuner_parts(model)
         with torch.no_grad():
             alone[task] = model(pixel_values=PIXELS).logits
-            reference = masked_reference(backbone, tuner.memory_class_token["default"], memories,
-                                         tuner.memory_head["default"], PIXELS)
+            reference = masked_reference(
+                backbone, tuner.memory_class_token["default"], memories, tuner.memory_head["default"], PIXELS
+            )
             base_states, _ = tuner.encode(PIXELS, ["default"])
         assert_identical(alone[task], reference)
         assert_identical(base_states, stock)  # the base model is untouched
@@ -143,6 +157,9 @@ def test_unsupported_model_lists_the_supported_ones():
     from transformers import SwinConfig, SwinModel
 
     swin = SwinModel(SwinConfig(embed_dim=8, depths=[1], num_heads=[1], image_size=16, patch_size=4, window_size=2))
-    with pytest.raises(TypeError, match=r"cannot adapt a SwinModel: supported backbones are ViTModel, "
-                                        r"ViTForImageClassification, DeiTModel, Dinov2Model, CLIPVisionModel"):
+    with pytest.raises(
+        TypeError,
+        match=r"cannot adapt a SwinModel: supported backbones are ViTModel, "
+        r"ViTForImageClassification, DeiTModel, Dinov2Model, CLIPVisionModel",
+    ):
         get_peft_model(swin, MemoryTokenConfig(m=1, num_labels=2))

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-
 from conftest import tiny_vit
 from helpers import snapshot
+from peft import LoraConfig, PeftModel, get_peft_model
+
 from memory_peft import MemoryTokenConfig, load_adapters
 from memory_peft.artifact import merge_adapters
 from memory_peft.tuner.errors import AdapterFileError, InputError, MemoryPeftError, OutputExistsError, StorageError
@@ -38,6 +38,7 @@ def edit_config(**changes):
         config = json.loads((folder / "adapter_config.json").read_text())
         config.update(changes)
         (folder / "adapter_config.json").write_text(json.dumps(config))
+
     return edit
 
 
@@ -62,12 +63,19 @@ def test_unsupported_backbone_lists_the_supported_ones():
 
 
 # --- images --------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("pixels, interpolate, message", [
-    (torch.randn(2, 3, 24, 24), False, r"Image size 24x24 differs from the backbone's 16x16: pass interpolate_pos"),
-    (torch.randn(2, 3, 20, 20), True, r"Image size 20x20 is not a multiple of the patch size 8"),
-    (torch.randn(2, 4, 16, 16), False, r"pixel_values has 4 channels; this backbone takes 3 \(or 1 for grayscale\)"),
-    (torch.randn(3, 16, 16), False, r"shape \(batch, channels, height, width\); got \(3, 16, 16\)"),
-])
+@pytest.mark.parametrize(
+    "pixels, interpolate, message",
+    [
+        (torch.randn(2, 3, 24, 24), False, r"Image size 24x24 differs from the backbone's 16x16: pass interpolate_pos"),
+        (torch.randn(2, 3, 20, 20), True, r"Image size 20x20 is not a multiple of the patch size 8"),
+        (
+            torch.randn(2, 4, 16, 16),
+            False,
+            r"pixel_values has 4 channels; this backbone takes 3 \(or 1 for grayscale\)",
+        ),
+        (torch.randn(3, 16, 16), False, r"shape \(batch, channels, height, width\); got \(3, 16, 16\)"),
+    ],
+)
 def test_images_of_the_wrong_shape(adapter, pixels, interpolate, message):
     model, _ = adapter
     with pytest.raises(InputError, match=message):
@@ -78,8 +86,9 @@ def test_grayscale_images_simply_work(adapter):
     model, _ = adapter
     gray = PIXELS[:, :1]
     with torch.no_grad():
-        torch.testing.assert_close(model(pixel_values=gray).logits,
-                                   model(pixel_values=gray.expand(-1, 3, -1, -1)).logits, atol=0, rtol=0)
+        torch.testing.assert_close(
+            model(pixel_values=gray).logits, model(pixel_values=gray.expand(-1, 3, -1, -1)).logits, atol=0, rtol=0
+        )
 
 
 def test_labels_outside_the_head(adapter):
@@ -96,11 +105,14 @@ def test_negative_log_every_is_refused():
 
 
 # --- adapter files -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("overrides, message", [
-    (dict(hidden_size=48), r"different backbone: hidden_size 32 \(this base model: 48\)"),
-    (dict(num_hidden_layers=3), r"different backbone: num_layers 2 \(this base model: 3\)"),
-    (dict(patch_size=4), r"different backbone: patch_size 8 \(this base model: 4\)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(hidden_size=48), r"different backbone: hidden_size 32 \(this base model: 48\)"),
+        (dict(num_hidden_layers=3), r"different backbone: num_layers 2 \(this base model: 3\)"),
+        (dict(patch_size=4), r"different backbone: patch_size 8 \(this base model: 4\)"),
+    ],
+)
 def test_adapter_onto_another_base(adapter, tmp_path, overrides, message):
     _, path = adapter
     before = snapshot(tmp_path)
@@ -119,15 +131,18 @@ def scramble(folder):
     weights.write_bytes(bytes(reversed(weights.read_bytes())))
 
 
-@pytest.mark.parametrize("name, edit, message", [
-    ("missing", lambda f: (f / "adapter_model.safetensors").unlink(), r"adapter_model.safetensors is missing"),
-    ("truncated", truncate, r"adapter_model.safetensors is truncated or corrupted"),
-    ("corrupted", scramble, r"adapter_model.safetensors is truncated or corrupted"),
-    ("unknown_key", edit_config(memory_size=5), r"unknown key\(s\) \['memory_size'\]"),
-    ("wrong_type", edit_config(m="five"), r"MemoryTokenConfig.m must be an int >= 0 .*got 'five'"),
-    ("wrong_flag", edit_config(memory_layernorm="yes"), r"memory_layernorm must be true or false, got 'yes'"),
-    ("wrong_m", edit_config(m=4), r"has 2 memory tokens but adapter_config.json says m=4"),
-])
+@pytest.mark.parametrize(
+    "name, edit, message",
+    [
+        ("missing", lambda f: (f / "adapter_model.safetensors").unlink(), r"adapter_model.safetensors is missing"),
+        ("truncated", truncate, r"adapter_model.safetensors is truncated or corrupted"),
+        ("corrupted", scramble, r"adapter_model.safetensors is truncated or corrupted"),
+        ("unknown_key", edit_config(memory_size=5), r"unknown key\(s\) \['memory_size'\]"),
+        ("wrong_type", edit_config(m="five"), r"MemoryTokenConfig.m must be an int >= 0 .*got 'five'"),
+        ("wrong_flag", edit_config(memory_layernorm="yes"), r"memory_layernorm must be true or false, got 'yes'"),
+        ("wrong_m", edit_config(m=4), r"has 2 memory tokens but adapter_config.json says m=4"),
+    ],
+)
 def test_damaged_adapter_folder(adapter, tmp_path, name, edit, message):
     _, path = adapter
     bad = damaged(path, tmp_path, name, edit)
@@ -154,7 +169,9 @@ def test_config_that_is_not_json_or_not_memory_tokens(adapter, tmp_path):
 
 def test_merging_refuses_other_bases_and_full_attention(adapter, tmp_path):
     _, path = adapter
-    get_peft_model(tiny_vit(hidden_size=48), MemoryTokenConfig(m=2, mode="masked", num_labels=2)).save_pretrained(tmp_path / "wide")
+    get_peft_model(tiny_vit(hidden_size=48), MemoryTokenConfig(m=2, mode="masked", num_labels=2)).save_pretrained(
+        tmp_path / "wide"
+    )
     get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, mode="full", num_labels=2)).save_pretrained(tmp_path / "full")
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "keep.txt").write_text("earlier artifact")
@@ -228,8 +245,11 @@ def test_activate_takes_one_name_as_a_name():
 
 def test_integer_pixels_are_refused_with_a_pointer_to_the_image_processor():
     model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, num_labels=2)).eval()
-    with pytest.raises(ValueError, match=r"pixel_values are torch.uint8: the model takes normalised float images.*"
-                                         r"image processor"):
+    with pytest.raises(
+        ValueError,
+        match=r"pixel_values are torch.uint8: the model takes normalised float images.*"
+        r"image processor",
+    ):
         model(pixel_values=torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8))
 
 

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, SHARED, tiny_vit
 from helpers import save_adapter, snapshot
+
 from memory_peft import load_adapters
 from memory_peft.tuner.errors import InputError
 
@@ -25,8 +25,9 @@ def tiny_dataset(tmp_path_factory):
     image = Image.new("RGB", (16, 16), "red")
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
     for split, n in (("train", 4), ("test", 2)):
-        datasets.Dataset.from_dict({"image": [image] * n, "label": [0, 1] * (n // 2)}, features=features) \
-            .to_parquet(folder / f"{split}.parquet")
+        datasets.Dataset.from_dict({"image": [image] * n, "label": [0, 1] * (n // 2)}, features=features).to_parquet(
+            folder / f"{split}.parquet"
+        )
     return folder
 
 
@@ -42,10 +43,13 @@ def run_train(*args):
     return message
 
 
-@pytest.mark.parametrize("columns, message", [
-    ({"image_column": "photo"}, r"The dataset has no image column 'photo'; its columns are \['image', 'label'\]"),
-    ({"label_column": "class"}, r"The dataset has no label column 'class'; its columns are \['image', 'label'\]"),
-])
+@pytest.mark.parametrize(
+    "columns, message",
+    [
+        ({"image_column": "photo"}, r"The dataset has no image column 'photo'; its columns are \['image', 'label'\]"),
+        ({"label_column": "class"}, r"The dataset has no label column 'class'; its columns are \['image', 'label'\]"),
+    ],
+)
 def test_dataset_without_the_named_column(tiny_dataset, tmp_path, columns, message):
     args = [f"--{key}={value}" for key, value in columns.items()]
     error = run_train("--dataset", tiny_dataset, "--output_dir", tmp_path / "out", *args)
@@ -69,7 +73,9 @@ def test_empty_split(tiny_dataset, tmp_path):
     shutil.copytree(tiny_dataset, tmp_path / "data")
     datasets.load_dataset(str(tiny_dataset), split="test").select([]).to_parquet(tmp_path / "data" / "test.parquet")
     error = run_train("--dataset", tmp_path / "data", "--output_dir", tmp_path / "out")
-    assert re.search(r"A split of dataset '.*data' is empty \(Instruction \"test\" corresponds to no data", error), error
+    assert re.search(r"A split of dataset '.*data' is empty \(Instruction \"test\" corresponds to no data", error), (
+        error
+    )
 
 
 def test_dataset_that_does_not_exist(tmp_path):
@@ -96,31 +102,67 @@ def test_resume_from_a_checkpoint_of_other_settings(tmp_path):
 
     train(tmp_path / "run", "--setting", "memory", "--m", "2", "--max_steps", "3", "--stop_after", "1")
     before = snapshot(tmp_path)
-    error = run_train("--output_dir", tmp_path / "run", "--resume", "--setting", "memory", "--m", "3", "--max_steps", "3",
-                      "--train_size", "48", "--eval_size", "32", "--image_size", "56", "--batch_size", "8",
-                      "--warmup_steps", "1", "--lr", "0.05")
+    error = run_train(
+        "--output_dir",
+        tmp_path / "run",
+        "--resume",
+        "--setting",
+        "memory",
+        "--m",
+        "3",
+        "--max_steps",
+        "3",
+        "--train_size",
+        "48",
+        "--eval_size",
+        "32",
+        "--image_size",
+        "56",
+        "--batch_size",
+        "8",
+        "--warmup_steps",
+        "1",
+        "--lr",
+        "0.05",
+    )
     assert "was made by a run with other settings (--m 2 there, 3 now)" in error
     assert snapshot(tmp_path) == before
 
 
 # --- the Hub -------------------------------------------------------------------------------------------------------
 def hub_train(url, tmp_path, token, repo):
-    from hub_server import TOKEN
-    from hub_server import hub_env
+    from hub_server import TOKEN, hub_env
 
     env = {**os.environ, **hub_env(url, tmp_path, token=TOKEN if token else None)}
     if not token:
         env.pop("HF_TOKEN", None)
-    command = [sys.executable, str(ROOT / "examples" / "train.py"), "--setting", "head", "--max_steps", "1",
-               "--output_dir", str(tmp_path / "run"), "--push_to_hub", repo]
+    command = [
+        sys.executable,
+        str(ROOT / "examples" / "train.py"),
+        "--setting",
+        "head",
+        "--max_steps",
+        "1",
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--push_to_hub",
+        repo,
+    ]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.skipif(not (SHARED / "data" / "cifar10").is_dir(), reason="bundled CIFAR-10 not found")
-@pytest.mark.parametrize("token, repo, message", [
-    (False, "tester/head", "not logged in to the Hub"),
-    (True, "someone-else/head", "you are logged in as 'tester', who can write to ['tester'], not to 'someone-else'"),
-])
+@pytest.mark.parametrize(
+    "token, repo, message",
+    [
+        (False, "tester/head", "not logged in to the Hub"),
+        (
+            True,
+            "someone-else/head",
+            "you are logged in as 'tester', who can write to ['tester'], not to 'someone-else'",
+        ),
+    ],
+)
 def test_push_fails_before_training_with_a_clear_message(tmp_path, token, repo, message):
     from hub_server import start_hub
 
@@ -135,15 +177,22 @@ def test_push_fails_before_training_with_a_clear_message(tmp_path, token, repo, 
 
 
 def test_loading_a_repo_that_does_not_exist(tmp_path):
-    from hub_server import start_hub
-    from hub_server import hub_env
+    from hub_server import hub_env, start_hub
 
     server, _, url = start_hub()
-    code = ("import memory_peft\nfrom conftest import tiny_vit\nfrom peft import PeftModel\n"
-            "PeftModel.from_pretrained(tiny_vit(), 'tester/no-such-adapter')\n")
+    code = (
+        "import memory_peft\nfrom conftest import tiny_vit\nfrom peft import PeftModel\n"
+        "PeftModel.from_pretrained(tiny_vit(), 'tester/no-such-adapter')\n"
+    )
     try:
-        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", capture_output=True, text=True,
-                                env={**os.environ, **hub_env(url, tmp_path, token=None)}, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT / "tests",
+            capture_output=True,
+            text=True,
+            env={**os.environ, **hub_env(url, tmp_path, token=None)},
+            timeout=300,
+        )
     finally:
         server.shutdown()
     assert result.returncode != 0
@@ -155,8 +204,10 @@ def test_fewer_training_images_than_one_batch(tiny_dataset, tmp_path):
     (tmp_path / "out" / "metrics.jsonl").write_text("{}\n")
     before = snapshot(tmp_path)
     error = run_train("--dataset", tiny_dataset, "--output_dir", tmp_path / "out", "--batch_size", "8", "--overwrite")
-    assert ("4 training images make no full optimizer step of 8 images (--batch_size 8 x --grad_accum 1 x 1 "
-            "process(es)): lower --batch_size or raise --train_size") in error
+    assert (
+        "4 training images make no full optimizer step of 8 images (--batch_size 8 x --grad_accum 1 x 1 "
+        "process(es)): lower --batch_size or raise --train_size"
+    ) in error
     assert snapshot(tmp_path) == before
 
 
@@ -168,9 +219,13 @@ def test_a_mistyped_local_path_is_refused_at_once_not_looked_up_on_the_hub(tmp_p
     looked_up = []
     monkeypatch.setattr("memory_peft.tuner.storage.hf_hub_download", lambda *a, **k: looked_up.append(a))
     monkeypatch.setattr("huggingface_hub.file_exists", lambda *a, **k: looked_up.append(a))
-    cases = {"runs/nope": "runs/nope: no such folder (runs holds ['cifar'])", "./nope": "./nope: no such folder",
-             str(tmp_path / "x" / "y"): "no such folder", "a/b/c": "a/b/c: no such folder",
-             "runs\\cifar": "no such folder"}
+    cases = {
+        "runs/nope": "runs/nope: no such folder (runs holds ['cifar'])",
+        "./nope": "./nope: no such folder",
+        str(tmp_path / "x" / "y"): "no such folder",
+        "a/b/c": "a/b/c: no such folder",
+        "runs\\cifar": "no such folder",
+    }
     for source, message in cases.items():
         with pytest.raises(ValueError, match=re.escape(message) + r".*and not a Hub id \('name' or 'user/name'\)"):
             load_adapters(tiny_vit(), {"task": source})

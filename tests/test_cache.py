@@ -10,12 +10,12 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_vit
+from helpers import TINY_PIXELS, assert_identical, randomise_task
 from peft import get_peft_model
 from PIL import Image
 from transformers import ViTImageProcessor
 
-from conftest import tiny_vit
-from helpers import TINY_PIXELS, assert_identical, randomise_task
 from memory_peft import MemoryTokenConfig, activate
 from memory_peft.cache import build_cache, cache_bytes_per_image, load_cache
 from memory_peft.data import image_transform
@@ -47,9 +47,16 @@ def steps(model, batches, use_cache: bool):
 def test_training_on_cached_keys_values_gives_the_same_weights():
     model = masked_pair()
     generator = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(3, 3, 16, 16, generator=generator).double(),
-                {"default": torch.randint(0, 4, (3,), generator=generator),
-                 "other": torch.randint(0, 3, (3,), generator=generator)}) for _ in range(4)]
+    batches = [
+        (
+            torch.randn(3, 3, 16, 16, generator=generator).double(),
+            {
+                "default": torch.randint(0, 4, (3,), generator=generator),
+                "other": torch.randint(0, 3, (3,), generator=generator),
+            },
+        )
+        for _ in range(4)
+    ]
     on_images, on_cache = steps(copy.deepcopy(model), batches, False), steps(copy.deepcopy(model), batches, True)
     assert on_images.keys() == on_cache.keys() and len(on_images) == 2 + 2 * 2 + 3  # tokens, heads, memories
     start = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -67,7 +74,8 @@ def tiny_images(count=10):
     rng = np.random.default_rng(0)
     pictures = [Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in range(count)]
     return datasets.Dataset.from_dict({"image": pictures, "label": [i % 4 for i in range(count)]}).cast_column(
-        "image", datasets.Image())
+        "image", datasets.Image()
+    )
 
 
 def test_the_cache_on_disk_matches_and_refuses_what_it_was_not_built_for(tmp_path):
@@ -75,15 +83,15 @@ def test_the_cache_on_disk_matches_and_refuses_what_it_was_not_built_for(tmp_pat
     processor = ViTImageProcessor(size={"height": 16, "width": 16})
     images = tiny_images()
     to_pixels = image_transform(processor, "image", "label")
-    cache = build_cache(model, images, to_pixels, tmp_path / "cache", image_size=16, processor=processor,
-                        batch_size=4)
+    cache = build_cache(model, images, to_pixels, tmp_path / "cache", image_size=16, processor=processor, batch_size=4)
     assert len(cache) == 10 and cache[0]["base_keys_values"].shape == (2, 2, 5, 32)
     assert cache[0]["base_keys_values"].dtype == torch.float16
     everything = cache.batch(range(10))
     assert everything["labels"].tolist() == list(images["label"])
     expected = model.base_model.base_keys_values(to_pixels(images[:10])["pixel_values"])
-    torch.testing.assert_close(everything["base_keys_values"].float(), expected,
-                               atol=2e-3 * expected.abs().max().item(), rtol=0)  # stored in fp16
+    torch.testing.assert_close(
+        everything["base_keys_values"].float(), expected, atol=2e-3 * expected.abs().max().item(), rtol=0
+    )  # stored in fp16
     order = [7, 2, 9, 0]  # a loader reads each batch in one piece, in the sampler's order
     loader = torch.utils.data.DataLoader(cache, batch_size=4, sampler=order, collate_fn=cache.collate)
     first = next(iter(loader))
@@ -94,8 +102,12 @@ def test_the_cache_on_disk_matches_and_refuses_what_it_was_not_built_for(tmp_pat
     with pytest.raises(InputError, match="another image_size"):
         load_cache(tmp_path / "cache", model, 32, processor)
     with pytest.raises(InputError, match="another processor"):
-        load_cache(tmp_path / "cache", model, 16, ViTImageProcessor(size={"height": 16, "width": 16},
-                                                                    image_mean=[0.4, 0.4, 0.4]))
+        load_cache(
+            tmp_path / "cache",
+            model,
+            16,
+            ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.4, 0.4, 0.4]),
+        )
     other = get_peft_model(tiny_vit(seed=1), MemoryTokenConfig(m=3, num_labels=4, mode="masked"))
     with pytest.raises(InputError, match="another backbone"):
         load_cache(tmp_path / "cache", other, 16, processor)

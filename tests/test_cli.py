@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, SHARED, tiny_vit
-from memory_peft.cli import main
 from helpers import save_adapter
+
+from memory_peft.cli import main
 
 SCRIPT = Path(sys.executable).parent / "memory-peft"
 
@@ -22,14 +22,17 @@ def run(*args, check=True):
     return result
 
 
-@pytest.mark.parametrize("command, options", [
-    ([], ["train", "evaluate", "merge", "split", "inspect"]),
-    (["train"], ["--setting", "--m", "--resume", "--overwrite", "--push_to_hub"]),
-    (["evaluate"], ["--backbone", "--dataset", "--task", "--eval_size"]),
-    (["merge"], ["TASK=PATH", "--output", "--overwrite"]),
-    (["split"], ["artifact", "--output", "--overwrite"]),
-    (["inspect"], ["source", "--json"]),
-])
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        ([], ["train", "evaluate", "merge", "split", "inspect"]),
+        (["train"], ["--setting", "--m", "--resume", "--overwrite", "--push_to_hub"]),
+        (["evaluate"], ["--backbone", "--dataset", "--task", "--eval_size"]),
+        (["merge"], ["TASK=PATH", "--output", "--overwrite"]),
+        (["split"], ["artifact", "--output", "--overwrite"]),
+        (["inspect"], ["source", "--json"]),
+    ],
+)
 def test_help_of_each_command(command, options):
     if not SCRIPT.exists():
         pytest.skip("memory-peft is not installed in this environment (pip install -e .)")
@@ -46,22 +49,32 @@ def test_merge_inspect_split(tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "merged"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["kind"] == "multi-task artifact" and info["backbone"] == {"hidden_size": 32, "num_layers": 2,
-                                                                          "patch_size": 8}
+    assert info["kind"] == "multi-task artifact" and info["backbone"] == {
+        "hidden_size": 32,
+        "num_layers": 2,
+        "patch_size": 8,
+    }
     # a: 2 layers x 3 x 32 memory + 32 class token + 32 x 10 + 10 head; b: 1 layer x 5 x 32 + 32 + 32 x 4 + 4
     assert [(r["task"], r["m"], r["layers"], r["parameters"]) for r in info["tasks"]] == [
-        ("a", 3, "all", 2 * 3 * 32 + 32 + 330), ("b", 5, [1], 5 * 32 + 32 + 132)]
+        ("a", 3, "all", 2 * 3 * 32 + 32 + 330),
+        ("b", 5, [1], 5 * 32 + 32 + 132),
+    ]
     size = sum(p.stat().st_size for p in (tmp_path / "merged" / "a").iterdir() if p.name != "README.md")
     assert info["tasks"][0]["bytes"] == size
     assert main(["inspect", str(tmp_path / "a")]) == 0
     table = capsys.readouterr().out
-    assert "adapter on None (hidden 32, 2 layers, patch 8)" in table and "| default | masked | 3 | all | 10 | ? | 554 |" in table
+    assert (
+        "adapter on None (hidden 32, 2 layers, patch 8)" in table
+        and "| default | masked | 3 | all | 10 | ? | 554 |" in table
+    )
     save_adapter(vit, tmp_path / "named", 2, m=1, num_labels=6, image_size=56, label_names=list("abcdef"))
     assert main(["inspect", str(tmp_path / "named")]) == 0
     assert "| 6 (a, b, c, d, e, ...) | 56 px |" in capsys.readouterr().out
     assert main(["split", str(tmp_path / "a"), "--output", tmp_path / "nothing"]) == 1
-    assert "is a single adapter (adapter_config.json), not a multi-task artifact: there is nothing to split" in \
-        capsys.readouterr().err
+    assert (
+        "is a single adapter (adapter_config.json), not a multi-task artifact: there is nothing to split"
+        in capsys.readouterr().err
+    )
 
     assert main(["split", str(tmp_path / "merged"), "--output", tmp_path / "single"]) == 0
     for task in "ab":
@@ -128,12 +141,18 @@ def test_evaluate_scores_each_task_of_an_artifact_on_its_own_dataset(real_vit_ca
     for task in ("cifar10", "fashion_mnist"):
         dataset = str(SHARED / "data" / task)
         names = load_image_data(dataset, train_size=1, eval_size=1).label_names
-        config = MemoryTokenConfig(m=1, num_labels=10, mode="masked", label_names=names, image_size=28,
-                                   dataset=dataset)
+        config = MemoryTokenConfig(m=1, num_labels=10, mode="masked", label_names=names, image_size=28, dataset=dataset)
         folders[task] = tmp_path / task
         get_peft_model(copy.deepcopy(real_vit_cached), config).save_pretrained(folders[task])
     merge_adapters(folders, tmp_path / "merged")
-    common = ["--eval_size", "8", "--batch_size", "8", "--backbone", str(SHARED / "models" / "vit-small-patch14-dinov2")]
+    common = [
+        "--eval_size",
+        "8",
+        "--batch_size",
+        "8",
+        "--backbone",
+        str(SHARED / "models" / "vit-small-patch14-dinov2"),
+    ]
     assert main(["evaluate", str(tmp_path / "merged"), *common]) == 0
     report = json.loads(capsys.readouterr().out)
     assert {task: row["dataset"] for task, row in report.items()} == {t: str(SHARED / "data" / t) for t in folders}
@@ -141,8 +160,20 @@ def test_evaluate_scores_each_task_of_an_artifact_on_its_own_dataset(real_vit_ca
     # one dataset for a task of other classes is refused, naming the way out
     assert main(["evaluate", str(tmp_path / "merged"), *common, "--dataset", str(SHARED / "data" / "cifar10")]) == 1
     assert "Task 'fashion_mnist' classifies 10 classes" in capsys.readouterr().err
-    assert main(["evaluate", str(tmp_path / "merged"), *common, "--task", "fashion_mnist",
-                 "--dataset", f"fashion_mnist={SHARED / 'data' / 'fashion_mnist'}"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "merged"),
+                *common,
+                "--task",
+                "fashion_mnist",
+                "--dataset",
+                f"fashion_mnist={SHARED / 'data' / 'fashion_mnist'}",
+            ]
+        )
+        == 0
+    )
     assert list(json.loads(capsys.readouterr().out)) == ["fashion_mnist"]
     bare = tmp_path / "bare"
     get_peft_model(copy.deepcopy(real_vit_cached), MemoryTokenConfig(m=1, num_labels=10)).save_pretrained(bare)

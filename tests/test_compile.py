@@ -16,22 +16,28 @@ from memory_peft import MemoryTokenConfig, MultiTaskImageClassifierOutput, activ
 from memory_peft.diagnostics import count_ops, graph_breaks
 from memory_peft.settings import apply_setting
 
-needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                    reason="inductor needs a C compiler")
+needs_compiler = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler"
+)
 
 
 def tiny_vit(layers=2, seed=0):
     torch.manual_seed(seed)
-    config = ViTConfig(patch_size=32, hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                       num_hidden_layers=layers, image_size=64)
+    config = ViTConfig(
+        patch_size=32,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_hidden_layers=layers,
+        image_size=64,
+    )
     return ViTModel(config, add_pooling_layer=False).eval()
 
 
 def merged(vit, count, num_labels=(10,)):
     model = None
     for t in range(count):
-        config = MemoryTokenConfig(m=5 - t % 3, num_labels=num_labels[t % len(num_labels)], mode="masked",
-                                   init_std=0.5)
+        config = MemoryTokenConfig(m=5 - t % 3, num_labels=num_labels[t % len(num_labels)], mode="masked", init_std=0.5)
         model = get_peft_model(vit, config, adapter_name=f"t{t}") if model is None else model
         if t:
             model.add_adapter(f"t{t}", config)
@@ -88,8 +94,9 @@ def test_full_attention_inference_is_one_graph():
 @pytest.mark.parametrize("setting", ["memory-masked", "memory", "full", "head+cls"])
 def test_training_forward_is_one_graph(setting):
     model = apply_setting(tiny_vit(), setting, 10, m=5).train()
-    breaks, reasons = graph_breaks(lambda p, y: model(pixel_values=p, labels=y).loss,
-                                   torch.randn(2, 3, 64, 64), torch.tensor([1, 9]))
+    breaks, reasons = graph_breaks(
+        lambda p, y: model(pixel_values=p, labels=y).loss, torch.randn(2, 3, 64, 64), torch.tensor([1, 9])
+    )
     assert breaks == 0, reasons
 
 
@@ -169,7 +176,11 @@ def test_compiled_training_step_gives_eager_gradients(setting):
 def test_cuda_graphs_serve_and_train(setting):
     torch._dynamo.reset()
     vit = tiny_vit().cuda()
-    model = merged(vit, 3) if setting == "memory-masked" else get_peft_model(vit, MemoryTokenConfig(m=5, num_labels=2)).eval()
+    model = (
+        merged(vit, 3)
+        if setting == "memory-masked"
+        else get_peft_model(vit, MemoryTokenConfig(m=5, num_labels=2)).eval()
+    )
     calls = [dict(pixel_values=torch.randn(2, 3, 64, 64, device="cuda")) for _ in range(3)]
     with torch.no_grad():
         compiled_equals_eager(model, calls, "inductor", mode="reduce-overhead")
@@ -178,8 +189,9 @@ def test_cuda_graphs_serve_and_train(setting):
     compiled = torch.compile(trained, mode="reduce-overhead", fullgraph=True)
     losses = []
     for _ in range(3):
-        loss = compiled(pixel_values=torch.randn(2, 3, 64, 64, device="cuda"),
-                        labels=torch.tensor([1, 2], device="cuda")).loss
+        loss = compiled(
+            pixel_values=torch.randn(2, 3, 64, 64, device="cuda"), labels=torch.tensor([1, 2], device="cuda")
+        ).loss
         loss.backward()
         losses.append(loss.detach().clone())
     assert all(torch.isfinite(loss) for loss in losses)
@@ -201,8 +213,9 @@ def test_one_graph_serves_every_new_peft_model_of_a_layout_each_with_its_own_wei
             model = apply_setting(copy.deepcopy(vit), "memory-masked", num_labels=3, m=2, init_std=0.5).train()
             torch.nn.init.normal_(model.base_model.memory_head["default"].weight)  # heads start at zero
             trainable = [p for p in model.parameters() if p.requires_grad]
-            compiled_loss = torch.compile(model, backend="aot_eager", fullgraph=True)(pixel_values=pixels,
-                                                                                     labels=labels).loss
+            compiled_loss = torch.compile(model, backend="aot_eager", fullgraph=True)(
+                pixel_values=pixels, labels=labels
+            ).loss
             compiled_grads = torch.autograd.grad(compiled_loss, trainable)
             eager_loss = model(pixel_values=pixels, labels=labels).loss
             torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-6, rtol=1e-6)

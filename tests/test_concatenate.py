@@ -6,9 +6,9 @@ Trained in fp32 as a user does; compared in float64 (sdpa), where "exactly" mean
 import copy
 
 import torch
+from helpers import assert_identical
 from peft import get_peft_model
 
-from helpers import assert_identical
 from memory_peft import MemoryLayer, MemoryTokenConfig, load_adapters
 
 TASKS = [("cifar", 10, 5, 0), ("coarse", 3, 2, 1), ("odd", 5, 8, 2)]  # name, num_labels, m, seed
@@ -61,8 +61,9 @@ def test_labels_per_task_give_losses(real_vit, images):
     model = get_peft_model(real_vit, MemoryTokenConfig(m=2, num_labels=10, mode="masked"))
     model.add_adapter("b", MemoryTokenConfig(m=2, num_labels=2, mode="masked"))
     model.base_model.set_adapter(["default", "b"])
-    out = model(pixel_values=pixels[:4], labels={"default": labels[:4], "b": labels[:4] % 2},
-                interpolate_pos_encoding=True)
+    out = model(
+        pixel_values=pixels[:4], labels={"default": labels[:4], "b": labels[:4] % 2}, interpolate_pos_encoding=True
+    )
     # zero-initialised heads predict uniformly: the loss is log(num_labels)
     assert abs(out.tasks["default"].loss.item() - torch.log(torch.tensor(10.0)).item()) < 1e-5
     assert abs(out.tasks["b"].loss.item() - torch.log(torch.tensor(2.0)).item()) < 1e-5

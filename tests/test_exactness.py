@@ -6,11 +6,11 @@ input dtype, so the eager runs are fp32 checks with a magnitude-aware tolerance.
 
 import pytest
 import torch
-from peft import get_peft_model
-
 from helpers import DTYPES, assert_identical, assert_matches, memories_of, randomise_task, real_vit_in
-from memory_peft import MemoryTokenConfig
+from peft import get_peft_model
 from reference import reference_full_layer, reference_full_model, reference_masked_model
+
+from memory_peft import MemoryTokenConfig
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
@@ -38,8 +38,13 @@ def test_full_attention_model_equals_reference(implementation, images):
     tuner = model.base_model
     with torch.no_grad():
         logits = model(pixel_values=pixels, interpolate_pos_encoding=True).logits
-        reference = reference_full_model(tuner.model, tuner.memory_class_token["default"],
-                                         memories_of(model, "default"), tuner.memory_head["default"], pixels)
+        reference = reference_full_model(
+            tuner.model,
+            tuner.memory_class_token["default"],
+            memories_of(model, "default"),
+            tuner.memory_head["default"],
+            pixels,
+        )
     assert sorted(memories_of(model, "default")) == [0, 2, 5, 11]
     assert_matches(implementation, logits, reference)
 
@@ -80,8 +85,11 @@ def test_masked_model_equals_big_masked_sequence(implementation, images):
         with torch.no_grad():
             base, features = tuner.encode(pixels, active, interpolate_pos_encoding=True)
             ref_base, ref_features = reference_masked_model(
-                tuner.model, [tuner.memory_class_token[n] for n in active], [memories_of(model, n) for n in active],
-                pixels)
+                tuner.model,
+                [tuner.memory_class_token[n] for n in active],
+                [memories_of(model, n) for n in active],
+                pixels,
+            )
         assert_matches(implementation, base, ref_base)
         assert_matches(implementation, features, ref_features)
 

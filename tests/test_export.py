@@ -7,13 +7,13 @@ import copy
 
 import pytest
 import torch
-from peft import get_peft_model
-
 from conftest import REAL_VIT, tiny_vit
 from helpers import assert_close_fp32, masked_model, randomise_task
+from peft import get_peft_model
+
 from memory_peft import MemoryTokenConfig, activate
-from memory_peft.tuner.errors import InputError
 from memory_peft.export import export_onnx, export_program, read_metadata
+from memory_peft.tuner.errors import InputError
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -66,8 +66,12 @@ def test_a_full_attention_adapter_exports_and_torch_export_gives_one_graph(tmp_p
     assert_close_fp32(logits, eager(model, pixels)["default"])
     from transformers import ViTImageProcessor
 
-    path = export_onnx(model, tmp_path / "full.onnx", dynamic_batch=False,
-                       image_processor=ViTImageProcessor(size={"height": 16, "width": 16}))
+    path = export_onnx(
+        model,
+        tmp_path / "full.onnx",
+        dynamic_batch=False,
+        image_processor=ViTImageProcessor(size={"height": 16, "width": 16}),
+    )
     static = run_onnx(path, pixels[:1])  # dynamic_batch=False: batch 1
     torch.testing.assert_close(static["default"], eager(model, pixels[:1])["default"], atol=1e-4, rtol=0)
     assert read_metadata(path)["labels"] == {"default": ["LABEL_0", "LABEL_1", "LABEL_2", "LABEL_3"]}
@@ -96,12 +100,14 @@ def test_the_export_command_writes_a_graph_of_the_artifacts_tasks(tmp_path, caps
     from memory_peft.cli import main
 
     tiny_vit().save_pretrained(tmp_path / "base")
-    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.25] * 3) \
-        .save_pretrained(tmp_path / "base")
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(
+        tmp_path / "base"
+    )
     vit = ViTModel.from_pretrained(tmp_path / "base", add_pooling_layer=False)
     for seed, task in enumerate(("a", "b")):
-        model = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=2, num_labels=3 + seed, mode="masked",
-                                                                     init_std=0.5))
+        model = get_peft_model(
+            copy.deepcopy(vit), MemoryTokenConfig(m=2, num_labels=3 + seed, mode="masked", init_std=0.5)
+        )
         randomise_task(model, "default", seed)
         model.save_pretrained(tmp_path / task)
     merge_adapters({"a": tmp_path / "a", "b": tmp_path / "b"}, tmp_path / "merged")
@@ -109,8 +115,10 @@ def test_the_export_command_writes_a_graph_of_the_artifacts_tasks(tmp_path, caps
     assert main(["export", str(tmp_path / "merged"), "--output", str(output)]) == 0  # any batch size by default
     assert "exported 2 task(s) ['a', 'b']" in capsys.readouterr().out
     pixels = torch.randn(5, 3, 16, 16)
-    exported, expected = run_onnx(output, pixels), eager(load_multitask(copy.deepcopy(vit), tmp_path / "merged"),
-                                                         pixels)
+    exported, expected = (
+        run_onnx(output, pixels),
+        eager(load_multitask(copy.deepcopy(vit), tmp_path / "merged"), pixels),
+    )
     for task in ("a", "b"):
         torch.testing.assert_close(exported[task], expected[task], atol=1e-4, rtol=0)
     assert read_metadata(output)["image_mean"] == [0.5] * 3  # the base model's processor, read from its folder
@@ -126,8 +134,9 @@ def test_export_takes_the_backbone_it_is_given_and_a_static_batch_on_request(tmp
     from memory_peft.cli import main
 
     tiny_vit().save_pretrained(tmp_path / "base")
-    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.25] * 3) \
-        .save_pretrained(tmp_path / "base")
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(
+        tmp_path / "base"
+    )
     model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, num_labels=3, mode="masked", init_std=0.5))
     model.save_pretrained(tmp_path / "adapter")  # made in memory: it names no base model
     output = tmp_path / "static.onnx"

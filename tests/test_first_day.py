@@ -7,16 +7,17 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import tiny_vit
+from helpers import randomise_task
 from peft import get_peft_model
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-from conftest import tiny_vit
-from helpers import randomise_task
 from memory_peft import MemoryTokenConfig, activate
 from memory_peft.tuner.errors import InputError
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
-            patch_size=8)
+TINY = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=8
+)
 
 
 def tiny_classifier(**config) -> ViTForImageClassification:
@@ -26,8 +27,11 @@ def tiny_classifier(**config) -> ViTForImageClassification:
 
 # --- the number of classes -----------------------------------------------------------------------------------------
 def test_a_bare_backbone_asks_for_the_number_of_classes():
-    with pytest.raises(InputError, match=r"Adapter 'default' needs its number of classes: pass "
-                                         r"MemoryTokenConfig\(num_labels=\.\.\.\) or label_names"):
+    with pytest.raises(
+        InputError,
+        match=r"Adapter 'default' needs its number of classes: pass "
+        r"MemoryTokenConfig\(num_labels=\.\.\.\) or label_names",
+    ):
         get_peft_model(tiny_vit(), MemoryTokenConfig(m=2))
 
 
@@ -70,8 +74,11 @@ def test_a_class_count_that_contradicts_the_models_head_is_an_error(tmp_path):
 def test_labels_for_adapters_that_are_not_active_are_an_error():
     pixels, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
     model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, num_labels=2, mode="masked"))
-    with pytest.raises(InputError, match=r"labels for \['cifar'\], which are not active adapters: the active ones "
-                                         r"are \['default'\]"):
+    with pytest.raises(
+        InputError,
+        match=r"labels for \['cifar'\], which are not active adapters: the active ones "
+        r"are \['default'\]",
+    ):
         model(pixel_values=pixels, labels={"cifar": y})
     assert model(pixel_values=pixels, labels={"default": y}).loss is not None
     model.add_adapter("fashion", MemoryTokenConfig(m=2, num_labels=2, mode="masked"))
@@ -89,8 +96,9 @@ def test_top_k_that_would_keep_every_memory_entry_is_refused(m, top_k):
 
 # --- image sizes and transformers' stock "image-classification" pipeline ------------------------------------------
 def trained_at(size: int, seed: int = 0, mode: str = "masked", num_labels: int = 5):
-    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, num_labels=num_labels, mode=mode, image_size=size,
-                                                         init_std=0.5))
+    model = get_peft_model(
+        tiny_vit(), MemoryTokenConfig(m=2, num_labels=num_labels, mode=mode, image_size=size, init_std=0.5)
+    )
     randomise_task(model, "default", seed)
     return model.eval()
 
@@ -126,8 +134,9 @@ def test_the_stock_pipeline_runs_an_adapter_at_the_size_its_processor_gives():
         expected = model(pixel_values=pixels, interpolate_pos_encoding=True).logits.softmax(-1)
     for answer, scores in zip(answers, expected):
         assert [a["label"] for a in answer] == [f"LABEL_{int(i)}" for i in scores.argsort(descending=True)]
-        torch.testing.assert_close(torch.tensor([a["score"] for a in answer]), scores.sort(descending=True).values,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor([a["score"] for a in answer]), scores.sort(descending=True).values, atol=1e-5, rtol=0
+        )
     with pytest.raises(InputError, match=r"differs from the backbone's 16x16: pass interpolate_pos_encoding=True"):
         model(pixel_values=pixels, interpolate_pos_encoding=False)  # asked not to interpolate: not overridden
 
@@ -143,8 +152,7 @@ def test_another_input_size_than_the_training_size_warns_once_per_model_and_size
     with pytest.warns(UserWarning, match=r"Images of 32x32 px"):
         model(pixel_values=torch.randn(1, 3, 32, 32))
     with size_warnings() as said:
-        get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, num_labels=2)).eval()(
-            pixel_values=torch.randn(1, 3, 32, 32))
+        get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, num_labels=2)).eval()(pixel_values=torch.randn(1, 3, 32, 32))
     assert not said  # no recorded training size: nothing to compare with
 
 
@@ -154,8 +162,9 @@ def test_several_tasks_in_the_stock_pipeline_refuse_in_one_line_that_names_the_m
     model = trained_at(16)
     model.add_adapter("other", MemoryTokenConfig(m=2, num_labels=3, mode="masked", image_size=16))
     activate(model, ["default", "other"])
-    classify = pipeline("image-classification", model=model, image_processor=ViTImageProcessor(
-        size={"height": 16, "width": 16}))
+    classify = pipeline(
+        "image-classification", model=model, image_processor=ViTImageProcessor(size={"height": 16, "width": 16})
+    )
     with pytest.raises(KeyError) as error:
         classify(images(1))
     message = str(error.value)

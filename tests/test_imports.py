@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 PACKAGE = ROOT / "memory_peft"
@@ -30,8 +29,11 @@ def package_imports() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level >= 1:
                 base = package[: len(package) - (node.level - 1)]
-                targets = [".".join([*base, node.module])] if node.module else \
-                    [".".join([*base, alias.name]) for alias in node.names]
+                targets = (
+                    [".".join([*base, node.module])]
+                    if node.module
+                    else [".".join([*base, alias.name]) for alias in node.names]
+                )
                 imported.update(t for t in targets if t in modules)
         graph[name] = imported - {name}
     return graph
@@ -45,7 +47,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
         stack.append(module)
         for target in sorted(graph.get(module, ())):
             if state.get(target) == "open":
-                return stack[stack.index(target):] + [target]
+                return stack[stack.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         state[module] = "done"
@@ -74,13 +76,26 @@ def test_the_tuner_never_imports_the_application_around_it():
 
 
 def test_registration_happens_once_in_the_tuner_init():
-    registering = [str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
-                   if "register_peft_method(" in path.read_text()]
+    registering = [
+        str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py") if "register_peft_method(" in path.read_text()
+    ]
     assert registering == ["tuner/__init__.py"]
 
 
-@pytest.mark.parametrize("module", ["tuner.registration", "tuner.storage", "tuner.config", "tuner.layer",
-                                    "tuner.model", "settings", "pipelines", "training", "train_args"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "tuner.registration",
+        "tuner.storage",
+        "tuner.config",
+        "tuner.layer",
+        "tuner.model",
+        "settings",
+        "pipelines",
+        "training",
+        "train_args",
+    ],
+)
 def test_a_core_module_imports_in_a_fresh_interpreter(module):
     code = f"import memory_peft.{module}, peft; assert peft.PeftType.MEMORY_TOKENS"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)

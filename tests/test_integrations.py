@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_vit
 from peft import PeftModel, get_peft_model
 
-from conftest import tiny_vit
 from memory_peft import MemoryTokenConfig
 
 
@@ -36,9 +36,19 @@ def test_trainer_trains_and_checkpoints_the_adapter(tmp_path):
         with torch.no_grad():
             return model(pixel_values=data.pixels, labels=data.labels).loss.item()
 
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=16, per_device_train_batch_size=4, learning_rate=0.01,
-                             save_steps=16, logging_steps=1, report_to=[], use_cpu=True, seed=0,
-                             dataloader_num_workers=0, lr_scheduler_type="constant")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=16,
+        per_device_train_batch_size=4,
+        learning_rate=0.01,
+        save_steps=16,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        lr_scheduler_type="constant",
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     result = trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
@@ -83,11 +93,27 @@ def test_trainer_evaluates_restores_the_best_adapter_and_resumes_exactly(tmp_pat
 
     def trainer(folder, **extra):
         model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, mode="masked", num_labels=3))
-        args = TrainingArguments(output_dir=str(folder), max_steps=8, per_device_train_batch_size=4, learning_rate=0.05,
-                                 save_steps=4, report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
-                                 lr_scheduler_type="constant", label_names=["labels"], **extra)
-        return Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
-                       compute_metrics=lambda p: {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())})
+        args = TrainingArguments(
+            output_dir=str(folder),
+            max_steps=8,
+            per_device_train_batch_size=4,
+            learning_rate=0.05,
+            save_steps=4,
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            dataloader_num_workers=0,
+            lr_scheduler_type="constant",
+            label_names=["labels"],
+            **extra,
+        )
+        return Trainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=held_out,
+            compute_metrics=lambda p: {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())},
+        )
 
     def own_loss_and_accuracy(model):
         with torch.no_grad():
@@ -95,8 +121,14 @@ def test_trainer_evaluates_restores_the_best_adapter_and_resumes_exactly(tmp_pat
         return output.loss.item(), (output.logits.argmax(-1) == held_out.labels).float().mean().item()
 
     # the worse checkpoint counts as best (greater loss "is better"), so restoring it is visible
-    best = trainer(tmp_path / "best", eval_strategy="steps", eval_steps=4, load_best_model_at_end=True,
-                   metric_for_best_model="eval_loss", greater_is_better=True)
+    best = trainer(
+        tmp_path / "best",
+        eval_strategy="steps",
+        eval_steps=4,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=True,
+    )
     best.train()
     evaluations = [log for log in best.state.log_history if "eval_loss" in log]
     assert [log["step"] for log in evaluations] == [4, 8] and evaluations[0]["eval_loss"] > evaluations[1]["eval_loss"]

@@ -4,11 +4,26 @@ import json
 import sys
 
 import pytest
-
 from conftest import ROOT, SHARED
 
-TINY = ["--train_size", "64", "--val_size", "32", "--test_size", "32", "--image_size", "28", "--epochs", "1",
-        "--batch_size", "16", "--seeds", "2", "--max_extensions", "1"]
+TINY = [
+    "--train_size",
+    "64",
+    "--val_size",
+    "32",
+    "--test_size",
+    "32",
+    "--image_size",
+    "28",
+    "--epochs",
+    "1",
+    "--batch_size",
+    "16",
+    "--seeds",
+    "2",
+    "--max_extensions",
+    "1",
+]
 
 
 def test_study_records_every_run_resumes_without_retraining_and_reports_standard_errors(tmp_path, capsys):
@@ -19,8 +34,15 @@ def test_study_records_every_run_resumes_without_retraining_and_reports_standard
 
     experiments = ["head", "head+cls", "masked m=5 (paper recipe)", "masked m=5, raw memory (no LayerNorm)"]
     raw_grid = [0.2, 0.4]
-    args = [*TINY, "--output_dir", str(tmp_path), "--experiments", *experiments,
-            "--lr", f"{experiments[3]}={raw_grid[0]},{raw_grid[1]}"]
+    args = [
+        *TINY,
+        "--output_dir",
+        str(tmp_path),
+        "--experiments",
+        *experiments,
+        "--lr",
+        f"{experiments[3]}={raw_grid[0]},{raw_grid[1]}",
+    ]
     masked_study.main(args)
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     for name in experiments[1:]:
@@ -43,9 +65,13 @@ def test_study_records_every_run_resumes_without_retraining_and_reports_standard
     masked_study.main([*args, "--report"])
     assert capsys.readouterr().out.split("| experiment |", 1)[1] == table
     row = next(line for line in table.splitlines() if line.startswith("| masked m=5 (paper recipe) |"))
-    tests = [r["test"] for r in runs if r["experiment"] == "masked m=5 (paper recipe)" and r["seed"] in (0, 1)
-             and r["lr"] == next(x["lr"] for x in runs if x["experiment"] == "masked m=5 (paper recipe)"
-                                 and x["seed"] == 1)]
+    tests = [
+        r["test"]
+        for r in runs
+        if r["experiment"] == "masked m=5 (paper recipe)"
+        and r["seed"] in (0, 1)
+        and r["lr"] == next(x["lr"] for x in runs if x["experiment"] == "masked m=5 (paper recipe)" and x["seed"] == 1)
+    ]
     mean, error = sum(tests) / 2, abs(tests[0] - tests[1]) / 2  # two values: s.e. = half their distance
     assert f"| {100 * mean:.1f} ± {100 * error:.1f} | 2 |" in row
 
@@ -54,9 +80,11 @@ def test_report_compares_with_head_and_class_token_from_a_zero_head_when_that_is
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import masked_study
 
-    runs = [dict(experiment=name, lr=0.01, seed=seed, val=0.5, test=test, seconds=1)
-            for name, tests in (("head+cls, zero head", (0.80, 0.82)), ("masked m=5, zero head", (0.70, 0.72)))
-            for seed, test in enumerate(tests)]
+    runs = [
+        dict(experiment=name, lr=0.01, seed=seed, val=0.5, test=test, seconds=1)
+        for name, tests in (("head+cls, zero head", (0.80, 0.82)), ("masked m=5, zero head", (0.70, 0.72)))
+        for seed, test in enumerate(tests)
+    ]
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     masked_study.main(["--report", "--adopt", "--output_dir", str(tmp_path)])
     table = capsys.readouterr().out
@@ -70,19 +98,41 @@ def test_report_gives_gap_closure_only_where_full_fine_tuning_beats_head_by_two_
     import masked_study
 
     def report(full_tests, other_full=(), other_full_val=0.5):
-        rows = (("head", (0.70, 0.72)), ("full, zero head", full_tests), ("memory m=5, zero head", (0.76, 0.78)),
-                ("head+cls, zero head", (0.74, 0.76)), ("full, zero head, head at the probe's LR", other_full))
-        runs = [dict(experiment=name, lr=0.01, seed=seed, val=other_full_val if name.endswith("probe's LR") else 0.6,
-                     test=test, seconds=1) for name, tests in rows for seed, test in enumerate(tests)]
+        rows = (
+            ("head", (0.70, 0.72)),
+            ("full, zero head", full_tests),
+            ("memory m=5, zero head", (0.76, 0.78)),
+            ("head+cls, zero head", (0.74, 0.76)),
+            ("full, zero head, head at the probe's LR", other_full),
+        )
+        runs = [
+            dict(
+                experiment=name,
+                lr=0.01,
+                seed=seed,
+                val=other_full_val if name.endswith("probe's LR") else 0.6,
+                test=test,
+                seconds=1,
+            )
+            for name, tests in rows
+            for seed, test in enumerate(tests)
+        ]
         (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
         masked_study.main(["--report", "--adopt", "--output_dir", str(tmp_path)])
         table = capsys.readouterr().out
-        return {line.split(" | ")[0][2:]: line.split(" | ")[6] for line in table.splitlines()
-                if line.startswith("| ") and "---" not in line and not line.startswith("| experiment")}, table
+        return {
+            line.split(" | ")[0][2:]: line.split(" | ")[6]
+            for line in table.splitlines()
+            if line.startswith("| ") and "---" not in line and not line.startswith("| experiment")
+        }, table
 
     closures, table = report((0.80, 0.82))  # full - head = 10 points, s.e. 1.41: (77 - 71) / 10
-    assert closures == {"head": "—", "full, zero head": "—", "memory m=5, zero head": "0.60",
-                        "head+cls, zero head": "0.40"}
+    assert closures == {
+        "head": "—",
+        "full, zero head": "—",
+        "memory m=5, zero head": "0.60",
+        "head+cls, zero head": "0.40",
+    }
     assert "(full, zero head − head), full, zero head − head = 10.0 points (7.1 s.e.)" in table
     closures, table = report((0.72, 0.74))  # 2 points, 1.4 s.e.: no closure
     assert set(closures.values()) == {"—"} and "Gap closure" not in table
@@ -97,10 +147,13 @@ def test_report_gives_gap_closure_only_where_full_fine_tuning_beats_head_by_two_
 def test_a_study_folder_refuses_runs_of_another_set_up_and_reports_its_own(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import masked_study
+
     from memory_peft.tuner.errors import InputError
 
-    runs = "".join(json.dumps(dict(experiment="head+cls", lr=0.01, seed=s, val=0.5, test=0.7 + s / 100, seconds=1))
-                   + "\n" for s in (0, 1))
+    runs = "".join(
+        json.dumps(dict(experiment="head+cls", lr=0.01, seed=s, val=0.5, test=0.7 + s / 100, seconds=1)) + "\n"
+        for s in (0, 1)
+    )
     masked_study.main(["--report", "--output_dir", str(tmp_path / "new")])  # nothing there: a report writes nothing
     assert not (tmp_path / "new").exists()
     (tmp_path / "runs.jsonl").write_text(runs)
@@ -133,8 +186,21 @@ def test_lora_and_adamw_rows_train_what_their_users_train_and_record_the_trainab
     from transformers import AutoConfig
 
     lora, masked = "lora r=8 (q, v), adamw", "masked m=5, zero head, adamw"
-    masked_study.main([*TINY, "--seeds", "1", "--max_extensions", "0", "--output_dir", str(tmp_path),
-                       "--experiments", "head", lora, masked])
+    masked_study.main(
+        [
+            *TINY,
+            "--seeds",
+            "1",
+            "--max_extensions",
+            "0",
+            "--output_dir",
+            str(tmp_path),
+            "--experiments",
+            "head",
+            lora,
+            masked,
+        ]
+    )
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     config = AutoConfig.from_pretrained(SHARED / "models" / "vit-small-patch14-dinov2")
     width, depth, classes = config.hidden_size, config.num_hidden_layers, 10

@@ -14,7 +14,6 @@ import sys
 
 import pytest
 
-
 # huggingface_hub's back-off (5 retries, 1 + 2 + 4 + 8 + 8 s) turned off: a private function, so only if it exists
 NO_RETRIES = """
 import huggingface_hub.utils._http as http
@@ -22,11 +21,14 @@ if hasattr(http, "_http_backoff_base"):
     _backoff = http._http_backoff_base
     http._http_backoff_base = lambda *args, **kwargs: _backoff(*args, **{**kwargs, "max_retries": 0})
 """
-RUN = NO_RETRIES + """
+RUN = (
+    NO_RETRIES
+    + """
 import sys
 from memory_peft.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+)
 
 
 def closed_port() -> int:
@@ -48,8 +50,9 @@ def network_down(request, tmp_path):
 
 
 def memory_peft(env, cwd, *args):
-    result = subprocess.run([sys.executable, "-c", RUN, *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", RUN, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     return result.returncode, result.stderr.strip()
 
 
@@ -62,8 +65,15 @@ def assert_one_line_about_the_hub(code, stderr, name, mode):
     assert ("HF_HUB_OFFLINE" in last) == (mode == "offline"), last
 
 
-@pytest.mark.parametrize("command", [["inspect", "runs/nope"], ["evaluate", "runs/nope"], ["inspect", "nope"],
-                                     ["split", "someone/artifact", "--output", "out"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["inspect", "runs/nope"],
+        ["evaluate", "runs/nope"],
+        ["inspect", "nope"],
+        ["split", "someone/artifact", "--output", "out"],
+    ],
+)
 def test_adapter_names_that_are_not_folders(network_down, tmp_path, command):
     mode, env = network_down
     code, stderr = memory_peft(env, tmp_path, *command)
@@ -84,10 +94,20 @@ def test_a_hub_backbone_id(network_down, tmp_path):
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
     for split in ("train", "test"):
-        datasets.Dataset.from_dict({"image": [Image.new("RGB", (16, 16))] * 2, "label": [0, 1]}, features=features) \
-            .to_parquet(tmp_path / "data" / f"{split}.parquet")
+        datasets.Dataset.from_dict(
+            {"image": [Image.new("RGB", (16, 16))] * 2, "label": [0, 1]}, features=features
+        ).to_parquet(tmp_path / "data" / f"{split}.parquet")
     mode, env = network_down
-    code, stderr = memory_peft(env, tmp_path, "train", "--dataset", "data", "--output_dir", "run",
-                               "--backbone", "google/vit-base-patch32-224-in21k")
+    code, stderr = memory_peft(
+        env,
+        tmp_path,
+        "train",
+        "--dataset",
+        "data",
+        "--output_dir",
+        "run",
+        "--backbone",
+        "google/vit-base-patch32-224-in21k",
+    )
     assert_one_line_about_the_hub(code, stderr, "google/vit-base-patch32-224-in21k (base model)", mode)
     assert not (tmp_path / "run").exists()  # a run that fails before training leaves nothing behind

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_vit
+from helpers import TINY_PIXELS, assert_close_fp32, assert_identical, masked_model, randomise_task
 from peft import get_peft_model
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from conftest import tiny_vit
-from helpers import TINY_PIXELS, assert_close_fp32, assert_identical, masked_model, randomise_task
 from memory_peft import MemoryTokenConfig, MultiTaskImageClassifierOutput, activate
 
 PIXELS = TINY_PIXELS.double()

@@ -6,13 +6,40 @@ import statistics
 import sys
 
 import pytest
-
 from conftest import ROOT, SHARED
 
-TINY = ["--train_size", "64", "--val_size", "32", "--test_size", "32", "--image_size", "28", "--epochs", "1",
-        "--batch_size", "16", "--warmup_steps", "1", "--memory_sizes", "1", "5", "--lr", "head=0.3,1",
-        "--lr", "head+cls=0.1", "--lr", "full=0.01", "--lr", "memory=0.1,0.3", "--lr", "memory-masked=0.1,0.3",
-        "--max_extensions", "1", "--cache_base"]
+TINY = [
+    "--train_size",
+    "64",
+    "--val_size",
+    "32",
+    "--test_size",
+    "32",
+    "--image_size",
+    "28",
+    "--epochs",
+    "1",
+    "--batch_size",
+    "16",
+    "--warmup_steps",
+    "1",
+    "--memory_sizes",
+    "1",
+    "5",
+    "--lr",
+    "head=0.3,1",
+    "--lr",
+    "head+cls=0.1",
+    "--lr",
+    "full=0.01",
+    "--lr",
+    "memory=0.1,0.3",
+    "--lr",
+    "memory-masked=0.1,0.3",
+    "--max_extensions",
+    "1",
+    "--cache_base",
+]
 
 
 def test_table_files_cards_and_the_multitask_check(tmp_path):
@@ -21,8 +48,9 @@ def test_table_files_cards_and_the_multitask_check(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import paper_table
 
-    results, alone, merged = paper_table.main([*TINY, "--output_dir", str(tmp_path / "out"),
-                                               "--cards_dir", str(tmp_path / "cards")])
+    results, alone, merged = paper_table.main(
+        [*TINY, "--output_dir", str(tmp_path / "out"), "--cards_dir", str(tmp_path / "cards")]
+    )
     assert sorted(results) == ["cifar10", "fashion_mnist"]
     for name, result in results.items():
         rows = result["rows"]
@@ -57,13 +85,20 @@ def test_gpu_preset_sets_the_full_scale_run_and_each_flag_overrides_it():
     import paper_table
 
     gpu = paper_table.parse_args(["--preset", "gpu"])
-    assert (gpu.train_size, gpu.test_size, gpu.epochs, gpu.seeds, gpu.batch_size, gpu.mixed_precision) == \
-        (0, 0, 4, 3, 256, "bf16")
+    assert (gpu.train_size, gpu.test_size, gpu.epochs, gpu.seeds, gpu.batch_size, gpu.mixed_precision) == (
+        0,
+        0,
+        4,
+        3,
+        256,
+        "bf16",
+    )
     assert gpu.memory_sizes == [5] and gpu.head_init == "zero" and gpu.max_extensions == 2
     assert gpu.grids["head"] == [0.1, 0.3, 1.0] and gpu.grids["head+cls"] == [0.1, 0.3]  # measured on a GPU
     assert gpu.grids["full"] == paper_table.LR_GRIDS["full"]
-    overridden = paper_table.parse_args(["--epochs", "12", "--preset", "gpu", "--mixed_precision", "no",
-                                         "--lr", "head+cls=0.5"])
+    overridden = paper_table.parse_args(
+        ["--epochs", "12", "--preset", "gpu", "--mixed_precision", "no", "--lr", "head+cls=0.5"]
+    )
     assert (overridden.epochs, overridden.mixed_precision, overridden.seeds) == (12, "no", 3)
     assert overridden.grids["head+cls"] == [0.5] and overridden.grids["head"] == [0.1, 0.3, 1.0]
     default = paper_table.parse_args([])
@@ -74,9 +109,9 @@ def test_standard_error_and_difference_of_means():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import difference, mean_and_error
 
-    assert mean_and_error([0.5, 0.7, 0.9]) == pytest.approx((0.7, 0.2 / 3 ** 0.5))
+    assert mean_and_error([0.5, 0.7, 0.9]) == pytest.approx((0.7, 0.2 / 3**0.5))
     gap, error = difference([0.5, 0.7, 0.9], [0.6, 0.6, 0.6])
-    assert (gap, error) == pytest.approx((0.1, 0.2 / 3 ** 0.5))
+    assert (gap, error) == pytest.approx((0.1, 0.2 / 3**0.5))
     assert math.isnan(mean_and_error([0.5])[1])
 
 
@@ -86,9 +121,19 @@ def test_settings_choose_the_rows_and_every_run_is_logged_as_it_ends(tmp_path, c
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import paper_table
 
-    results, alone, merged = paper_table.main([*TINY, "--datasets", str(SHARED / "data" / "fashion_mnist"),
-                                               "--settings", "memory-masked", "--output_dir", str(tmp_path / "out"),
-                                               "--cards_dir", str(tmp_path / "cards")])
+    results, alone, merged = paper_table.main(
+        [
+            *TINY,
+            "--datasets",
+            str(SHARED / "data" / "fashion_mnist"),
+            "--settings",
+            "memory-masked",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--cards_dir",
+            str(tmp_path / "cards"),
+        ]
+    )
     rows = results["fashion_mnist"]["rows"]
     assert sorted(rows) == ["head", "memory-masked m=5"] and merged == {}
     assert math.isnan(results["fashion_mnist"]["gap_closure"])  # no full row: no gap to close
@@ -105,6 +150,7 @@ def test_report_combines_runs_split_over_settings_and_refuses_other_budgets(tmp_
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import paper_table
     import paper_table_report
+
     from memory_peft.tuner.errors import InputError
 
     def row(*tests, lr=0.1):
@@ -118,8 +164,16 @@ def test_report_combines_runs_split_over_settings_and_refuses_other_budgets(tmp_
 
     args = paper_table.parse_args(["--preset", "gpu"])
     first = saved("a", args, {"head": row(0.70, 0.72), "head+cls": row(0.80, 0.82), "full": row(0.60)})
-    second = saved("b", args, {"head": row(0.70, 0.72), "full": row(0.90, 0.92), "memory m=5": row(0.86, 0.88),
-                               "memory-masked m=5": row(0.75, 0.77)})
+    second = saved(
+        "b",
+        args,
+        {
+            "head": row(0.70, 0.72),
+            "full": row(0.90, 0.92),
+            "memory m=5": row(0.86, 0.88),
+            "memory-masked m=5": row(0.75, 0.77),
+        },
+    )
     results = paper_table_report.main([str(first), str(second), "--output_dir", str(tmp_path / "both")])
     rows = results["cifar10"]["rows"]
     assert sorted(rows) == ["full", "head", "head+cls", "memory m=5", "memory-masked m=5"]
@@ -143,10 +197,22 @@ def tiny_vit_and_data():
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
-    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                             image_size=32, patch_size=8), add_pooling_layer=False).eval()
-    return vit, {"train": (torch.randn(12, 3, 32, 32), torch.randint(0, 3, (12,))), "num_labels": 3,
-                 "label_names": ["a", "b", "c"]}
+    vit = ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        ),
+        add_pooling_layer=False,
+    ).eval()
+    return vit, {
+        "train": (torch.randn(12, 3, 32, 32), torch.randint(0, 3, (12,))),
+        "num_labels": 3,
+        "label_names": ["a", "b", "c"],
+    }
 
 
 def test_training_under_autocast_casts_the_frozen_weights_once_and_trains_the_same(monkeypatch):
@@ -179,8 +245,11 @@ def test_training_under_autocast_casts_the_frozen_weights_once_and_trains_the_sa
         AcceleratorState._reset_state(True)
     for setting in ("head+cls", "memory-masked"):
         (cast, cast_logits), (plain, plain_logits) = runs["cast", setting], runs["every use", setting]
-        frozen = lambda model: {m.weight.dtype for m in model.modules()  # noqa: E731
-                                if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad}
+
+        def frozen(model):
+            linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+            return {m.weight.dtype for m in linears if not m.weight.requires_grad}
+
         assert frozen(cast) == {torch.bfloat16} and frozen(plain) == {torch.float32}
         trained = [(n, p) for n, p in cast.named_parameters() if p.requires_grad]
         assert trained and all(p.dtype == torch.float32 for _, p in trained)
@@ -206,8 +275,20 @@ def test_compiled_runs_train_as_eager_ones_and_each_setting_compiles_once(monkey
     import paper_table
 
     vit, data = tiny_vit_and_data()
-    args = paper_table.parse_args(["--compile", "reduce-overhead", "--batch_size", "4", "--epochs", "2",
-                                   "--warmup_steps", "1", "--image_size", "32"])
+    args = paper_table.parse_args(
+        [
+            "--compile",
+            "reduce-overhead",
+            "--batch_size",
+            "4",
+            "--epochs",
+            "2",
+            "--warmup_steps",
+            "1",
+            "--image_size",
+            "32",
+        ]
+    )
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)  # restored
     runs, references = {}, {}
     AcceleratorState._reset_state(True)
@@ -221,14 +302,16 @@ def test_compiled_runs_train_as_eager_ones_and_each_setting_compiles_once(monkey
         accelerator = Accelerator(cpu=True, dynamo_plugin=TorchDynamoPlugin(backend="aot_eager", fullgraph=True))
         for setting in ("head+cls", "memory-masked"):
             for lr in (0.1, 0.3):
-                runs[setting, lr] = common.run_setting(copy.deepcopy(vit), data, setting, 2, lr, 0, None, args,
-                                                       accelerator)
+                runs[setting, lr] = common.run_setting(
+                    copy.deepcopy(vit), data, setting, 2, lr, 0, None, args, accelerator
+                )
         graphs = counters["stats"]["unique_graphs"]
         AcceleratorState._reset_state(True)
         accelerator = Accelerator(cpu=True)
         for setting, lr in runs:
-            references[setting, lr] = common.run_setting(copy.deepcopy(vit), data, setting, 2, lr, 0, None, args,
-                                                         accelerator)
+            references[setting, lr] = common.run_setting(
+                copy.deepcopy(vit), data, setting, 2, lr, 0, None, args, accelerator
+            )
     finally:
         AcceleratorState._reset_state(True)
         torch._dynamo.reset()
@@ -242,3 +325,22 @@ def test_compiled_runs_train_as_eager_ones_and_each_setting_compiles_once(monkey
             torch.testing.assert_close(parameter, expected[name], atol=1e-5, rtol=1e-5)
     head = lambda key: runs[key].base_model.memory_head["default"].weight  # noqa: E731
     assert not torch.equal(head(("head+cls", 0.1)), head(("head+cls", 0.3)))
+
+
+def test_the_optimizer_is_a_choice_with_its_own_lr_grids(tmp_path, capsys):
+    if not (SHARED / "data" / "fashion_mnist").is_dir():
+        pytest.skip("bundled datasets not found")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import paper_table
+
+    out = tmp_path / "out"
+    tiny = [a for i, a in enumerate(TINY) if a != "--lr" and (i == 0 or TINY[i - 1] != "--lr")]  # default grids
+    argv = [*tiny, "--datasets", str(SHARED / "data" / "fashion_mnist"), "--settings", "memory-masked"]
+    results, _, _ = paper_table.main(
+        [*argv, "--optimizer", "adamw", "--output_dir", str(out), "--cards_dir", str(tmp_path / "cards")]
+    )
+    rows = results["fashion_mnist"]["rows"]
+    for column, setting in (("head", "head"), ("memory-masked m=5", "memory-masked")):
+        assert set(paper_table.ADAMW_LR_GRIDS[setting]) <= set(rows[column]["val"]), column
+        assert not set(paper_table.LR_GRIDS[setting]) & set(rows[column]["val"]), column
+    assert "AdamW (no weight decay)" in (out / "results.md").read_text()

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import tiny_vit
 from peft import PeftModel, PeftType, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from transformers import ViTConfig, ViTForImageClassification
 
 import memory_peft
-from conftest import tiny_vit
 from memory_peft import MemoryTokenConfig, MemoryTokenModel
 
 PIXELS = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -63,8 +63,15 @@ def test_unload_restores_the_plain_model_and_merge_is_refused():
 
 def test_vit_for_image_classification_uses_the_adapter_head():
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                       image_size=16, patch_size=8, num_labels=7)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+        num_labels=7,
+    )
     model = get_peft_model(ViTForImageClassification(config).eval(), MemoryTokenConfig(m=2))  # 7 classes: the model's
     with torch.no_grad():
         logits = model(pixel_values=PIXELS).logits
@@ -109,8 +116,12 @@ def test_loaded_adapter_trains_when_asked(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_vit(), tmp_path, is_trainable=True)
     trainable = sorted(n.split("base_model.")[-1] for n, p in loaded.named_parameters() if p.requires_grad)
-    assert trainable == ["memory_head.default.bias", "memory_head.default.weight",
-                         "model.layers.0.memory_tokens.default", "model.layers.1.memory_tokens.default"]
+    assert trainable == [
+        "memory_head.default.bias",
+        "memory_head.default.weight",
+        "model.layers.0.memory_tokens.default",
+        "model.layers.1.memory_tokens.default",
+    ]
 
 
 @pytest.mark.parametrize("mode", ["full", "masked"])
@@ -157,8 +168,11 @@ def test_what_trains_does_not_depend_on_call_order(tmp_path):
 
 def test_merge_and_unload_points_to_unload():
     model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, num_labels=2))
-    with pytest.raises(ValueError, match=r"cannot be merged into weights\. To get the plain backbone back, call "
-                                         r"unload\(\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot be merged into weights\. To get the plain backbone back, call "
+        r"unload\(\)",
+    ):
         model.merge_and_unload()
     plain = model.unload()
     assert type(plain).__name__ == "ViTModel" and "forward" not in plain.__dict__

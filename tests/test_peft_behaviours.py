@@ -11,12 +11,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny_vit
+from helpers import TINY_PIXELS, assert_identical, randomise_task
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import ViTConfig, ViTForImageClassification
 
-from conftest import tiny_vit
-from helpers import TINY_PIXELS, assert_identical, randomise_task
 from memory_peft import MemoryTokenConfig
 from memory_peft.tuner.errors import AdapterFileError, InputError
 from memory_peft.tuner.layer import MemoryLayer
@@ -31,14 +31,18 @@ def build(mode, head, names=("default",), vit=None):
     model = None
     for seed, name in enumerate(names):
         config = MemoryTokenConfig(m=2 + seed, num_labels=4, mode=mode, init_std=0.5)
-        model = get_peft_model(vit, config, adapter_name=name) if model is None else model.add_adapter(name, config) \
-            or model
+        model = (
+            get_peft_model(vit, config, adapter_name=name)
+            if model is None
+            else model.add_adapter(name, config) or model
+        )
         if head == "random":
             randomise_task(model, name, seed)
         else:  # a trained class token but the zero head of a fresh adapter
             with torch.no_grad():
-                model.base_model.memory_class_token[name].add_(torch.randn(32, generator=torch.Generator()
-                                                                           .manual_seed(seed)))
+                model.base_model.memory_class_token[name].add_(
+                    torch.randn(32, generator=torch.Generator().manual_seed(seed))
+                )
     model.base_model.set_adapter(names[0])
     return model.double().eval()
 
@@ -76,13 +80,17 @@ def test_save_load_round_trip_and_selected_adapters(mode, head, tmp_path):
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["README.md", "default2"]
     own = load_file(tmp_path / "all" / "adapter_model.safetensors")
     assert len(own) == 3 + 2 and all("default2" not in key and "other" not in key for key in own)
-    for folder, name in ((tmp_path / "all", "default"), (tmp_path / "all" / "other", "other"),
-                         (tmp_path / "one" / "default2", "default2")):
+    for folder, name in (
+        (tmp_path / "all", "default"),
+        (tmp_path / "all" / "other", "other"),
+        (tmp_path / "one" / "default2", "default2"),
+    ):
         loaded = PeftModel.from_pretrained(tiny_vit().double(), folder, adapter_name=name).double().eval()
         assert_same(seen(loaded), expected[name])
         fields = {**model.peft_config[name].to_dict(), "inference_mode": True}
-        assert {k: v for k, v in loaded.peft_config[name].to_dict().items() if k != "auto_mapping"} == \
-            {k: v for k, v in fields.items() if k != "auto_mapping"}
+        assert {k: v for k, v in loaded.peft_config[name].to_dict().items() if k != "auto_mapping"} == {
+            k: v for k, v in fields.items() if k != "auto_mapping"
+        }
     assert_differ(expected["default"], expected["default2"])
 
 
@@ -162,8 +170,13 @@ def test_low_cpu_mem_usage_loading_equals_normal_loading(mode, head, tmp_path):
 def test_every_merge_entry_point_refuses_and_points_to_unload(mode, head):
     model = build(mode, head)
     layer = next(m for m in model.modules() if isinstance(m, MemoryLayer))
-    for merge in (model.merge_and_unload, model.merge_adapter, model.base_model.merge_and_unload,
-                  lambda: model.base_model.merge_adapter(["default"]), layer.merge):
+    for merge in (
+        model.merge_and_unload,
+        model.merge_adapter,
+        model.base_model.merge_and_unload,
+        lambda: model.base_model.merge_adapter(["default"]),
+        layer.merge,
+    ):
         with pytest.raises(InputError, match=r"cannot be merged.*unload\(\)"):
             merge()
     with pytest.raises(InputError, match=r"not combined by weighting.*activate\(model, \[names\]\)"):
@@ -176,12 +189,19 @@ def test_every_merge_entry_point_refuses_and_points_to_unload(mode, head):
 
 @pytest.mark.parametrize("mode,head", CASES)
 def test_an_adapter_loads_onto_either_class_of_its_backbone(mode, head, tmp_path):
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                       image_size=16, patch_size=8, num_labels=4)  # a new adapter on a classifier takes its count
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+        num_labels=4,
+    )  # a new adapter on a classifier takes its count
     torch.manual_seed(0)
     classifier = ViTForImageClassification(config).eval()
     backbone = tiny_vit()
-    backbone.load_state_dict({k[len("vit."):]: v for k, v in classifier.state_dict().items() if k.startswith("vit.")})
+    backbone.load_state_dict({k[len("vit.") :]: v for k, v in classifier.state_dict().items() if k.startswith("vit.")})
     for source, target in ((backbone, classifier), (classifier, backbone)):
         trained = build(mode, head, vit=copy.deepcopy(source))
         trained.save_pretrained(tmp_path / type(source).__name__)

@@ -7,16 +7,16 @@ import copy
 
 import pytest
 import torch
+from conftest import REAL_VIT
+from helpers import randomise_task
 from peft import get_peft_model
 from PIL import Image
 from transformers import pipeline
 
-from conftest import REAL_VIT
-from helpers import randomise_task
 from memory_peft import MemoryTokenConfig, activate
 from memory_peft.data import image_processor
-from memory_peft.tuner.errors import InputError
 from memory_peft.pipelines import MemoryImageClassificationPipeline
+from memory_peft.tuner.errors import InputError
 
 NAMES = ["cat", "dog", "ship"]
 
@@ -36,8 +36,10 @@ def ranking(result):
 
 
 def test_one_adapter_gives_named_labels_at_its_training_size(real_vit_cached, images):
-    model = get_peft_model(copy.deepcopy(real_vit_cached),
-                           MemoryTokenConfig(m=2, num_labels=3, label_names=NAMES, image_size=56, init_std=0.5))
+    model = get_peft_model(
+        copy.deepcopy(real_vit_cached),
+        MemoryTokenConfig(m=2, num_labels=3, label_names=NAMES, image_size=56, init_std=0.5),
+    )
     randomise_task(model, "default", 3)
     model.eval()
     image = Image.new("RGB", (70, 50), (200, 30, 60))
@@ -52,9 +54,11 @@ def test_one_adapter_gives_named_labels_at_its_training_size(real_vit_cached, im
 
 
 def test_merged_tasks_give_every_tasks_labels_from_one_call(real_vit_cached):
-    model = get_peft_model(copy.deepcopy(real_vit_cached),
-                           MemoryTokenConfig(m=2, num_labels=3, label_names=NAMES, image_size=56, mode="masked"),
-                           adapter_name="animals")
+    model = get_peft_model(
+        copy.deepcopy(real_vit_cached),
+        MemoryTokenConfig(m=2, num_labels=3, label_names=NAMES, image_size=56, mode="masked"),
+        adapter_name="animals",
+    )
     model.add_adapter("digits", MemoryTokenConfig(m=1, num_labels=4, image_size=56, mode="masked"))
     randomise_task(model, "animals", 1)
     randomise_task(model, "digits", 2)
@@ -70,8 +74,9 @@ def test_merged_tasks_give_every_tasks_labels_from_one_call(real_vit_cached):
 
 
 def test_adapters_of_different_training_sizes_are_refused(real_vit_cached):
-    model = get_peft_model(copy.deepcopy(real_vit_cached), MemoryTokenConfig(m=1, num_labels=3, image_size=56,
-                                                                             mode="masked"))
+    model = get_peft_model(
+        copy.deepcopy(real_vit_cached), MemoryTokenConfig(m=1, num_labels=3, image_size=56, mode="masked")
+    )
     model.add_adapter("other", MemoryTokenConfig(m=1, num_labels=3, image_size=98, mode="masked"))
     activate(model, ["default", "other"])
     with pytest.raises(InputError, match=r"different image sizes \[56, 98\]"):
@@ -79,14 +84,14 @@ def test_adapters_of_different_training_sizes_are_refused(real_vit_cached):
 
 
 def test_stock_pipeline_names_the_active_adapters_classes_and_the_base_config_comes_back(tmp_path):
-    from transformers import ViTImageProcessor
-
     from conftest import tiny_vit
+    from transformers import ViTImageProcessor
 
     vit = tiny_vit()
     before = (dict(vit.config.id2label), dict(vit.config.label2id), vit.config.problem_type)
-    model = get_peft_model(vit, MemoryTokenConfig(m=2, num_labels=3, label_names=NAMES, mode="masked"),
-                           adapter_name="animals")
+    model = get_peft_model(
+        vit, MemoryTokenConfig(m=2, num_labels=3, label_names=NAMES, mode="masked"), adapter_name="animals"
+    )
     model.add_adapter("digits", MemoryTokenConfig(m=1, num_labels=5, mode="masked"))
     randomise_task(model, "animals", 1)
     randomise_task(model, "digits", 2)
@@ -106,7 +111,8 @@ def test_stock_pipeline_names_the_active_adapters_classes_and_the_base_config_co
 
     model.set_adapter("animals")
     stock, forward = stock_and_forward("animals", 3)  # the base config's two default names would fail at class 2
-    assert [label for label, _ in stock] == [label for label, _ in forward] and {l for l, _ in stock} == set(NAMES)
+    assert [label for label, _ in stock] == [label for label, _ in forward]
+    assert {name for name, _ in stock} == set(NAMES)
     torch.testing.assert_close([p for _, p in stock], [p for _, p in forward], atol=1e-6, rtol=0)
     model.set_adapter("digits")
     stock, forward = stock_and_forward("digits", 10)  # top_k capped at the active head's 5 classes

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import tiny_vit
+from helpers import TINY_PIXELS
 from peft import get_peft_model
 from torch import nn
 
-from conftest import tiny_vit
-from helpers import TINY_PIXELS
 from memory_peft import MemoryTokenConfig
 from memory_peft.recipe import paper_recipe
 from memory_peft.tuner.errors import InputError
@@ -69,5 +69,7 @@ def test_the_training_script_takes_the_optimizer_and_its_default_lr():
     from memory_peft.training import parse_args
 
     assert (parse_args([]).optimizer, parse_args([]).lr) == ("sgd", DEFAULT_LR["sgd"])
-    assert (parse_args(["--optimizer", "adamw"]).lr, parse_args(["--optimizer", "adamw", "--lr", "0.5"]).lr) == \
-        (DEFAULT_LR["adamw"], 0.5)
+    assert (parse_args(["--optimizer", "adamw"]).lr, parse_args(["--optimizer", "adamw", "--lr", "0.5"]).lr) == (
+        DEFAULT_LR["adamw"],
+        0.5,
+    )

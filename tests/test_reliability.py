@@ -11,9 +11,9 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, SHARED, tiny_vit
-from helpers import TRAIN_SCRIPT_TINY as TINY, adapter_tensors, train
+from helpers import TRAIN_SCRIPT_TINY as TINY
+from helpers import adapter_tensors, train
 
 SOURCES = [ROOT / "memory_peft", ROOT / "examples", ROOT / "benchmarks"]
 
@@ -24,8 +24,18 @@ def test_sigkill_mid_epoch_then_resume_reaches_the_same_weights(tmp_path):
     if not (SHARED / "data" / "cifar10").is_dir():
         pytest.skip("bundled CIFAR-10 not found")
     interval = 2
-    common = ["--setting", "memory-masked", "--m", "2", "--max_steps", "10", "--seed", "5",
-              "--checkpoint_every", str(interval)]
+    common = [
+        "--setting",
+        "memory-masked",
+        "--m",
+        "2",
+        "--max_steps",
+        "10",
+        "--seed",
+        "5",
+        "--checkpoint_every",
+        str(interval),
+    ]
     train(tmp_path / "straight", *common)
 
     killed = tmp_path / "killed"
@@ -61,8 +71,11 @@ def unsafe_loads(path):
             continue
         name = ast.unparse(node.func)
         keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
-        if name.endswith(("torch.load", "pickle.load", "pickle.loads", "jit.load", "numpy.load", "np.load")) or \
-                name in ("load", "loads") and isinstance(node.func, ast.Name):
+        if (
+            name.endswith(("torch.load", "pickle.load", "pickle.loads", "jit.load", "numpy.load", "np.load"))
+            or name in ("load", "loads")
+            and isinstance(node.func, ast.Name)
+        ):
             if keywords.get("weights_only") != "True" and keywords.get("allow_pickle") != "False":
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
         if keywords.get("trust_remote_code") == "True":
@@ -125,21 +138,26 @@ def test_no_unpickling_anywhere_in_the_package():
 
 def test_the_scan_catches_unsafe_loads(tmp_path):
     sample = ROOT / "benchmarks" / ".scan_sample.py"
-    sample.write_text("import torch, pickle\ntorch.load('x')\npickle.loads(b'')\ntorch.load('y', weights_only=True)\n"
-                      "AutoModel.from_pretrained('z', trust_remote_code=True)\n")
+    sample.write_text(
+        "import torch, pickle\ntorch.load('x')\npickle.loads(b'')\ntorch.load('y', weights_only=True)\n"
+        "AutoModel.from_pretrained('z', trust_remote_code=True)\n"
+    )
     try:
         assert [hit.split(": ")[1] for hit in unsafe_loads(sample)] == [
-            "torch.load('x')", "pickle.loads(b'')", "AutoModel.from_pretrained('z', trust_remote_code=True)"]
+            "torch.load('x')",
+            "pickle.loads(b'')",
+            "AutoModel.from_pretrained('z', trust_remote_code=True)",
+        ]
     finally:
         sample.unlink()
 
 
 def test_loading_adapters_and_artifacts_never_calls_torch_load(tmp_path, monkeypatch):
+    from helpers import save_adapter
     from peft import PeftModel
 
     from memory_peft import load_adapters
     from memory_peft.artifact import load_multitask, split_artifact
-    from helpers import save_adapter
 
     calls = []
     real_load = torch.load

@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 import torch
+from conftest import REAL_VIT, ROOT
+from helpers import assert_identical, make_trained_model
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import ViTConfig, ViTModel
 
-from conftest import REAL_VIT, ROOT
 from memory_peft import MemoryTokenConfig
-from helpers import assert_identical, make_trained_model
 
 
 def test_save_load_same_logits_and_only_adapter_tensors(real_vit_cached, images, tmp_path):
@@ -21,7 +21,11 @@ def test_save_load_same_logits_and_only_adapter_tensors(real_vit_cached, images,
     with torch.no_grad():
         logits = model(pixel_values=pixels, interpolate_pos_encoding=True).logits
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
 
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {
@@ -67,9 +71,20 @@ def test_load_in_a_fresh_process(real_vit_cached, images, tmp_path):
     with torch.no_grad():
         logits = copy.deepcopy(model).double()(pixel_values=pixels, interpolate_pos_encoding=True).logits
     save_file({"pixels": pixels}, tmp_path / "pixels.safetensors")
-    subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(REAL_VIT), str(tmp_path / "adapter"),
-                    str(tmp_path / "pixels.safetensors"), str(tmp_path / "logits.safetensors")],
-                   check=True, cwd=ROOT, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            FRESH_PROCESS,
+            str(REAL_VIT),
+            str(tmp_path / "adapter"),
+            str(tmp_path / "pixels.safetensors"),
+            str(tmp_path / "logits.safetensors"),
+        ],
+        check=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert_identical(load_file(tmp_path / "logits.safetensors")["logits"], logits)
 
 

@@ -4,22 +4,20 @@ import copy
 
 import pytest
 import torch
-from peft import get_peft_model
-
 from conftest import tiny_vit
-from helpers import (DTYPES, assert_identical, assert_matches, masked_model, memories_of, randomise_task,
-                     real_vit_in)
-from memory_peft import MemoryTokenConfig
-from memory_peft.tuner.backbone import describe_backbone
+from helpers import DTYPES, assert_identical, assert_matches, masked_model, memories_of, randomise_task, real_vit_in
+from peft import get_peft_model
 from reference import attention_rows, mlp_block, reference_masked_model
 
+from memory_peft import MemoryTokenConfig
+from memory_peft.tuner.backbone import describe_backbone
 
 TASKS = [("a", 4, None), ("b", 2, [1, 4, 7]), ("c", 0, None), ("d", 6, [0, 11])]
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_every_forward_path_equals_plain_masked_reference(implementation, images):
-    """Eager inference with memory constants, inline memory (compiled or stale constants), and training's two streams."""
+    """Eager inference with memory constants, inline memory (compiled or stale constants), training's two streams."""
     pixels = images[0][:3].to(DTYPES[implementation])
     model = masked_model(real_vit_in(implementation), TASKS).to(DTYPES[implementation])
     tuner, layers = model.base_model, model.base_model.model.layers
@@ -27,8 +25,11 @@ def test_every_forward_path_equals_plain_masked_reference(implementation, images
         active = [name for name, _, _ in TASKS[:count]]
         with torch.no_grad():
             ref_base, ref_tasks = reference_masked_model(
-                tuner.model, [tuner.memory_class_token[n] for n in active], [memories_of(model, n) for n in active],
-                pixels)
+                tuner.model,
+                [tuner.memory_class_token[n] for n in active],
+                [memories_of(model, n) for n in active],
+                pixels,
+            )
             with_constants = tuner.encode(pixels, active, interpolate_pos_encoding=True)
             assert layers[0]._constants is not None  # prepared on activation (eval mode)
             for layer in layers:
@@ -82,7 +83,7 @@ def test_extension_reads_earlier_memory_and_keeps_earlier_outputs(images):
         embedded = tuner.model.embeddings(pixels, interpolate_pos_encoding=True)
         x = torch.cat([embedded, tuner.memory_class_token["new"].expand(3, 1, -1)], 1)
         n = embedded.shape[1]
-        for i, layer in enumerate(tuner.model.layers):
+        for layer in tuner.model.layers:
             memory = torch.cat([layer.memory_tokens["new"], layer.memory_tokens["old"]]).expand(3, -1, -1)
             mask = torch.ones(n + 1 + memory.shape[1], n + 1 + memory.shape[1], dtype=torch.bool)
             mask[:n, n:] = False

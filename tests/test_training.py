@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
+from helpers import assert_identical
 from peft import get_peft_model
 
-from helpers import assert_identical
 from memory_peft import MemoryTokenConfig
 from memory_peft.settings import SETTINGS, apply_setting
 
@@ -19,15 +18,18 @@ def test_only_adapter_parameters_get_gradients(real_vit, images, mode):
     model = get_peft_model(real_vit, MemoryTokenConfig(m=5, num_labels=CLASSES, mode=mode))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # every parameter, frozen ones included
     model.train()
-    for step in range(3):
+    for _ in range(3):
         loss = model(pixel_values=pixels[:4], labels=labels[:4], interpolate_pos_encoding=True).loss
         loss.backward()
         with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
         optimizer.step()
         optimizer.zero_grad()
     expected = {f"base_model.model.layers.{i}.memory_tokens.default" for i in range(LAYERS)}
-    expected |= {"base_model.memory_class_token.default", "base_model.memory_head.default.weight",
-                 "base_model.memory_head.default.bias"}
+    expected |= {
+        "base_model.memory_class_token.default",
+        "base_model.memory_head.default.weight",
+        "base_model.memory_head.default.bias",
+    }
     assert with_grad == expected
     after = model.unload().state_dict()  # the plain ViT again, same keys as before
     assert after.keys() == before.keys()
@@ -107,8 +109,17 @@ def test_frozen_weights_cast_once_give_the_same_step_under_autocast():
     from memory_peft.settings import cast_frozen_weights
 
     torch.manual_seed(0)
-    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                             image_size=32, patch_size=8), add_pooling_layer=False)
+    vit = ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        ),
+        add_pooling_layer=False,
+    )
     pixels, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
     plain = apply_setting(vit, "memory-masked", num_labels=CLASSES, m=3).train()
     cast = copy.deepcopy(plain)
@@ -116,7 +127,8 @@ def test_frozen_weights_cast_once_give_the_same_step_under_autocast():
     assert cast_frozen_weights(cast, torch.bfloat16) == 2 * 6 * 2 + 2
     results = {}
     for name, model in (("plain", plain), ("cast", cast)):
-        def step():
+
+        def step(model=model):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(pixel_values=pixels, labels=labels).loss
             loss.backward()

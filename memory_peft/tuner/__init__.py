@@ -23,8 +23,9 @@ from .registration import MEMORY_TOKENS, PEFT_TYPE_NAME, PREFIX
 def register() -> None:
     """Register config and tuner with the installed peft (idempotent; done on import)."""
     if PEFT_TYPE_TO_TUNER_MAPPING.get(MEMORY_TOKENS) is not MemoryTokenModel:
-        register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=MemoryTokenConfig, model_cls=MemoryTokenModel,
-                             prefix=PREFIX)
+        register_peft_method(
+            name=PEFT_TYPE_NAME.lower(), config_cls=MemoryTokenConfig, model_cls=MemoryTokenModel, prefix=PREFIX
+        )
     if not getattr(PeftModel.save_pretrained, "refuses_pickled_memory_adapters", False):
         PeftModel.save_pretrained = _safetensors_only(PeftModel.save_pretrained)
 
@@ -37,8 +38,10 @@ def _safetensors_only(save_pretrained):
     @functools.wraps(save_pretrained)
     def wrapper(self, save_directory, safe_serialization: bool = True, *args, **kwargs):
         if not safe_serialization and isinstance(self.base_model, MemoryTokenModel):
-            raise InputError("memory-peft saves adapters as safetensors only (a pickled adapter_model.bin is a file "
-                             "it will not load, since unpickling can run code): drop safe_serialization=False.")
+            raise InputError(
+                "memory-peft saves adapters as safetensors only (a pickled adapter_model.bin is a file "
+                "it will not load, since unpickling can run code): drop safe_serialization=False."
+            )
         return save_pretrained(self, save_directory, safe_serialization, *args, **kwargs)
 
     wrapper.refuses_pickled_memory_adapters = True

@@ -7,7 +7,6 @@ family is a new row, not a new layer class.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -22,15 +21,16 @@ class Architecture:
     embeddings: str  # pixel_values -> (B, 1 + extra + N, D): class token first, position embedding included
     layers: str  # the pre-LN transformer layers
     final_norm: str  # LayerNorm that the heads read
-    pre_norm: Optional[str] = None  # CLIP: LayerNorm on the embeddings before the first layer
+    pre_norm: str | None = None  # CLIP: LayerNorm on the embeddings before the first layer
     interpolates: bool = False  # Dinov2: the embeddings always interpolate the position embedding (no flag)
     wrapper: str = ""  # where a task model (e.g. ViTForImageClassification) keeps the backbone: "vit."
-    classifier: Optional[str] = None  # a task model's own head: its config's num_labels/id2label describe the task
+    classifier: str | None = None  # a task model's own head: its config's num_labels/id2label describe the task
 
 
-def _vit(wrapper: str = "", classifier: Optional[str] = None) -> Architecture:
-    return Architecture(f"{wrapper}embeddings", f"{wrapper}layers", f"{wrapper}layernorm", wrapper=wrapper,
-                        classifier=classifier)
+def _vit(wrapper: str = "", classifier: str | None = None) -> Architecture:
+    return Architecture(
+        f"{wrapper}embeddings", f"{wrapper}layers", f"{wrapper}layernorm", wrapper=wrapper, classifier=classifier
+    )
 
 
 # DeiT: the distillation token (position 1) is a base token like the patches: every class token reads it, nothing in
@@ -52,9 +52,9 @@ def relative_to_backbone(key: str, model_prefix: str, wrapper: str = "") -> str:
     trained on. Keys outside ``model_prefix`` are returned as they are."""
     if not key.startswith(model_prefix):
         return key
-    relative = key[len(model_prefix):]
+    relative = key[len(model_prefix) :]
     found = next((w for w in WRAPPERS if relative.startswith(w)), "")
-    return model_prefix + wrapper + relative[len(found):]
+    return model_prefix + wrapper + relative[len(found) :]
 
 
 @dataclass(frozen=True)
@@ -72,15 +72,36 @@ class LayerParts:
     dropout: str = "attention_dropout"
 
 
-_VIT_LAYER = LayerParts("layernorm_before", "attention", ("q_proj", "k_proj", "v_proj", "o_proj"), "layernorm_after",
-                        "mlp", ("dropout",), ("dropout",))
+_VIT_LAYER = LayerParts(
+    "layernorm_before",
+    "attention",
+    ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "layernorm_after",
+    "mlp",
+    ("dropout",),
+    ("dropout",),
+)
 LAYERS = {
     "ViTLayer": _VIT_LAYER,
     "DeiTLayer": _VIT_LAYER,
-    "Dinov2Layer": LayerParts("norm1", "attention", ("q_proj", "k_proj", "v_proj", "o_proj"), "norm2", "mlp",
-                              ("layer_scale1", "drop_path"), ("layer_scale2", "drop_path")),
-    "CLIPEncoderLayer": LayerParts("layer_norm1", "self_attn", ("q_proj", "k_proj", "v_proj", "out_proj"),
-                                   "layer_norm2", "mlp", scaling="scale", dropout="dropout"),
+    "Dinov2Layer": LayerParts(
+        "norm1",
+        "attention",
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "norm2",
+        "mlp",
+        ("layer_scale1", "drop_path"),
+        ("layer_scale2", "drop_path"),
+    ),
+    "CLIPEncoderLayer": LayerParts(
+        "layer_norm1",
+        "self_attn",
+        ("q_proj", "k_proj", "v_proj", "out_proj"),
+        "layer_norm2",
+        "mlp",
+        scaling="scale",
+        dropout="dropout",
+    ),
 }
 
 
@@ -98,7 +119,7 @@ class Backbone:
     embeddings: nn.Module
     layers: nn.ModuleList
     final_norm: nn.Module
-    pre_norm: Optional[nn.Module]
+    pre_norm: nn.Module | None
     hidden_size: int
     num_layers: int
     patch_size: int
@@ -144,21 +165,29 @@ class Backbone:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise InputError(f"pixel_values must be a tensor of shape (batch, channels, height, width); got {shape}.")
         if not pixel_values.is_floating_point():
-            raise InputError(f"pixel_values are {pixel_values.dtype}: the model takes normalised float images. Pass "
-                             "the images through the backbone's image processor (AutoImageProcessor) first.")
+            raise InputError(
+                f"pixel_values are {pixel_values.dtype}: the model takes normalised float images. Pass "
+                "the images through the backbone's image processor (AutoImageProcessor) first."
+            )
         channels, height, width = pixel_values.shape[1:]
         if channels == 1 and self.num_channels != 1:
             pixel_values = pixel_values.expand(-1, self.num_channels, -1, -1)
         elif channels != self.num_channels:
-            raise InputError(f"pixel_values has {channels} channels; this backbone takes {self.num_channels} "
-                             "(or 1 for grayscale). Convert the images to RGB first.")
+            raise InputError(
+                f"pixel_values has {channels} channels; this backbone takes {self.num_channels} "
+                "(or 1 for grayscale). Convert the images to RGB first."
+            )
         if height % self.patch_size or width % self.patch_size:
-            raise InputError(f"Image size {height}x{width} is not a multiple of the patch size {self.patch_size}: "
-                             "resize the images (e.g. set the image processor's size) to a multiple of it.")
+            raise InputError(
+                f"Image size {height}x{width} is not a multiple of the patch size {self.patch_size}: "
+                "resize the images (e.g. set the image processor's size) to a multiple of it."
+            )
         interpolates = interpolate_pos_encoding or self.architecture.interpolates
         if not interpolates and (height, width) != (self.image_size, self.image_size):
-            raise InputError(f"Image size {height}x{width} differs from the backbone's {self.image_size}x"
-                             f"{self.image_size}: pass interpolate_pos_encoding=True, or resize the images.")
+            raise InputError(
+                f"Image size {height}x{width} differs from the backbone's {self.image_size}x"
+                f"{self.image_size}: pass interpolate_pos_encoding=True, or resize the images."
+            )
         return pixel_values
 
 
@@ -193,8 +222,11 @@ def check_signature(recorded: dict | None, backbone: Backbone, what: str = "This
     if not recorded:
         return
     actual = backbone.signature
-    wrong = [f"{key} {recorded[key]} (this base model: {actual[key]})" for key in actual
-             if key in recorded and recorded[key] != actual[key]]
+    wrong = [
+        f"{key} {recorded[key]} (this base model: {actual[key]})"
+        for key in actual
+        if key in recorded and recorded[key] != actual[key]
+    ]
     if wrong:
         raise InputError(
             f"{what} was trained on a different backbone: {', '.join(wrong)}. Load it onto the base model it was "
@@ -203,7 +235,7 @@ def check_signature(recorded: dict | None, backbone: Backbone, what: str = "This
 
 
 def load_backbone(name_or_path: str, **kwargs) -> nn.Module:
-    """A supported backbone from a Hub id or local folder, chosen by its config's model_type (CLIP: the vision tower)."""
+    """A supported backbone from a Hub id or local folder, chosen by its config's model_type (CLIP: vision tower)."""
     from transformers import AutoConfig, CLIPVisionModel, DeiTModel, Dinov2Model, ViTModel
 
     from .storage import from_hub, is_local
@@ -223,5 +255,7 @@ def load_backbone(name_or_path: str, **kwargs) -> nn.Module:
         if isinstance(exc, MemoryPeftError):
             raise
         raise InputError(f"Base model {name_or_path} could not be loaded: {str(exc).splitlines()[0]}") from None
-    raise UnsupportedModelError(f"{name_or_path} is a {model_type!r} model; memory-peft loads vit, deit, dinov2 and clip "
-                                f"checkpoints ({', '.join(SUPPORTED_BACKBONES)}).")
+    raise UnsupportedModelError(
+        f"{name_or_path} is a {model_type!r} model; memory-peft loads vit, deit, dinov2 and clip "
+        f"checkpoints ({', '.join(SUPPORTED_BACKBONES)})."
+    )

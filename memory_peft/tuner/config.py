@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -43,32 +42,34 @@ class MemoryTokenConfig(PeftConfig):
         top_k: top-K memory attention for large memories: each query reads only its ``top_k`` highest-scoring
             memory entries of each memory it reads (None: all ``m``).
         target_modules: filled in by the tuner with the names of the adapted layers; not to be set by hand.
-        label_names, image_size, dataset: metadata recorded by the training script (class names, training image
-            size, the dataset's Hub id or folder), read by ``examples/predict.py``, pipelines and ``evaluate``.
+        label_names: the head's class names, in order (implies ``num_labels``); read by pipelines and ``predict``.
+        image_size: the input size the adapter was trained at; pipelines, ``evaluate`` and exports serve at it, and
+            a forward at another size warns once.
+        dataset: the training dataset as it was given (Hub id or path), which ``memory-peft evaluate`` scores on.
         backbone: recorded by the tuner (hidden size, depth, patch size of the base model it was created on); an
             adapter refuses to load onto a base model of another shape.
     """
 
     m: int = field(default=5, metadata={"help": "memory tokens per adapted layer"})
-    layers: Optional[list[int]] = field(default=None, metadata={"help": "layer indices with memory (None: all)"})
+    layers: list[int] | None = field(default=None, metadata={"help": "layer indices with memory (None: all)"})
     # "full" stays the default: it is the paper's "memory" setting and the more accurate one for a single task; the
     # errors that refuse to combine or merge full adapters name mode="masked" (the mode that merges).
     mode: str = field(default="full", metadata={"help": "'full' or 'masked' attention"})
-    num_labels: Optional[int] = field(
+    num_labels: int | None = field(
         default=None, metadata={"help": "classes of the task head (None: from label_names or the base model's head)"}
     )
     train_class_token: bool = field(default=True, metadata={"help": "train the task's class token"})
     init_std: float = field(default=0.02, metadata={"help": "std of the memory initialisation"})
     memory_layernorm: bool = field(default=True, metadata={"help": "memory goes through the pre-attention LN"})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "set by the tuner"})
-    extends: Optional[list[str]] = field(
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "set by the tuner"})
+    extends: list[str] | None = field(
         default=None, metadata={"help": "masked mode: earlier adapters whose memory this task also reads"}
     )
-    top_k: Optional[int] = field(default=None, metadata={"help": "each query reads only its k best memory entries"})
-    label_names: Optional[list[str]] = field(default=None, metadata={"help": "class names of the head, in order"})
-    image_size: Optional[int] = field(default=None, metadata={"help": "input size the adapter was trained at"})
-    dataset: Optional[str] = field(default=None, metadata={"help": "Hub id or folder of the training dataset"})
-    backbone: Optional[dict] = field(
+    top_k: int | None = field(default=None, metadata={"help": "each query reads only its k best memory entries"})
+    label_names: list[str] | None = field(default=None, metadata={"help": "class names of the head, in order"})
+    image_size: int | None = field(default=None, metadata={"help": "input size the adapter was trained at"})
+    dataset: str | None = field(default=None, metadata={"help": "Hub id or folder of the training dataset"})
+    backbone: dict | None = field(
         default=None, metadata={"help": "set by the tuner: hidden_size, num_layers, patch_size of the trained-on base"}
     )
 
@@ -101,13 +102,16 @@ class MemoryTokenConfig(PeftConfig):
             raise InputError(f"MemoryTokenConfig.top_k must be None or an int >= 1, got {self.top_k!r}.")
         if self.top_k is not None and self.top_k >= self.m:
             # top-K would keep every memory entry and do nothing: the user asked for something this cannot give
-            raise InputError(f"MemoryTokenConfig.top_k={self.top_k} with m={self.m}: each query would read all "
-                             f"{self.m} memory entries, so top-K does nothing. Use top_k < m, or top_k=None.")
+            raise InputError(
+                f"MemoryTokenConfig.top_k={self.top_k} with m={self.m}: each query would read all "
+                f"{self.m} memory entries, so top-K does nothing. Use top_k < m, or top_k=None."
+            )
         for flag in ("train_class_token", "memory_layernorm"):
             if not isinstance(getattr(self, flag), bool):
                 raise InputError(f"MemoryTokenConfig.{flag} must be true or false, got {getattr(self, flag)!r}.")
-        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
-                                            or self.image_size < 1):
+        if self.image_size is not None and (
+            isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1
+        ):
             raise InputError(f"MemoryTokenConfig.image_size must be None or an int >= 1, got {self.image_size!r}.")
         if self.dataset is not None and not isinstance(self.dataset, str):
             raise InputError(f"MemoryTokenConfig.dataset must be None or a Hub id / folder name, got {self.dataset!r}.")
@@ -141,7 +145,8 @@ class MemoryTokenConfig(PeftConfig):
         bad = [i for i in self.layers if not 0 <= i < num_layers]
         if bad:
             raise InputError(
-                f"MemoryTokenConfig.layers {bad} out of range: the backbone has {num_layers} layers (0..{num_layers - 1})."
+                f"MemoryTokenConfig.layers {bad} out of range: the backbone has {num_layers} layers "
+                f"(0..{num_layers - 1})."
             )
         return list(self.layers)
 
@@ -158,7 +163,7 @@ class MemoryTokenConfig(PeftConfig):
         return kwargs
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
         """Load the config and check the adapter's weights file (present, complete, matching shapes) before peft
         builds anything from it."""
         hub_kwargs = {k: v for k, v in cls._split_kwargs(kwargs)[0].items() if k not in ("subfolder", "user_agent")}
@@ -169,13 +174,15 @@ class MemoryTokenConfig(PeftConfig):
         return config
 
 
-def verify_adapter(source: str | os.PathLike, subfolder: Optional[str] = None, **hub_kwargs) -> tuple[dict, Path, Path]:
+def verify_adapter(source: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> tuple[dict, Path, Path]:
     """Check a memory adapter (local folder or Hub id) before loading it: (config dict, config path, weights path)."""
     config_path = adapter_file(source, CONFIG_FILE, subfolder, **hub_kwargs)
     config = read_config_file(config_path)
     if config.get("peft_type") != PEFT_TYPE_NAME:
-        raise AdapterFileError(f"{source!s} is a {config.get('peft_type')!r} adapter, not a memory-tokens adapter "
-                               f"(adapter_config.json: peft_type={config.get('peft_type')!r}).")
+        raise AdapterFileError(
+            f"{source!s} is a {config.get('peft_type')!r} adapter, not a memory-tokens adapter "
+            f"(adapter_config.json: peft_type={config.get('peft_type')!r})."
+        )
     checked = MemoryTokenConfig(**MemoryTokenConfig.check_kwargs(**config))  # unknown keys, wrong types
     weights_path = adapter_file(source, WEIGHTS_FILE, subfolder, **hub_kwargs)
     verify_weights(weights_path, checked.m, (checked.backbone or {}).get("hidden_size"))

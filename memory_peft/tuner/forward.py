@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ class Layout:
     names: tuple[str, ...]
     masked: bool
     plans: tuple[MemoryPlan, ...]  # per layer
-    masks: tuple[Optional[str], ...]  # per layer: name of its task-mask rows in ``tuner.task_masks`` (masked mode)
+    masks: tuple[str | None, ...]  # per layer: name of its task-mask rows in ``tuner.task_masks`` (masked mode)
 
 
 class MemoryForward:
@@ -38,13 +38,13 @@ class MemoryForward:
     # --- forward -----------------------------------------------------------------------------------------------------
     def memory_forward(
         self,
-        pixel_values: Optional[torch.Tensor] = None,
+        pixel_values: torch.Tensor | None = None,
         labels: Any = None,
-        interpolate_pos_encoding: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        base_keys_values: Optional[torch.Tensor] = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        base_keys_values: torch.Tensor | None = None,
         **kwargs,
     ):
         """The model's forward: one active adapter gives the stock ``ImageClassifierOutput``, several a
@@ -56,18 +56,25 @@ class MemoryForward:
             if labels is not None:
                 kwargs["labels"] = labels
             return type(self.model).forward(
-                self.model, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                return_dict=return_dict, **kwargs,
+                self.model,
+                pixel_values,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                **kwargs,
             )
         if base_keys_values is not None:
             if pixel_values is not None or output_attentions or output_hidden_states:
-                raise InputError("base_keys_values replaces pixel_values (and gives no hidden states or attentions): "
-                                 "pass one or the other.")
+                raise InputError(
+                    "base_keys_values replaces pixel_values (and gives no hidden states or attentions): "
+                    "pass one or the other."
+                )
             output = self.forward_cached(base_keys_values, labels, **kwargs)
         else:
-            output = self.forward_tasks(pixel_values, labels, interpolate_pos_encoding, output_attentions,
-                                        output_hidden_states, **kwargs)
+            output = self.forward_tasks(
+                pixel_values, labels, interpolate_pos_encoding, output_attentions, output_hidden_states, **kwargs
+            )
         if len(output.tasks) == 1:
             output = single_task(output)
             return output if return_dict is not False else output.to_tuple()
@@ -78,11 +85,11 @@ class MemoryForward:
 
     def forward_tasks(
         self,
-        pixel_values: Optional[torch.Tensor] = None,
+        pixel_values: torch.Tensor | None = None,
         labels: Any = None,
-        interpolate_pos_encoding: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> MultiTaskImageClassifierOutput:
         """The active adapters' outputs in one forward, as a ``MultiTaskImageClassifierOutput`` whatever their number
@@ -101,23 +108,28 @@ class MemoryForward:
         hidden = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         weights = output_attentions if output_attentions is not None else config.output_attentions
         encoded = self._encode(pixel_values, names, interpolate_pos_encoding, False, hidden, weights)
-        return self._task_outputs(names, encoded.features, labels, num_items, encoded.hidden_states,
-                                  encoded.attentions)
+        return self._task_outputs(names, encoded.features, labels, num_items, encoded.hidden_states, encoded.attentions)
 
     def _task_outputs(self, names, features, labels, num_items, hidden_states=None, attentions=None):
         """features (B, T, D) -> heads, per-task losses where labels are given, their sum."""
         if isinstance(labels, dict) and set(labels) - set(names):
-            raise InputError(f"labels for {sorted(set(labels) - set(names))}, which are not active adapters: the "
-                             f"active ones are {list(names)} (labels={{adapter name: tensor}} for those only).")
+            raise InputError(
+                f"labels for {sorted(set(labels) - set(names))}, which are not active adapters: the "
+                f"active ones are {list(names)} (labels={{adapter name: tensor}} for those only)."
+            )
         labels = [_labels_for(labels, name, names) for name in names]
         logits = self._heads(names, features)
         tasks = {name: self._classify(name, logits[t], labels[t], num_items) for t, name in enumerate(names)}
         losses = [task.loss for task in tasks.values() if task.loss is not None]
-        return MultiTaskImageClassifierOutput(loss=sum(losses[1:], losses[0]) if losses else None, tasks=tasks,
-                                              hidden_states=hidden_states, attentions=attentions)
+        return MultiTaskImageClassifierOutput(
+            loss=sum(losses[1:], losses[0]) if losses else None,
+            tasks=tasks,
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
 
     @torch.no_grad()
-    def base_keys_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: Optional[bool] = None):
+    def base_keys_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None):
         """(B, num_layers, 2, n, D): every layer's keys and values of the base rows. In masked mode they depend on the
         image alone (the base rows never read task rows or memory): what ``memory_peft.cache`` stores."""
         backbone = self._backbone
@@ -130,8 +142,9 @@ class MemoryForward:
             per_layer.append(torch.stack([key, value], 1))
         return torch.stack(per_layer, 1)
 
-    def forward_cached(self, base_keys_values: torch.Tensor, labels: Any = None,
-                       num_items_in_batch: Optional[int] = None) -> MultiTaskImageClassifierOutput:
+    def forward_cached(
+        self, base_keys_values: torch.Tensor, labels: Any = None, num_items_in_batch: int | None = None
+    ) -> MultiTaskImageClassifierOutput:
         """Masked adapters from cached base keys/values (``base_keys_values``' output, any float dtype): only the
         class-token path runs, with the same result as the forward on the images (up to the cache's precision)."""
         names = self.active_adapters
@@ -139,12 +152,16 @@ class MemoryForward:
             raise InputError("No adapter is active: activate one or more with memory_peft.activate(model, names).")
         layout = self._layout_for(list(names))
         if not layout.masked:
-            raise InputError(f"Adapter(s) {names} use full attention: their class token changes the base rows, so "
-                             "base keys/values cannot be cached. Caching needs mode='masked' adapters.")
+            raise InputError(
+                f"Adapter(s) {names} use full attention: their class token changes the base rows, so "
+                "base keys/values cannot be cached. Caching needs mode='masked' adapters."
+            )
         backbone = self._backbone
         if base_keys_values.dim() != 5 or base_keys_values.shape[1:3] != (len(backbone.layers), 2):
-            raise InputError(f"base_keys_values must be (batch, {len(backbone.layers)} layers, 2, tokens, width), "
-                             f"got {tuple(base_keys_values.shape)}.")
+            raise InputError(
+                f"base_keys_values must be (batch, {len(backbone.layers)} layers, 2, tokens, width), "
+                f"got {tuple(base_keys_values.shape)}."
+            )
         dtype = backbone.final_norm.weight.dtype
         cached = base_keys_values.to(dtype)
         batch, n = cached.shape[0], cached.shape[3]
@@ -155,8 +172,8 @@ class MemoryForward:
         return self._task_outputs(names, backbone.final_norm(tokens), labels, num_items_in_batch)
 
     def encode(
-        self, pixel_values: torch.Tensor, adapter_names: list[str], interpolate_pos_encoding: Optional[bool] = None
-    ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        self, pixel_values: torch.Tensor, adapter_names: list[str], interpolate_pos_encoding: bool | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Run the backbone once for these adapters.
 
         Returns (base, features): ``base`` (B, 1 + N, D) is the unadapted model's final-normed output (masked mode; None
@@ -165,8 +182,15 @@ class MemoryForward:
         encoded = self._encode(pixel_values, adapter_names, interpolate_pos_encoding, with_base=True)
         return encoded.base, encoded.features
 
-    def _encode(self, pixel_values, adapter_names, interpolate_pos_encoding, with_base: bool, hidden: bool = False,
-                weights: bool = False) -> _Encoded:
+    def _encode(
+        self,
+        pixel_values,
+        adapter_names,
+        interpolate_pos_encoding,
+        with_base: bool,
+        hidden: bool = False,
+        weights: bool = False,
+    ) -> _Encoded:
         backbone, layout = self._backbone, self._layout_for(list(adapter_names))
         dtype = backbone.final_norm.weight.dtype
         interpolate = self._interpolates(pixel_values, adapter_names, interpolate_pos_encoding)
@@ -184,8 +208,9 @@ class MemoryForward:
         # the base rows are out of autograd in training (only the class-token path is differentiated), so they run
         # as a stream of their own; at inference (and when hidden states or attentions are asked for) all rows run
         # together through one set of kernels
-        streams = torch.is_grad_enabled() and not backbone.layers[0].attention_weights_train() and not hidden \
-            and not weights
+        streams = (
+            torch.is_grad_enabled() and not backbone.layers[0].attention_weights_train() and not hidden and not weights
+        )
         masks = self._task_masks(layout, n, embedded, base_rows=not streams)
         if streams:
             base, tokens = embedded, torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
@@ -195,12 +220,11 @@ class MemoryForward:
                 with torch.no_grad():
                     base = backbone.final_norm(base)
             return _Encoded(base if with_base else None, backbone.final_norm(tokens))
-        x, states, probabilities = self._run_rows(torch.cat([embedded, *tokens], dim=1), layout, masks, hidden,
-                                                  weights)
+        x, states, probabilities = self._run_rows(torch.cat([embedded, *tokens], dim=1), layout, masks, hidden, weights)
         x = backbone.final_norm(x)
         return _Encoded(x[:, :n], x[:, n:], states, probabilities)
 
-    def _interpolates(self, pixel_values, names, interpolate_pos_encoding: Optional[bool]) -> bool:
+    def _interpolates(self, pixel_values, names, interpolate_pos_encoding: bool | None) -> bool:
         """Whether the position embeddings are interpolated: as asked, else (None) when the images are not the base
         config's size, so that a processor sized to the adapters works where nothing passes the flag (transformers'
         "image-classification" pipeline). Warns once per model and size when the images are not the size the active
@@ -220,10 +244,14 @@ class MemoryForward:
         if not trained or size in {(s, s) for s in trained} or size in warned:
             return
         warned.add(size)
-        warnings.warn(f"Images of {size[0]}x{size[1]} px, but adapter(s) {list(names)} were trained at "
-                      f"{'/'.join(map(str, sorted(trained)))} px: predictions change with the input size. Resize the "
-                      "images to the training size (memory_peft.data.image_processor(base_model, size), or the "
-                      "'memory-image-classification' pipeline, which does).", UserWarning, stacklevel=4)
+        warnings.warn(
+            f"Images of {size[0]}x{size[1]} px, but adapter(s) {list(names)} were trained at "
+            f"{'/'.join(map(str, sorted(trained)))} px: predictions change with the input size. Resize the "
+            "images to the training size (memory_peft.data.image_processor(base_model, size), or the "
+            "'memory-image-classification' pipeline, which does).",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _run_rows(self, x: torch.Tensor, layout: Layout, masks: dict, hidden: bool, weights: bool):
         """x (B, L, D) through every layer as one stream -> (x, the rows entering each layer and leaving the last
@@ -262,8 +290,9 @@ class MemoryForward:
         bias = torch.stack([head.bias for head in heads])  # (T, num_labels)
         return list(torch.baddbmm(bias[:, None], features.transpose(0, 1), weight.transpose(1, 2)).unbind(0))
 
-    def _classify(self, name: str, logits: torch.Tensor, labels: Optional[torch.Tensor],
-                  num_items: Optional[int] = None) -> ImageClassifierOutput:
+    def _classify(
+        self, name: str, logits: torch.Tensor, labels: torch.Tensor | None, num_items: int | None = None
+    ) -> ImageClassifierOutput:
         loss = None
         if labels is not None:
             if logits.shape[-1] > 1 and labels.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -284,10 +313,11 @@ class MemoryForward:
 
 
 class _Encoded(NamedTuple):
-    base: Optional[torch.Tensor]  # (B, n, D) final-normed base rows (masked mode, when asked for), else None
+    base: torch.Tensor | None  # (B, n, D) final-normed base rows (masked mode, when asked for), else None
     features: torch.Tensor  # (B, T, D) final-normed task class tokens
-    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
-    attentions: Optional[tuple[torch.Tensor, ...]] = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
 
 def _called_by_a_pipeline(depth: int = 12) -> bool:
     """Whether a transformers ``Pipeline`` called this forward (within ``depth`` frames): the stock pipelines are
@@ -304,7 +334,7 @@ def _called_by_a_pipeline(depth: int = 12) -> bool:
     return False
 
 
-def _labels_for(labels: Any, name: str, names: list[str]) -> Optional[torch.Tensor]:
+def _labels_for(labels: Any, name: str, names: list[str]) -> torch.Tensor | None:
     if labels is None or isinstance(labels, torch.Tensor) and len(names) == 1:
         return labels
     if isinstance(labels, dict):

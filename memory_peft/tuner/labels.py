@@ -9,8 +9,6 @@ config's two default names (a KeyError from the third class on, and wrong names 
 
 from __future__ import annotations
 
-from typing import Optional
-
 from .config import MemoryTokenConfig
 from .errors import InputError
 
@@ -22,7 +20,7 @@ def base_classifier(config) -> dict:
     return {field: _copy(getattr(config, field, None)) for field in _FIELDS}
 
 
-def describe_classifier(config, adapter: Optional[MemoryTokenConfig], base: dict) -> None:
+def describe_classifier(config, adapter: MemoryTokenConfig | None, base: dict) -> None:
     """Write ``adapter``'s head into ``config`` (None: restore ``base``, from ``base_classifier``)."""
     if config is None:
         return
@@ -50,9 +48,11 @@ def resolve_num_labels(adapter: MemoryTokenConfig, base: dict, has_classifier: b
     model_labels = len(id2label) or None
     if model_labels is None:
         if adapter.num_labels is None:
-            raise InputError(f"Adapter '{adapter_name}' needs its number of classes: pass "
-                             "MemoryTokenConfig(num_labels=...) or label_names=[...] (the base model has no "
-                             "classification head to take them from).")
+            raise InputError(
+                f"Adapter '{adapter_name}' needs its number of classes: pass "
+                "MemoryTokenConfig(num_labels=...) or label_names=[...] (the base model has no "
+                "classification head to take them from)."
+            )
         return
     names = [str(id2label.get(i, id2label.get(str(i)))) for i in range(model_labels)]
     if names == [f"LABEL_{i}" for i in range(model_labels)]:
@@ -61,6 +61,8 @@ def resolve_num_labels(adapter: MemoryTokenConfig, base: dict, has_classifier: b
         adapter.num_labels = model_labels
         adapter.label_names = adapter.label_names or names
     elif adapter.num_labels != model_labels:
-        raise InputError(f"Adapter '{adapter_name}' has num_labels={adapter.num_labels}, but the base model's "
-                         f"classification head has {model_labels} (config.num_labels): leave num_labels out to take "
-                         "the model's, or load the base model with num_labels matching the task (or as ViTModel).")
+        raise InputError(
+            f"Adapter '{adapter_name}' has num_labels={adapter.num_labels}, but the base model's "
+            f"classification head has {model_labels} (config.num_labels): leave num_labels out to take "
+            "the model's, or load the base model with num_labels matching the task (or as ViTModel)."
+        )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -43,8 +43,10 @@ class MemoryPlan:
         return self.through_norm + self.raw
 
 
-NOT_MERGEABLE = ("Memory tokens are extra keys/values, not a weight delta: they cannot be merged into weights. To get "
-                 "the plain backbone back, call unload() (the adapters are then no longer used).")
+NOT_MERGEABLE = (
+    "Memory tokens are extra keys/values, not a weight delta: they cannot be merged into weights. To get "
+    "the plain backbone back, call unload() (the adapters are then no longer used)."
+)
 NO_MEMORY = MemoryPlan()  # the base rows' plan: the stock layer
 
 
@@ -74,7 +76,7 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = []
-        self._constants: Optional[MemoryConstants] = None
+        self._constants: MemoryConstants | None = None
         # the wrapped modules, found once: the forward runs per layer per call and nn.Module lookups cost host time
         self._resolved = _Resolved(base_layer, parts)
 
@@ -91,7 +93,8 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         raise InputError(NOT_MERGEABLE)
 
     def unmerge(self) -> None:
-        warnings.warn("Already unmerged. Nothing to do.")  # nothing is ever merged; peft's LoRA says the same
+        # nothing is ever merged; peft's LoRA says the same
+        warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
 
     def forward(self, hidden_states, *args, **kwargs):
         # The stock encoder loop (adapters disabled) sees the plain layer.
@@ -137,8 +140,13 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         (M, D) (None without memory here): one LayerNorm and one GEMM per projection over all rows."""
         if plan.sizes and self._constants_hold(plan, x):
             parts, normed = self._resolved, self.norm_before(x)
-            return parts.query(normed), parts.key(normed), parts.value(normed), self._constants.key, \
-                self._constants.value
+            return (
+                parts.query(normed),
+                parts.key(normed),
+                parts.value(normed),
+                self._constants.key,
+                self._constants.value,
+            )
         batch, length, width = x.shape
         rows = x.reshape(batch * length, width)
         through = [self._memory(name, x.dtype) for name in plan.through_norm]
@@ -182,11 +190,25 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         if torch.compiler.is_compiling() or torch.is_grad_enabled() or self._constants is None:
             return False  # compiled and training forwards compute them inline: no state crosses calls
         constants = self._constants
-        return (constants.plan is plan and constants.key.dtype == x.dtype and constants.key.device == x.device
-                and not torch.is_autocast_enabled(x.device.type) and constants.stamp == self._stamp(constants.sources))
+        return (
+            constants.plan is plan
+            and constants.key.dtype == x.dtype
+            and constants.key.device == x.device
+            and not torch.is_autocast_enabled(x.device.type)
+            and constants.stamp == self._stamp(constants.sources)
+        )
 
-    def _attend(self, query, keys: list, values: list, memory_key, memory_value, plan: MemoryPlan, mask,
-                with_weights: bool = False):
+    def _attend(
+        self,
+        query,
+        keys: list,
+        values: list,
+        memory_key,
+        memory_value,
+        plan: MemoryPlan,
+        mask,
+        with_weights: bool = False,
+    ):
         """query (B, Lq, D) over the token columns ``keys``/``values`` (lists of (B, *, D)), then the memory columns
         -> (output (B, Lq, D), probabilities (B, H, Lq, Lk) when ``with_weights``, else None)."""
         batch, token_columns = query.shape[0], sum(k.shape[1] for k in keys)
@@ -201,8 +223,9 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         return attend(self._resolved, query, key, value, mask, with_weights)
 
     # --- one stream: full attention (mask None) or masked inference (mask over base + task rows) ---------------------
-    def forward_rows(self, x: torch.Tensor, plan: MemoryPlan, mask: Optional[torch.Tensor] = None,
-                     with_weights: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward_rows(
+        self, x: torch.Tensor, plan: MemoryPlan, mask: torch.Tensor | None = None, with_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, L, D) -> (x after this layer (B, L, D), attention probabilities (B, H, L, L + M) when
         ``with_weights``, else None). Every row reads the token and memory columns that ``mask`` (additive,
         (L, L + M)) allows; None: all of them (full attention, the task's class token at position 0)."""
@@ -227,16 +250,23 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         attended, _ = attend(self._resolved, base_query, base_key, base_value)
         return self._residual_and_mlp(base, attended), base_key, base_value
 
-    def forward_task_rows(self, tasks: torch.Tensor, base_key: torch.Tensor, base_value: torch.Tensor,
-                          plan: MemoryPlan, task_mask: torch.Tensor) -> torch.Tensor:
+    def forward_task_rows(
+        self,
+        tasks: torch.Tensor,
+        base_key: torch.Tensor,
+        base_value: torch.Tensor,
+        plan: MemoryPlan,
+        task_mask: torch.Tensor,
+    ) -> torch.Tensor:
         """tasks (B, T, D) after this layer, reading the base rows through their keys/values (B, n, D), computed now
         or read from a cache (``memory_peft.cache``)."""
         return self._checkpointed(self._task_rows, tasks, base_key, base_value, plan, task_mask)
 
     def _task_rows(self, tasks, base_key, base_value, plan, task_mask):
         query, key, value, memory_key, memory_value = self._project(tasks, plan)
-        attended, _ = self._attend(query, [base_key, key], [base_value, value], memory_key, memory_value, plan,
-                                   task_mask)
+        attended, _ = self._attend(
+            query, [base_key, key], [base_value, value], memory_key, memory_value, plan, task_mask
+        )
         return self._residual_and_mlp(tasks, attended)
 
     def _checkpointed(self, function, *args):

@@ -7,7 +7,6 @@ base model instance (route.py; removed on ``unload``); the forward itself is ``f
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -22,7 +21,6 @@ from .labels import base_classifier, describe_classifier, resolve_num_labels
 from .layer import NOT_MERGEABLE, MemoryLayer
 from .registration import PREFIX
 from .route import install_forward
-
 
 _MODEL_PREFIX = "base_model.model."  # where a PeftModel's state dict keeps the base model's entries
 
@@ -43,7 +41,7 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         config.memory_layers(backbone.num_layers)  # range check before anything is created
         config.backbone = backbone.signature
         self._backbone = backbone  # found once: the forward reads the parts from here
-        self._layout: Optional[Layout] = None
+        self._layout: Layout | None = None
         self._layer_index = {name: i for i, layer in enumerate(backbone.layers) for name in _names_of(model, layer)}
         if "memory_class_token" not in self._modules:
             self._base_classifier = base_classifier(getattr(model, "config", None))
@@ -68,8 +66,10 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         the paper's head-first recipe); shapes must match the adapter's (num_labels, hidden size)."""
         own = self.memory_head[adapter_name]
         if head.weight.shape != own.weight.shape:
-            raise InputError(f"Head of shape {tuple(head.weight.shape)} for adapter '{adapter_name}', whose head is "
-                             f"{tuple(own.weight.shape)} (num_labels, hidden size).")
+            raise InputError(
+                f"Head of shape {tuple(head.weight.shape)} for adapter '{adapter_name}', whose head is "
+                f"{tuple(own.weight.shape)} (num_labels, hidden size)."
+            )
         own.weight.copy_(head.weight)
         own.bias.copy_(head.bias if head.bias is not None else torch.zeros_like(own.bias))
 
@@ -154,8 +154,10 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         """Active adapters train unless loaded for inference (their config's inference_mode), whatever the call order
         of train()/eval() and activation."""
         active = set(self.active_adapters)
-        trains = {name: name in active and not inference_mode and not self.peft_config[name].inference_mode
-                  for name in self.memory_class_token}
+        trains = {
+            name: name in active and not inference_mode and not self.peft_config[name].inference_mode
+            for name in self.memory_class_token
+        }
         for name, token in self.memory_class_token.items():
             token.requires_grad_(trains[name] and self.peft_config[name].train_class_token)
             self.memory_head[name].requires_grad_(trains[name])
@@ -216,8 +218,10 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
             for plan in plans:
                 if plan not in keys:
                     keys[plan] = f"rows_{len(keys)}"
-                    blocks = [[plan.names.index(memory_names[i]) for i in task_reads if memory_names[i] in plan.names]
-                              for task_reads in reads]
+                    blocks = [
+                        [plan.names.index(memory_names[i]) for i in task_reads if memory_names[i] in plan.names]
+                        for task_reads in reads
+                    ]
                     # structure only: never on the meta device (low_cpu_mem_usage), whatever the weights are on
                     device = reference.device if not reference.is_meta else torch.device("cpu")
                     rows = task_mask_rows(len(names), list(plan.sizes), blocks, dtype, device)
@@ -266,9 +270,11 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         raise InputError(NOT_MERGEABLE)
 
     def add_weighted_adapter(self, *args, **kwargs):
-        raise InputError("Memory adapters are not combined by weighting (each has its own class token and head): "
-                         "serve several in one forward with memory_peft.activate(model, [names]), each keeping its "
-                         "own output, or train one adapter on the tasks' data.")
+        raise InputError(
+            "Memory adapters are not combined by weighting (each has its own class token and head): "
+            "serve several in one forward with memory_peft.activate(model, [names]), each keeping its "
+            "own output, or train one adapter on the tasks' data."
+        )
 
     def _unload_and_optionally_merge(self, merge=True, *args, **kwargs):
         if merge:
@@ -278,7 +284,7 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         describe_classifier(getattr(model, "config", None), None, self._base_classifier)
         return model
 
-    def _describe_classifier(self, names: Optional[list[str]] = None) -> None:
+    def _describe_classifier(self, names: list[str] | None = None) -> None:
         """The base config names the classes of the one active adapter, else says what it said before (labels.py)."""
         names = self.active_adapters if names is None else names
         enabled = getattr(self, "_memory_enabled", True)  # not yet set while the first adapter is injected
@@ -300,6 +306,7 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
             memory_names += [s for s in extends if s not in memory_names]
             reads.append([memory_names.index(name)] + [memory_names.index(s) for s in extends])
         return memory_names, reads
+
 
 def _names_of(model: nn.Module, module: nn.Module) -> list[str]:
     return [name for name, candidate in model.named_modules() if candidate is module]

@@ -7,14 +7,15 @@ from collections.abc import Iterable, Mapping
 from peft import PeftModel
 from torch import nn
 
-from .errors import InputError
 from .config import verify_adapter
+from .errors import InputError
 
 
 def activate(model: PeftModel, adapter_names: str | Iterable[str]) -> PeftModel:
     """Make these adapters run together: their class tokens are appended and their memories placed side by side.
 
-    The forward then returns a ``MultiTaskImageClassifierOutput`` (``.tasks``: ``{adapter name: ImageClassifierOutput}``). Only ``mode='masked'`` adapters combine.
+    The forward then returns a ``MultiTaskImageClassifierOutput`` (``.tasks``: ``{adapter name:
+    ImageClassifierOutput}``). Only ``mode='masked'`` adapters combine.
     Adapters train (memory, class token, head) unless they were loaded for inference (``is_trainable=False``).
     """
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)  # one name, not its letters

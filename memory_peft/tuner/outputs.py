@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from transformers.modeling_outputs import ImageClassifierOutput
@@ -12,11 +11,12 @@ from transformers.utils import ModelOutput
 
 from .errors import MemoryPeftError
 
-
-SEVERAL_TASKS = ("Several adapters {tasks} are active, so there is one logits tensor per task "
-                  "(output.tasks[name].logits), not one: serve them with pipeline(\"memory-image-classification\", "
-                  "model=...), or activate one adapter for single-task consumers such as the \"image-classification\" "
-                  "pipeline.")
+SEVERAL_TASKS = (
+    "Several adapters {tasks} are active, so there is one logits tensor per task "
+    '(output.tasks[name].logits), not one: serve them with pipeline("memory-image-classification", '
+    'model=...), or activate one adapter for single-task consumers such as the "image-classification" '
+    "pipeline."
+)
 
 
 class SeveralTasksError(MemoryPeftError, KeyError, AttributeError):
@@ -45,10 +45,10 @@ class MultiTaskImageClassifierOutput(ModelOutput):
     attentions)``, without the entries that are None, as ``ImageClassifierOutput.to_tuple()`` does.
     """
 
-    loss: Optional[torch.FloatTensor] = None
-    tasks: Optional[dict[str, ImageClassifierOutput]] = None
-    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
-    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+    loss: torch.FloatTensor | None = None
+    tasks: dict[str, ImageClassifierOutput] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
     def __getitem__(self, key):
         if isinstance(key, str) and key not in self.keys() and self.tasks and key in self.tasks:
@@ -70,5 +70,6 @@ class MultiTaskImageClassifierOutput(ModelOutput):
 def single_task(output: MultiTaskImageClassifierOutput) -> ImageClassifierOutput:
     """The stock output of a forward with one active adapter (what Trainer, pipelines and users expect)."""
     (task,) = output.tasks.values()
-    return ImageClassifierOutput(loss=task.loss, logits=task.logits, hidden_states=output.hidden_states,
-                                 attentions=output.attentions)
+    return ImageClassifierOutput(
+        loss=task.loss, logits=task.logits, hidden_states=output.hidden_states, attentions=output.attentions
+    )

@@ -21,7 +21,7 @@ class _TunerRoute(nn.Module):
     same layout compile again, and with ``fullgraph=True`` the ninth in one process failed (dynamo's recompile
     limit)."""
 
-    def __init__(self, tuner: "MemoryForward") -> None:
+    def __init__(self, tuner: MemoryForward) -> None:
         super().__init__()
         self.tuner = weakref.ref(tuner)
 
@@ -34,9 +34,11 @@ def _routed_forward(route: _TunerRoute, *args, **kwargs):
     """The base model's forward, routed through the tuner (bound to a ``_TunerRoute``)."""
     tuner = route.tuner()
     if tuner is None:
-        raise InputError("This model's memory adapters belonged to a PeftModel that no longer exists: wrap the "
-                         "model again (get_peft_model / PeftModel.from_pretrained), or call unload() on the "
-                         "PeftModel before dropping it to keep the plain model.")
+        raise InputError(
+            "This model's memory adapters belonged to a PeftModel that no longer exists: wrap the "
+            "model again (get_peft_model / PeftModel.from_pretrained), or call unload() on the "
+            "PeftModel before dropping it to keep the plain model."
+        )
     return tuner.memory_forward(*args, **kwargs)
 
 
@@ -45,7 +47,7 @@ def _routed_forward(route: _TunerRoute, *args, **kwargs):
 _routed_forward.__signature__ = inspect.signature(MemoryForward.memory_forward)
 
 
-def install_forward(model: nn.Module, tuner: "MemoryForward") -> None:
+def install_forward(model: nn.Module, tuner: MemoryForward) -> None:
     # a model wrapped again (e.g. after its first PeftModel was dropped) runs through the newest tuner
     installed = model.__dict__.get("forward")
     route = getattr(installed, "__self__", None)

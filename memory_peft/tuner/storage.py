@@ -11,11 +11,15 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError,
-                                     OfflineModeIsEnabled, RepositoryNotFoundError)
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
 from safetensors import SafetensorError, safe_open
 
 from .errors import AdapterFileError, HubUnreachableError, OutputExistsError, StorageError
@@ -49,12 +53,19 @@ def write_atomically(output_dir: str | os.PathLike, fill: Callable[[Path], None]
     except OSError as exc:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        reason = {errno.ENOSPC: "no space left on device", errno.EACCES: "permission denied",
-                  errno.EROFS: "read-only file system", errno.EPERM: "operation not permitted"}.get(exc.errno)
+        reason = {
+            errno.ENOSPC: "no space left on device",
+            errno.EACCES: "permission denied",
+            errno.EROFS: "read-only file system",
+            errno.EPERM: "operation not permitted",
+        }.get(exc.errno)
         if reason is None:
             raise
-        raise StorageError(exc.errno, f"Could not write {output_dir}: {reason} ({exc.filename or output_dir}). "
-                           "Nothing was changed there; choose a writable location with free space.") from exc
+        raise StorageError(
+            exc.errno,
+            f"Could not write {output_dir}: {reason} ({exc.filename or output_dir}). "
+            "Nothing was changed there; choose a writable location with free space.",
+        ) from exc
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -95,8 +106,10 @@ def save_adapter(model, output_dir: str | os.PathLike, overwrite: bool = False, 
     if output_dir.exists() and not overwrite:
         held = "an adapter" if (output_dir / CONFIG_FILE).exists() else "files"
         if held == "an adapter" or any(output_dir.iterdir()):
-            raise OutputExistsError(f"{output_dir} already holds {held}; pass overwrite=True (--overwrite) to "
-                                    "replace it, or choose another output directory.")
+            raise OutputExistsError(
+                f"{output_dir} already holds {held}; pass overwrite=True (--overwrite) to "
+                "replace it, or choose another output directory."
+            )
     return write_atomically(output_dir, lambda folder: model.save_pretrained(folder, **save_kwargs), overwrite=True)
 
 
@@ -108,32 +121,44 @@ def is_local(source: str | os.PathLike) -> bool:
     if path.is_dir():
         return True
     first = text.split("/")[0]
-    if text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1 or text.endswith("/") \
-            or path.exists() or ("/" in text and Path(first).is_dir()):
+    if (
+        text.startswith(("/", ".", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or text.endswith("/")
+        or path.exists()
+        or ("/" in text and Path(first).is_dir())
+    ):
         parent = next((p for p in path.parents if p.is_dir()), None)
-        hint = f" ({parent} holds {sorted(c.name for c in parent.iterdir())[:10]})" if parent not in (None, Path(".")) \
+        hint = (
+            f" ({parent} holds {sorted(c.name for c in parent.iterdir())[:10]})"
+            if parent not in (None, Path("."))
             else ""
+        )
         what = "a file, not a folder" if path.is_file() else f"no such folder{hint}"
         raise AdapterFileError(f"{text}: {what}, and not a Hub id ('name' or 'user/name'). Check the path.")
     return False
 
 
-def adapter_file(source: str | os.PathLike, filename: str, subfolder: Optional[str] = None, **hub_kwargs) -> Path:
+def adapter_file(source: str | os.PathLike, filename: str, subfolder: str | None = None, **hub_kwargs) -> Path:
     """A file of a local adapter folder or a Hub repo (downloaded into the cache), or a clear error."""
     folder = Path(source, subfolder or "")
     if is_local(source):
         pickled = folder / "adapter_model.bin"
         if filename == WEIGHTS_FILE and not (folder / filename).is_file() and pickled.is_file():
             raise AdapterFileError(
-                f"{folder} holds {pickled.name}, a pickle (saved with safe_serialization=False), and no {WEIGHTS_FILE}: "
+                f"{folder} holds {pickled.name}, a pickle (saved with safe_serialization=False), and no "
+                f"{WEIGHTS_FILE}: "
                 "memory-peft loads safetensors only, since unpickling a file can run code. Save the adapter again with "
                 "save_pretrained(folder) (safetensors is the default), or, for a file you trust, convert it: "
                 "safetensors.torch.save_file(torch.load(path, weights_only=True), folder/'adapter_model.safetensors')."
             )
         if not (folder / filename).is_file():
             present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-            raise AdapterFileError(f"{folder / filename} is missing (the folder holds {present}): {source!s} is not a "
-                                   "complete memory-peft adapter. Save or download it again.")
+            raise AdapterFileError(
+                f"{folder / filename} is missing (the folder holds {present}): {source!s} is not a "
+                "complete memory-peft adapter. Save or download it again."
+            )
         return folder / filename
     with from_hub(source):
         try:
@@ -141,8 +166,10 @@ def adapter_file(source: str | os.PathLike, filename: str, subfolder: Optional[s
         except (HFValidationError, RepositoryNotFoundError, EntryNotFoundError) as exc:
             if _network_failure(exc):
                 raise
-            raise AdapterFileError(f"{source!s} is neither a local folder nor a Hub repo holding "
-                                   f"{Path(subfolder or '', filename)} ({exc.__class__.__name__}).") from None
+            raise AdapterFileError(
+                f"{source!s} is neither a local folder nor a Hub repo holding "
+                f"{Path(subfolder or '', filename)} ({exc.__class__.__name__})."
+            ) from None
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -187,8 +214,10 @@ def from_hub(source: str | os.PathLike, what: str = "") -> Iterator[None]:
         if network is None:
             raise
         offline = "offline mode (HF_HUB_OFFLINE) is on" if _offline() else type(network).__name__
-        raise HubUnreachableError(f"{source!s}{f' ({what})' if what else ''} is not a local folder and the Hub could "
-                                  f"not be reached ({offline}): check the path or the network.") from None
+        raise HubUnreachableError(
+            f"{source!s}{f' ({what})' if what else ''} is not a local folder and the Hub could "
+            f"not be reached ({offline}): check the path or the network."
+        ) from None
 
 
 def _offline() -> bool:
@@ -197,25 +226,33 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def verify_weights(path: Path, expected_m: Optional[int] = None, hidden_size: Optional[int] = None) -> None:
+def verify_weights(path: Path, expected_m: int | None = None, hidden_size: int | None = None) -> None:
     """Check that a safetensors file is complete and holds memory-token tensors of the configured shapes."""
     try:
         with safe_open(str(path), "pt") as f:
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except (SafetensorError, OSError) as exc:
-        raise AdapterFileError(f"{path} is truncated or corrupted ({exc}). Save or download the adapter again.") \
-            from exc
+        raise AdapterFileError(
+            f"{path} is truncated or corrupted ({exc}). Save or download the adapter again."
+        ) from exc
     foreign = [key for key in shapes if ".memory_" not in key]
     if foreign or not shapes:
         raise AdapterFileError(f"{path} does not hold memory-token weights (unexpected tensors {foreign[:5]}).")
     for key, shape in shapes.items():
         if "memory_tokens" in key and expected_m is not None and shape[0] != expected_m:
-            raise AdapterFileError(f"{path}: {key} has {shape[0]} memory tokens but adapter_config.json says "
-                                   f"m={expected_m}; the files do not belong together.")
-        if hidden_size is not None and key.endswith(("memory_class_token", "memory_tokens")) and \
-                shape[-1] != hidden_size:
-            raise AdapterFileError(f"{path}: {key} has width {shape[-1]} but the adapter was recorded for "
-                                   f"hidden_size={hidden_size}; the files do not belong together.")
+            raise AdapterFileError(
+                f"{path}: {key} has {shape[0]} memory tokens but adapter_config.json says "
+                f"m={expected_m}; the files do not belong together."
+            )
+        if (
+            hidden_size is not None
+            and key.endswith(("memory_class_token", "memory_tokens"))
+            and shape[-1] != hidden_size
+        ):
+            raise AdapterFileError(
+                f"{path}: {key} has width {shape[-1]} but the adapter was recorded for "
+                f"hidden_size={hidden_size}; the files do not belong together."
+            )
 
 
 def read_config_file(path: Path) -> dict:
