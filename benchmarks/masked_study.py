@@ -357,14 +357,9 @@ def run_experiment(name: str, args, out: Path, vit, data, cached, probe, acceler
         train_one(swept.lr, seed)
 
 
-def report(out: Path, args) -> str:
-    """The markdown table: per experiment, its sweep, the chosen LR and test mean +- standard error over seeds."""
-    runs = recorded_runs(out)
-    lines = [
-        "| experiment | LRs tried (val %) | LR | test % (mean ± s.e.) | seeds | vs head+cls | gap closure | train % "
-        "| trainable |",
-        "|---" * 9 + "|",
-    ]
+def summarise(runs: dict) -> dict:
+    """Per experiment: (test accuracies at the chosen LR, one per seed; the chosen LR; {LR: validation accuracy} of the
+    seed-0 sweep; train accuracies; trainable parameters or None)."""
     summary = {}
     for name in ["head", *EXPERIMENTS]:
         sweep = {lr: r["val"] for (e, lr, seed), r in runs.items() if e == name and seed == 0}
@@ -380,6 +375,18 @@ def report(out: Path, args) -> str:
             [r["train"] for r in chosen if "train" in r],
             next((r["trainable"] for r in chosen if "trainable" in r), None),
         )
+    return summary
+
+
+def report(out: Path, args) -> str:
+    """The markdown table: per experiment, its sweep, the chosen LR and test mean +- standard error over seeds."""
+    runs = recorded_runs(out)
+    lines = [
+        "| experiment | LRs tried (val %) | LR | test % (mean ± s.e.) | seeds | vs head+cls | gap closure | train % "
+        "| trainable |",
+        "|---" * 9 + "|",
+    ]
+    summary = summarise(runs)
     # the reference: head + class token from the probe, else from a zero head (the start of the GPU table)
     reference = next((n for n in ("head+cls", "head+cls, zero head") if n in summary), None)
     reference_tests = summary[reference][0] if reference else None

@@ -218,3 +218,23 @@ def test_lora_and_adamw_rows_train_what_their_users_train_and_record_the_trainab
         assert {r["lr"] for r in runs if r["experiment"] == name} == set(masked_study.EXPERIMENTS[name][4])
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {lora} |"))
     assert row.endswith(f"| {expected[lora]:,} |")
+
+
+def test_the_frontier_plot_reads_each_rows_chosen_lr_and_seeds(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import frontier
+
+    runs = [
+        dict(experiment=name, lr=lr, seed=seed, val=val, test=test, seconds=1)
+        for name, lr, seed, val, test in (
+            ("head", 1.0, 0, 0.7, 0.70),
+            ("head", 1.0, 1, 0.7, 0.71),
+            ("masked m=5, zero head", 0.01, 0, 0.75, 0.72),
+            ("masked m=5, zero head", 0.03, 0, 0.70, 0.90),
+        )
+    ]  # not chosen
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    summary = frontier.summarise({(r["experiment"], r["lr"], r["seed"]): r for r in runs})
+    assert summary["masked m=5, zero head"][0] == [0.72] and summary["head"][0] == [0.70, 0.71]
+    frontier.main([str(tmp_path / "runs.jsonl"), "--out", str(tmp_path / "plot.png")])
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
