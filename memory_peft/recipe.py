@@ -18,8 +18,8 @@ OPTIMIZERS = (
     "sgd",
     "adamw",
 )  # sgd: the paper's; adamw: torch's defaults without weight decay, as transformers' Trainer
-# the training script's LR when none is given: sgd's is the main job's (memory m=5, 124 steps); adamw's is the LR the
-# masked study's validation chose for full-attention memory m=5 (benchmarks/results_masked_study.md)
+# the training script's LR when none is given: sgd's is the main job's (memory m=5, 124 steps); adamw's sits in the
+# masked study's AdamW grid for memory (0.001, 0.003) and is not yet chosen by a measurement (README: which to pick)
 DEFAULT_LR = {"sgd": 0.1, "adamw": 0.003}
 HEAD = "memory_head"  # the tuner's ModuleDict of task heads
 
