@@ -37,8 +37,15 @@ def test_every_block_that_is_not_run_says_why():
     ids=lambda value: value if isinstance(value, (str, int)) and len(str(value)) < 40 else "",
 )
 def test_docs_python_block_runs(page, index, code, tmp_path, monkeypatch):
+    """A block that runs has a check of what it shows (a new runnable block needs one here, or a not-run reason)."""
+    from test_readme import check_quickstart
+
+    checks = {("docs/getting-started.md", 0): check_quickstart}
+    assert (page, index) in checks, f"{page} block {index} runs but nothing checks what it shows: add a check here"
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, f"{page} (block {index})", "exec"), {})
+    namespace = {}
+    exec(compile(code, f"{page} (block {index})", "exec"), namespace)
+    checks[page, index](namespace, tmp_path)
 
 
 def test_onnx_serving_snippet_preprocesses_as_the_image_processor_does(tmp_path, monkeypatch, capsys):

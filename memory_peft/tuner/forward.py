@@ -328,7 +328,8 @@ def _called_by_a_pipeline(depth: int = 12) -> bool:
     for _ in range(depth):
         if frame is None:
             return False
-        if isinstance(frame.f_locals.get("self"), Pipeline):
+        # a code object's file name is free to read; a frame's locals are built on request: only there
+        if "pipelines" in frame.f_code.co_filename and isinstance(frame.f_locals.get("self"), Pipeline):
             return True
         frame = frame.f_back
     return False
