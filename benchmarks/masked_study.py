@@ -107,6 +107,45 @@ EXPERIMENTS = {
         [0.001, 0.003],
     ),
     "head+cls, zero head, adamw": ("head+cls", 0, {}, {"head_init": "zero", "optimizer": "adamw"}, [0.001, 0.003]),
+    # beyond the paper (design.md, "Exact task branches"): the last k layers as each task's own branch, memory m=5 at
+    # full attention there (and rank-8 updates of q and v: LoRA's targets); below it, masked memory. Trained on the
+    # images (a branch reads every base row of its layers, which the keys/values cache does not hold). Beside them,
+    # LoRA on the same last k layers only: what the branch's low-rank part is alone, at T forwards
+    "masked branch k=1, adamw": (
+        "memory-masked",
+        5,
+        {"branch_layers": 1},
+        {"head_init": "zero", "optimizer": "adamw"},
+        [0.001, 0.003],
+    ),
+    "masked branch k=2, adamw": (
+        "memory-masked",
+        5,
+        {"branch_layers": 2},
+        {"head_init": "zero", "optimizer": "adamw"},
+        [0.001, 0.003],
+    ),
+    "masked branch k=2 r=8, adamw": (
+        "memory-masked",
+        5,
+        {"branch_layers": 2, "branch_rank": 8},
+        {"head_init": "zero", "optimizer": "adamw"},
+        [0.001, 0.003],
+    ),
+    "masked branch k=4 r=8, adamw": (
+        "memory-masked",
+        5,
+        {"branch_layers": 4, "branch_rank": 8},
+        {"head_init": "zero", "optimizer": "adamw"},
+        [0.001, 0.003],
+    ),
+    "lora r=8 (q, v) last 2 layers, adamw": (
+        "lora",
+        0,
+        {"layers_to_transform": [10, 11]},
+        {"head_init": "zero", "optimizer": "adamw"},
+        [0.001, 0.003],
+    ),
 }
 
 # the head probe is cheap (cached features) and is the start of every run "from the probe": it always sweeps this far
@@ -286,11 +325,17 @@ def run_study(args) -> None:
                             seconds=0,
                         ),
                     )
-    masked = [e for e in args.experiments if e in EXPERIMENTS and EXPERIMENTS[e][0] == "memory-masked"]
+    masked = [e for e in args.experiments if cached_setting(e)]
     cached = caches(vit, data, args, out) if masked else None
     for name in (e for e in args.experiments if e != "head"):
         run_experiment(name, args, out, vit, data, cached, probe, accelerator)
     print(report(out, args), flush=True)
+
+
+def cached_setting(name: str) -> bool:
+    """Whether an experiment trains and is scored on the base keys/values cache: masked memory without a branch."""
+    setting, _, overrides, _, _ = EXPERIMENTS.get(name, (None, 0, {}, {}, []))
+    return setting == "memory-masked" and not overrides.get("branch_layers")
 
 
 def run_experiment(name: str, args, out: Path, vit, data, cached, probe, accelerator) -> None:
@@ -309,9 +354,9 @@ def run_experiment(name: str, args, out: Path, vit, data, cached, probe, acceler
         if done is not None:
             return done
         started = time.perf_counter()
-        cache = cached["train"] if setting == "memory-masked" else None
+        cache = cached["train"] if cached_setting(name) else None
         if setting == "lora":
-            model = run_lora(args.backbone, data, lr, seed, run_args, accelerator)
+            model = run_lora(args.backbone, data, lr, seed, run_args, accelerator, **overrides)
         else:
             model = run_setting(
                 vit,

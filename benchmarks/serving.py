@@ -10,7 +10,9 @@ ViT-B/32-shaped random model (default ViTConfig, patch 32, 224 px, N = 49 patche
    fine-tuning (peak CUDA memory on a GPU; on a CPU the bytes autograd saves for backward plus gradients and
    optimizer state). In bf16/fp16 the step runs under autocast as `accelerate --mixed_precision` does, with the
    frozen weights cast once (`cast_frozen_weights`, as the training script does);
-3. adapter and merged-artifact sizes on disk for T = 1, 10.
+3. adapter and merged-artifact sizes on disk for T = 1, 10;
+4. T = 10 tasks served every way: masked memory and task branches (k = 1, 2, 4) as one forward, peft's LoRA as T
+   forwards, as one mixed-adapter batch, and merged into the weights for one task.
 Beside each ratio: ATen ops per eager call (about one GPU kernel launch each). With --compile the base model and the
 adapted models are compiled the same way (fullgraph), so that like is compared with like.
 Timing: configurations interleaved within each repetition, ratios taken against the reference of the same
@@ -140,6 +142,84 @@ def inference(args, batch, device, dtype):
         reps = interleaved(timing, args.reps, lambda fn: timed(fn, device), warmup=1 if args.compile == "none" else 3)
     kept = without_foreign_load(reps, "base")
     return median_ratios(kept, "base"), ops, len(kept), len(reps), statistics.median(r["base"] for r in kept)
+
+
+BRANCHES = (1, 2, 4)  # branch depths measured at T tasks, each with memory m=5 and rank-8 q/v updates
+
+
+def frontier(args, batch, device, dtype):
+    """T tasks served every way a user can, relative to one base forward: masked memory (k=0) and task branches of
+    depth k as one merged forward, peft's LoRA r=8 (q, v) as T forwards, as one forward of peft's mixed-adapter batch
+    (each image repeated per task, ``adapter_names``) and merged into the weights for one task (T=1)."""
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    tasks = args.frontier_tasks
+    vit = ViTModel(ViTConfig(patch_size=32), add_pooling_layer=False).eval()
+    stock = copy.deepcopy(vit).to(device, dtype)
+    pixels = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
+    names = [f"task{t}" for t in range(tasks)]
+    memory = {}
+    for k in (0, *BRANCHES):
+        config = dict(m=5, num_labels=100, mode="masked", branch_layers=k, branch_rank=8 if k else 0)
+        model = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(**config), adapter_name=names[0])
+        for name in names[1:]:
+            model.add_adapter(name, MemoryTokenConfig(**config))
+        memory[k] = activate(model.to(device, dtype).eval(), names)
+    lora = get_peft_model(copy.deepcopy(vit), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    for name in names[1:]:
+        lora.add_adapter(name, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    lora = lora.to(device, dtype).eval()
+    merged_lora = copy.deepcopy(lora).merge_and_unload(adapter_names=["default"])
+    repeated = pixels.repeat(tasks, 1, 1, 1)
+    per_image = [name for name in ["default", *names[1:]] for _ in range(batch)]
+    configs = {
+        "base": lambda: stock(pixels),
+        "lora, one adapter (unmerged)": lambda: lora(pixel_values=pixels),
+        f"lora mixed batch T={tasks}": lambda: lora(pixel_values=repeated, adapter_names=per_image),
+        "lora merged T=1": lambda: merged_lora(pixel_values=pixels),
+        **{f"memory k={k} T={tasks}": (lambda model=model: model(pixel_values=pixels)) for k, model in memory.items()},
+    }
+    with torch.no_grad():
+        ops = {name: sum(count_ops(fn).values()) for name, fn in configs.items()}
+        timing = {name: (lambda: None, fn) for name, fn in configs.items()}
+        reps = interleaved(timing, args.reps, lambda fn: timed(fn, device), warmup=1)
+    kept = without_foreign_load(reps, "base")
+    return median_ratios(kept, "base"), ops, len(kept), len(reps)
+
+
+def frontier_lines(args, batch, device, dtype) -> list[str]:
+    ratio, ops, kept, total = frontier(args, batch, device, dtype)
+    tasks, layers = args.frontier_tasks, 12
+    rows = [
+        ("masked memory m=5 (k=0), one forward", f"memory k=0 T={tasks}", 1 + tasks / 50),
+        *(
+            (f"task branches k={k} (m=5, r=8), one forward", f"memory k={k} T={tasks}", 1 + tasks * k / layers)
+            for k in BRANCHES
+        ),
+        (f"LoRA r=8 (q, v), {tasks} forwards", None, tasks),
+        (f"LoRA r=8 (q, v), mixed batch of {tasks} adapters", f"lora mixed batch T={tasks}", tasks),
+    ]
+    lines = [
+        f"### {tasks} tasks from one model, batch {batch}: cost relative to one base forward ({kept} of {total} "
+        f"repetitions kept)",
+        "",
+        "| how | cost | FLOP ratio | eager ops |",
+        "|---|---|---|---|",
+    ]
+    for label, name, ideal in rows:
+        cost = ratio[name] if name else tasks * ratio["lora, one adapter (unmerged)"]
+        count = ops[name] if name else tasks * ops["lora, one adapter (unmerged)"]
+        lines.append(f"| {label} | {cost:.2f} x | {ideal:.2f} x | {count} |")
+    lines += [
+        f"| LoRA merged into the weights, 1 task | {ratio['lora merged T=1']:.2f} x | 1.00 x | "
+        f"{ops['lora merged T=1']} |",
+        "",
+        f"FLOP ratio: masked 1 + T/(N+1); branches 1 + T·k/L (L={layers}); LoRA T (T forwards = T x the measured "
+        "one-adapter forward).",
+        "",
+    ]
+    return lines
 
 
 def host_overhead(args):
@@ -323,7 +403,8 @@ def main(argv=None):
     p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"])
     p.add_argument("--tasks", type=int, nargs="+", default=list(TASK_COUNTS))
     p.add_argument("--settings", nargs="*", default=list(TRAINED), choices=TRAINED)
-    p.add_argument("--skip", nargs="*", default=[], choices=["inference", "training", "overhead", "sizes"])
+    p.add_argument("--frontier_tasks", type=int, default=10, help="T of the every-way-of-serving comparison")
+    p.add_argument("--skip", nargs="*", default=[], choices=["inference", "frontier", "training", "overhead", "sizes"])
     p.add_argument("--out", default="benchmarks/results_serving.md")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -339,6 +420,9 @@ def main(argv=None):
     if "inference" not in args.skip:
         for batch in args.batch:
             emit(inference_lines(args, batch, device, dtype))
+    if "frontier" not in args.skip:
+        for batch in args.batch:
+            emit(frontier_lines(args, batch, device, dtype))
     if device.type == "cpu" and "overhead" not in args.skip:
         overhead, base_seconds = host_overhead(args)
         emit(

@@ -1,5 +1,7 @@
 """The paper's method written plainly, as the tests' ground truth: one concatenated sequence, one attention."""
 
+import copy
+
 import torch
 
 
@@ -70,3 +72,32 @@ def reference_masked_model(vit, class_tokens, memories, pixels, interpolate=True
         x = mlp_block(base_layer, x + attention_rows(base_layer, sequence, mask)[:, : n + num_tasks])
     normed = vit.layernorm(x)
     return normed[:, :n], normed[:, n:]
+
+
+def reference_branch_model(vit, class_token, memories, start, updates, pixels, interpolate=True):
+    """One masked task whose last layers, from ``start``, are its branch: below it, masked mode (the task's row reads
+    the base rows, itself and its memory); from it, [c_t; base patches at ``start``] through copies of the stock
+    layers whose q and v weights carry ``updates[i]`` = (delta_q, delta_v), each (D, D), with the task's memory at
+    full attention. Returns (the base rows' final outputs, the task's final-normed class token)."""
+    embedded = vit.embeddings(pixels, interpolate_pos_encoding=interpolate)
+    batch, n, _ = embedded.shape
+    x = torch.cat([embedded, class_token.expand(batch, 1, -1)], 1)
+    branch = None
+    for i, layer in enumerate(vit.layers):
+        base_layer = getattr(layer, "base_layer", layer)
+        if i == start:
+            branch = torch.cat([x[:, n:], x[:, 1:n]], 1)
+        if branch is not None:
+            adapted = copy.deepcopy(base_layer)
+            if i in updates:
+                with torch.no_grad():
+                    adapted.attention.q_proj.weight += updates[i][0]
+                    adapted.attention.v_proj.weight += updates[i][1]
+            branch = reference_full_layer(adapted, branch, memories.get(i))
+        memory = memories.get(i) if branch is None else None
+        sequence = x if memory is None else torch.cat([x, memory.expand(batch, -1, -1)], 1)
+        mask = torch.ones(sequence.shape[1], sequence.shape[1], dtype=torch.bool)
+        mask[:n, n:] = False  # base rows read base rows only
+        x = mlp_block(base_layer, x + attention_rows(base_layer, sequence, mask)[:, : n + 1])
+    task = x[:, n] if branch is None else branch[:, 0]
+    return vit.layernorm(x[:, :n]), vit.layernorm(task)

@@ -41,6 +41,14 @@ class MemoryTokenConfig(PeftConfig):
             task's class token also reads; their own outputs stay unchanged. They must be loaded alongside.
         top_k: top-K memory attention for large memories: each query reads only its ``top_k`` highest-scoring
             memory entries of each memory it reads (None: all ``m``).
+        branch_layers: masked mode, beyond the paper: the last ``branch_layers`` layers run as this task's own
+            branch. Its class token leaves the masked rows there and, with the base patches of that depth, runs
+            through its own copy of those layers with full attention to its memory (and ``branch_rank`` updates);
+            the base rows go on unchanged beside it, so base outputs and concatenation stay exact. T tasks cost
+            about 1 + T * branch_layers / num_layers base forwards. 0 (the default): the paper's masked mode.
+        branch_rank: rank of low-rank updates of the query and value projections inside the branch (LoRA's
+            ``B @ A`` scaled by ``branch_alpha / branch_rank``, ``B`` from zero); 0: memory only.
+        branch_alpha: scale numerator of those updates (None: ``2 * branch_rank``, as LoRA's r=8, alpha=16).
         target_modules: filled in by the tuner with the names of the adapted layers; not to be set by hand.
         label_names: the head's class names, in order (implies ``num_labels``); read by pipelines and ``predict``.
         image_size: the input size the adapter was trained at; pipelines, ``evaluate`` and exports serve at it, and
@@ -66,6 +74,9 @@ class MemoryTokenConfig(PeftConfig):
         default=None, metadata={"help": "masked mode: earlier adapters whose memory this task also reads"}
     )
     top_k: int | None = field(default=None, metadata={"help": "each query reads only its k best memory entries"})
+    branch_layers: int = field(default=0, metadata={"help": "masked mode: the last k layers as the task's branch"})
+    branch_rank: int = field(default=0, metadata={"help": "rank of q/v updates inside the branch (0: none)"})
+    branch_alpha: float | None = field(default=None, metadata={"help": "scale numerator (None: 2 * branch_rank)"})
     label_names: list[str] | None = field(default=None, metadata={"help": "class names of the head, in order"})
     image_size: int | None = field(default=None, metadata={"help": "input size the adapter was trained at"})
     dataset: str | None = field(default=None, metadata={"help": "Hub id or folder of the training dataset"})
@@ -106,6 +117,7 @@ class MemoryTokenConfig(PeftConfig):
                 f"MemoryTokenConfig.top_k={self.top_k} with m={self.m}: each query would read all "
                 f"{self.m} memory entries, so top-K does nothing. Use top_k < m, or top_k=None."
             )
+        self._validate_branch()
         for flag in ("train_class_token", "memory_layernorm"):
             if not isinstance(getattr(self, flag), bool):
                 raise InputError(f"MemoryTokenConfig.{flag} must be true or false, got {getattr(self, flag)!r}.")
@@ -131,6 +143,39 @@ class MemoryTokenConfig(PeftConfig):
             ):
                 raise InputError(f"MemoryTokenConfig.layers must be a list of layer indices, got {self.layers!r}.")
             self.layers = sorted(set(self.layers))
+
+    def _validate_branch(self) -> None:
+        for name in ("branch_layers", "branch_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(f"MemoryTokenConfig.{name} must be an int >= 0, got {value!r}.")
+        if self.branch_alpha is not None and (
+            isinstance(self.branch_alpha, bool) or not isinstance(self.branch_alpha, (int, float))
+        ):
+            raise InputError(f"MemoryTokenConfig.branch_alpha must be None or a number, got {self.branch_alpha!r}.")
+        if self.branch_rank and not self.branch_layers:
+            raise InputError("MemoryTokenConfig.branch_rank needs branch_layers >= 1: the updates live in the branch.")
+        if self.branch_layers and self.mode != "masked":
+            raise InputError(
+                "MemoryTokenConfig.branch_layers needs mode='masked' (with full attention every layer is already the "
+                "task's own)."
+            )
+        for other in ("extends", "top_k"):
+            if self.branch_layers and getattr(self, other) is not None:
+                raise InputError(f"MemoryTokenConfig.branch_layers cannot be combined with {other} (not supported).")
+
+    def branch_start(self, num_layers: int) -> int:
+        """The first layer of the task's branch (``num_layers``: no branch), checked against the backbone's depth."""
+        if self.branch_layers > num_layers:
+            raise InputError(
+                f"MemoryTokenConfig.branch_layers={self.branch_layers}, but the backbone has {num_layers} layers."
+            )
+        return num_layers - self.branch_layers
+
+    def branch_scale(self) -> float:
+        """The low-rank updates' scale, alpha / rank."""
+        alpha = 2 * self.branch_rank if self.branch_alpha is None else self.branch_alpha
+        return alpha / self.branch_rank if self.branch_rank else 0.0
 
     def class_names(self) -> list[str]:
         """The head's class names: ``label_names``, else transformers' default names LABEL_0, LABEL_1, ..."""
@@ -170,7 +215,8 @@ class MemoryTokenConfig(PeftConfig):
         source = str(pretrained_model_name_or_path)
         config = super().from_pretrained(source, subfolder=subfolder, **kwargs)
         hidden = (config.backbone or {}).get("hidden_size")
-        verify_weights(adapter_file(source, WEIGHTS_FILE, subfolder, **hub_kwargs), config.m, hidden)
+        weights = adapter_file(source, WEIGHTS_FILE, subfolder, **hub_kwargs)
+        verify_weights(weights, config.m, hidden, config.branch_rank)
         return config
 
 
@@ -185,5 +231,5 @@ def verify_adapter(source: str | os.PathLike, subfolder: str | None = None, **hu
         )
     checked = MemoryTokenConfig(**MemoryTokenConfig.check_kwargs(**config))  # unknown keys, wrong types
     weights_path = adapter_file(source, WEIGHTS_FILE, subfolder, **hub_kwargs)
-    verify_weights(weights_path, checked.m, (checked.backbone or {}).get("hidden_size"))
+    verify_weights(weights_path, checked.m, (checked.backbone or {}).get("hidden_size"), checked.branch_rank)
     return config, config_path, weights_path

@@ -16,6 +16,7 @@ from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .attention import with_base_columns
+from .branch import BranchGroup, run_with_branches
 from .errors import InputError
 from .layer import MemoryPlan
 from .outputs import SEVERAL_TASKS, MultiTaskImageClassifierOutput, SeveralTasksError, single_task
@@ -29,6 +30,8 @@ class Layout:
     masked: bool
     plans: tuple[MemoryPlan, ...]  # per layer
     masks: tuple[str | None, ...]  # per layer: name of its task-mask rows in ``tuner.task_masks`` (masked mode)
+    starts: tuple[int, ...] = ()  # per task: the first layer of its branch (the number of layers: none)
+    groups: tuple[BranchGroup, ...] = ()  # the tasks with a branch, grouped to run batched
 
 
 class MemoryForward:
@@ -156,6 +159,11 @@ class MemoryForward:
                 f"Adapter(s) {names} use full attention: their class token changes the base rows, so "
                 "base keys/values cannot be cached. Caching needs mode='masked' adapters."
             )
+        if layout.groups:
+            raise InputError(
+                f"Adapter(s) {[n for g in layout.groups for n in g.names]} have task branches (branch_layers): their "
+                "branch reads every base row of its layers, which base keys/values do not hold. Train them on images."
+            )
         backbone = self._backbone
         if base_keys_values.dim() != 5 or base_keys_values.shape[1:3] != (len(backbone.layers), 2):
             raise InputError(
@@ -212,6 +220,17 @@ class MemoryForward:
             torch.is_grad_enabled() and not backbone.layers[0].attention_weights_train() and not hidden and not weights
         )
         masks = self._task_masks(layout, n, embedded, base_rows=not streams)
+        if layout.groups:
+            if weights:
+                raise InputError(
+                    f"output_attentions is not available with task branches (adapters {list(adapter_names)} with "
+                    "branch_layers): a branch's attention is another sequence than the masked rows'."
+                )
+            x, states = run_with_branches(
+                backbone.layers, layout, masks, embedded, tokens, streams, with_base or hidden
+            )
+            x = backbone.final_norm(x)
+            return _Encoded(x[:, :n] if with_base else None, x[:, n:], states if hidden else None)
         if streams:
             base, tokens = embedded, torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
             for layer, plan, mask in zip(backbone.layers, layout.plans, layout.masks):

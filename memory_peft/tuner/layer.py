@@ -63,8 +63,8 @@ class MemoryConstants(NamedTuple):
 class MemoryLayer(nn.Module, BaseTunerLayer):
     """Wraps a pre-LN ViT-family layer (norm -> attention -> norm -> MLP; part names from ``LayerParts``)."""
 
-    adapter_layer_names = ("memory_tokens",)
-    other_param_names = ("memory_layernorm", "memory_top_k")
+    adapter_layer_names = ("memory_tokens", "memory_branch_down", "memory_branch_up")
+    other_param_names = ("memory_layernorm", "memory_top_k", "memory_branch_scale")
 
     def __init__(self, base_layer: nn.Module, layer_index: int, parts) -> None:
         nn.Module.__init__(self)
@@ -73,6 +73,10 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         self.memory_tokens = nn.ParameterDict()  # adapter -> (m, D)
         self.memory_layernorm: dict[str, bool] = {}  # adapter -> memory passes through norm_before
         self.memory_top_k: dict[str, int | None] = {}  # adapter -> each query reads its k best memory entries
+        # task branches (branch.py): adapter -> low-rank factors of the q and v updates, (2, r, D) and (2, D, r)
+        self.memory_branch_down = nn.ParameterDict()
+        self.memory_branch_up = nn.ParameterDict()
+        self.memory_branch_scale: dict[str, float] = {}  # adapter -> alpha / r
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = []
@@ -80,13 +84,31 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         # the wrapped modules, found once: the forward runs per layer per call and nn.Module lookups cost host time
         self._resolved = _Resolved(base_layer, parts)
 
-    def update_layer(self, adapter_name: str, m: int, init_std: float, memory_layernorm: bool, top_k=None) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        m: int,
+        init_std: float,
+        memory_layernorm: bool,
+        top_k=None,
+        branch_rank: int = 0,
+        branch_scale: float = 0.0,
+    ) -> None:
         self.memory_layernorm[adapter_name] = memory_layernorm
         self.memory_top_k[adapter_name] = top_k
+        reference = self.norm_before.weight
         if m > 0:
-            reference = self.norm_before.weight
             memory = torch.empty(m, reference.shape[0], device=reference.device, dtype=torch.float32)
             self.memory_tokens[adapter_name] = nn.Parameter(nn.init.normal_(memory, std=init_std))
+        if branch_rank > 0:
+            # LoRA's initialisation: A as nn.Linear's default, B zero, so the branch starts as the frozen layer
+            down = torch.empty(2, branch_rank, reference.shape[0], device=reference.device, dtype=torch.float32)
+            for factor in down:
+                nn.init.kaiming_uniform_(factor, a=5**0.5)
+            up = torch.zeros(2, reference.shape[0], branch_rank, device=reference.device, dtype=torch.float32)
+            self.memory_branch_down[adapter_name] = nn.Parameter(down)
+            self.memory_branch_up[adapter_name] = nn.Parameter(up)
+            self.memory_branch_scale[adapter_name] = branch_scale
         self.set_adapter(self.active_adapters)
 
     def merge(self, *args, **kwargs) -> None:

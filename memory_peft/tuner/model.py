@@ -14,6 +14,7 @@ from torch import nn
 
 from .attention import task_mask_rows
 from .backbone import Backbone, check_signature, describe_backbone, layer_parts, relative_to_backbone
+from .branch import branch_groups
 from .config import MemoryTokenConfig
 from .errors import AdapterFileError, InputError
 from .forward import Layout, MemoryForward
@@ -38,7 +39,8 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         config.validate()
         saved = config.backbone is not None  # recorded by the tuner: an adapter loaded from files, its head its own
         check_signature(config.backbone, backbone, f"Adapter '{adapter_name}'")
-        config.memory_layers(backbone.num_layers)  # range check before anything is created
+        config.memory_layers(backbone.num_layers)  # range checks before anything is created
+        config.branch_start(backbone.num_layers)
         config.backbone = backbone.signature
         self._backbone = backbone  # found once: the forward reads the parts from here
         self._layout: Layout | None = None
@@ -97,7 +99,9 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         wrapper = model.base_model._backbone.architecture.wrapper
         state_dict = {relative_to_backbone(key, _MODEL_PREFIX, wrapper): value for key, value in state_dict.items()}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        own = re.compile(rf"(^|\.)memory_(tokens|class_token|head)\.{re.escape(adapter_name)}(\.|$)")
+        own = re.compile(
+            rf"(^|\.)memory_(tokens|class_token|head|branch_down|branch_up)\.{re.escape(adapter_name)}(\.|$)"
+        )
         missing = [key for key in model.state_dict() if own.search(key) and key not in remapped]
         if missing:  # peft would only warn, and the adapter would run with untrained tensors
             raise AdapterFileError(
@@ -113,12 +117,21 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         return key in self._layer_index
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        index = self._layer_index[current_key]
-        m = peft_config.m if index in peft_config.memory_layers(len(self._layer_index)) else 0
+        index, num_layers = self._layer_index[current_key], len(self._layer_index)
+        m = peft_config.m if index in peft_config.memory_layers(num_layers) else 0
+        rank = peft_config.branch_rank if index >= peft_config.branch_start(num_layers) else 0
         if not isinstance(target, MemoryLayer):
             target = MemoryLayer(target, index, layer_parts(target))
             self._replace_module(parent, target_name, target, None)
-        target.update_layer(adapter_name, m, peft_config.init_std, peft_config.memory_layernorm, peft_config.top_k)
+        target.update_layer(
+            adapter_name,
+            m,
+            peft_config.init_std,
+            peft_config.memory_layernorm,
+            peft_config.top_k,
+            rank,
+            peft_config.branch_scale(),
+        )
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # peft's version copies .weight/.bias between Linear-like modules; a whole ViT layer is swapped as is.
@@ -162,9 +175,10 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
             token.requires_grad_(trains[name] and self.peft_config[name].train_class_token)
             self.memory_head[name].requires_grad_(trains[name])
         for layer in self._backbone.layers:
-            for name, memory in getattr(layer, "memory_tokens", {}).items():
-                if not trains.get(name, False):
-                    memory.requires_grad_(False)
+            for kind in MemoryLayer.adapter_layer_names:
+                for name, tensor in getattr(layer, kind, {}).items():
+                    if not trains.get(name, False):
+                        tensor.requires_grad_(False)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """peft's: gradients on or off for the given adapters; here for their class tokens and heads too (they live on
@@ -209,7 +223,10 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         except InputError:  # extension mode before its earlier adapters are loaded: the forward will say so
             self._layout = None
             return None
-        plans = tuple(layer.plan(memory_names) for layer in layers)
+        # a task's memory in its branch layers is read by its branch (branch.py), not by its row among the masked ones
+        starts = tuple(self.peft_config[n].branch_start(len(layers)) if masked else len(layers) for n in names)
+        branched = [{n for n, start in zip(names, starts) if start <= i} for i in range(len(layers))]
+        plans = tuple(layer.plan([n for n in memory_names if n not in branched[i]]) for i, layer in enumerate(layers))
         masks = []
         if masked:
             reference = self.memory_class_token[names[0]]
@@ -227,7 +244,14 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
                     rows = task_mask_rows(len(names), list(plan.sizes), blocks, dtype, device)
                     self.task_masks.register_buffer(keys[plan], rows, persistent=False)
                 masks.append(keys[plan])
-        self._layout = Layout(tuple(names), masked, plans, tuple(masks) if masked else (None,) * len(plans))
+        self._layout = Layout(
+            tuple(names),
+            masked,
+            plans,
+            tuple(masks) if masked else (None,) * len(plans),
+            starts,
+            branch_groups(list(names), list(starts), layers),
+        )
         self.prepare_inference()
         return self._layout
 

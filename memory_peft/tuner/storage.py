@@ -226,7 +226,9 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def verify_weights(path: Path, expected_m: int | None = None, hidden_size: int | None = None) -> None:
+def verify_weights(
+    path: Path, expected_m: int | None = None, hidden_size: int | None = None, branch_rank: int | None = None
+) -> None:
     """Check that a safetensors file is complete and holds memory-token tensors of the configured shapes."""
     try:
         with safe_open(str(path), "pt") as f:
@@ -243,6 +245,11 @@ def verify_weights(path: Path, expected_m: int | None = None, hidden_size: int |
             raise AdapterFileError(
                 f"{path}: {key} has {shape[0]} memory tokens but adapter_config.json says "
                 f"m={expected_m}; the files do not belong together."
+            )
+        if "memory_branch_" in key and branch_rank is not None and branch_rank not in shape:
+            raise AdapterFileError(
+                f"{path}: {key} has shape {shape} but adapter_config.json says branch_rank={branch_rank}; the files "
+                "do not belong together."
             )
         if (
             hidden_size is not None

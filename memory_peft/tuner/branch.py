@@ -1,0 +1,152 @@
+"""Task branches (``MemoryTokenConfig.branch_layers = k``): from layer L - k on, each task runs its own rows through
+the layer again, with full attention to its memory and its low-rank updates of the query and value projections.
+
+The branch's rows are the task's class token (from the masked rows below the branch) and the base patches of the
+depth where it starts. Nothing of the base reads them, so the base rows go on unchanged beside the branches and
+adapters trained alone concatenate exactly. Tasks whose branches have the same shape (start, memory rows per layer,
+updates or not) run as one group: one LayerNorm and one GEMM per projection over all their rows, the per-task parts
+(memory, low-rank factors) batched over the group.
+
+Shapes: B batch, G tasks of a group, n = 1 + N rows of a branch, m memory rows per task in a layer, D hidden, r rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import attend
+
+
+@dataclass(frozen=True)
+class BranchGroup:
+    """Tasks whose branches run batched together (no tensors)."""
+
+    names: tuple[str, ...]
+    tasks: tuple[int, ...]  # their positions among the active adapters
+    start: int  # the first layer of their branches
+
+
+def branch_groups(names: list[str], starts: list[int], layers) -> tuple[BranchGroup, ...]:
+    """Group the active adapters that have a branch (``starts[t] < len(layers)``) by the shape of their branch."""
+    groups: dict[tuple, list[int]] = {}
+    for t, (name, start) in enumerate(zip(names, starts)):
+        if start >= len(layers):
+            continue
+        shape = tuple(
+            (
+                layer.memory_tokens[name].shape[0] if name in layer.memory_tokens else 0,
+                layer.memory_layernorm.get(name, True),
+                tuple(layer.memory_branch_down[name].shape) if name in layer.memory_branch_down else None,
+            )
+            for layer in layers[start:]
+        )
+        groups.setdefault((start, shape), []).append(t)
+    return tuple(
+        BranchGroup(tuple(names[t] for t in tasks), tuple(tasks), start) for (start, _), tasks in groups.items()
+    )
+
+
+def branch_rows(class_tokens: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """class_tokens (B, G, D) of the group's tasks, base rows (B, n, D) entering the branch's first layer -> the
+    branch's rows (B, G, n, D): each task's class token in place of the base class token."""
+    batch, groups, width = class_tokens.shape
+    patches = base[:, None, 1:].expand(batch, groups, -1, width)
+    return torch.cat([class_tokens[:, :, None], patches], 2)
+
+
+def forward_branch(layer, x: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """x (B, G, n, D) through ``layer`` (a ``MemoryLayer``) as each task's own copy of it -> (B, G, n, D)."""
+    return layer._checkpointed(_branch_layer, layer, x, names)
+
+
+def _branch_layer(layer, x: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    batch, groups, length, width = x.shape
+    parts, tokens = layer._resolved, batch * groups * length
+    rows = x.reshape(tokens, width)
+    memory = None
+    if names[0] in layer.memory_tokens:  # the group's tasks all have memory here, of one size
+        memory = torch.stack([layer._memory(name, x.dtype) for name in names]).reshape(-1, width)  # (G * m, D)
+    through_norm = memory is not None and layer.memory_layernorm[names[0]]
+    normed = layer.norm_before(torch.cat([rows, memory]) if through_norm else rows)
+    if memory is not None and not through_norm:
+        normed = torch.cat([normed, memory])
+    query, key, value = parts.query(normed[:tokens]), parts.key(normed), parts.value(normed)
+    if names[0] in layer.memory_branch_down:
+        query, value = _with_low_rank_updates(layer, names, normed, query, value, (batch, groups, length))
+    columns = length + (memory.shape[0] // groups if memory is not None else 0)
+
+    def per_task(t: torch.Tensor) -> torch.Tensor:  # token rows and memory rows -> (B * G, n + m, D)
+        own = t[:tokens].view(batch, groups, length, -1)
+        if memory is not None:
+            own = torch.cat([own, t[tokens:].view(1, groups, -1, own.shape[-1]).expand(batch, -1, -1, -1)], 2)
+        return own.reshape(batch * groups, columns, -1)
+
+    attended, _ = attend(parts, query.reshape(batch * groups, length, -1), per_task(key), per_task(value))
+    return layer._residual_and_mlp(x.reshape(batch * groups, length, width), attended).view(x.shape)
+
+
+def _with_low_rank_updates(layer, names, normed, query, value, shape):
+    """query (B * G * n, D) and value (B * G * n + G * m, D) plus each task's scaled ``up @ down`` of the normed rows
+    (query: token rows; value: token and memory rows, as the adapted projection would give them)."""
+    batch, groups, length = shape
+    tokens = batch * groups * length
+    dtype = normed.dtype
+    down = torch.stack([layer.memory_branch_down[name] for name in names]).to(dtype)  # (G, 2, r, D): q, v
+    scale = torch.tensor([layer.memory_branch_scale[name] for name in names], dtype=dtype, device=normed.device)
+    up = torch.stack([layer.memory_branch_up[name] for name in names]).to(dtype) * scale.view(-1, 1, 1, 1)  # (G,2,D,r)
+    token_rows = normed[:tokens].view(batch, groups, length, -1)
+
+    def update(rows, which):  # rows (B, G, n, D) -> (B, G, n, D)
+        low = torch.einsum("bgnd,grd->bgnr", rows, down[:, which])
+        return torch.einsum("bgnr,gdr->bgnd", low, up[:, which])
+
+    query = query + update(token_rows, 0).reshape(tokens, -1)
+    value_update = update(token_rows, 1).reshape(tokens, -1)
+    if value.shape[0] > tokens:  # memory rows: (G * m, D)
+        memory_rows = normed[tokens:].view(1, groups, -1, normed.shape[-1])
+        value_update = torch.cat([value_update, update(memory_rows, 1).reshape(-1, normed.shape[-1])])
+    return query, value + value_update
+
+
+def run_with_branches(layers, layout, masks: dict, embedded: torch.Tensor, tokens: list, streams: bool, keep: bool):
+    """The masked forward of ``layout`` (``forward.Layout``) when some tasks have branches: the masked rows and the
+    branches layer by layer.
+
+    embedded (B, n, D); tokens: T x (B, 1, D) task class tokens; ``streams``: base rows without autograd (training),
+    else one stream of all rows. ``keep``: the base rows are wanted to the last layer (else the masked rows stop
+    where the last branch starts, when every task has one). -> (rows (B, n + T, D) after the last layer, each task's
+    row its branch's class token, before the final norm; hidden states: the same rows entering each layer and
+    leaving the last (one stream only, else None)).
+    """
+    n, num_layers = embedded.shape[1], len(layers)
+    stop = num_layers if keep or num_layers in layout.starts else max(layout.starts)
+    base, rows = (embedded, torch.cat(tokens, 1)) if streams else (None, torch.cat([embedded, *tokens], 1))
+    branches: dict[int, torch.Tensor] = {}  # group -> (B, G, n, D)
+
+    def current() -> torch.Tensor:  # (B, n + T, D): each branched task's row is its branch's class token
+        stream = rows if not streams else torch.cat([base, rows], 1)
+        if not branches:
+            return stream
+        own = {t: branches[g][:, j, 0] for g in branches for j, t in enumerate(layout.groups[g].tasks)}
+        tasks = [own[t] if t in own else stream[:, n + t] for t in range(stream.shape[1] - n)]
+        return torch.cat([stream[:, :n], torch.stack(tasks, 1)], 1)
+
+    states = [rows] if not streams else None
+    for i, layer in enumerate(layers):
+        for g, group in enumerate(layout.groups):
+            if group.start == i:
+                task_rows = rows if streams else rows[:, n:]
+                branches[g] = branch_rows(task_rows[:, list(group.tasks)], base if streams else rows[:, :n])
+        if i < stop:
+            plan, mask = layout.plans[i], masks[layout.masks[i]]
+            if streams:
+                base, rows = layer.forward_streams(base, rows, plan, mask)
+            else:
+                rows, _ = layer.forward_rows(rows, plan, mask)
+        for g in branches:
+            branches[g] = forward_branch(layer, branches[g], layout.groups[g].names)
+        if states is not None:
+            states.append(current())
+    return current(), tuple(states) if states is not None else None

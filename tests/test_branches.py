@@ -1,0 +1,183 @@
+"""Task branches (MemoryTokenConfig.branch_layers): the library against the method written plainly, in float64 on the
+bundled ViT-S/14 with sdpa; base outputs unchanged; tasks with mixed branch depths together equal each alone."""
+
+import pytest
+import torch
+from helpers import assert_identical, memories_of, randomise_task
+from peft import PeftModel, get_peft_model
+from reference import reference_branch_model
+
+from memory_peft import MemoryTokenConfig
+from memory_peft.tuner.errors import InputError
+
+TASKS = {  # name -> config: mixed depths, ranks, memory layers; "b" and "d" share a branch shape (one group)
+    "a": dict(m=3),
+    "b": dict(m=2, branch_layers=2, branch_rank=4),
+    "c": dict(m=4, branch_layers=3, layers=[0, 5, 9, 11]),
+    "d": dict(m=2, branch_layers=2, branch_rank=4, branch_alpha=3.0),
+    "k": dict(m=0, branch_layers=1, branch_rank=2),
+}
+
+
+def randomise_branch(model, name, seed):
+    """Non-zero low-rank updates (B starts at zero) and a non-trivial class token and head."""
+    randomise_task(model, name, seed)
+    generator = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for layer in model.base_model.model.layers:
+            if name in layer.memory_branch_up:
+                up = layer.memory_branch_up[name]
+                up.copy_(torch.randn(up.shape, generator=generator, dtype=up.dtype) * 0.05)
+
+
+def branch_model(vit, names):
+    model = None
+    for seed, name in enumerate(names):
+        config = MemoryTokenConfig(num_labels=5, mode="masked", init_std=0.5, **TASKS[name])
+        if model is None:
+            model = get_peft_model(vit, config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+        randomise_branch(model, name, seed)
+    return model.double().eval()
+
+
+def updates_of(model, name):
+    """{layer index: (delta_q, delta_v)}: scale * up @ down, the weight updates the branch applies."""
+    scale = model.base_model.peft_config[name].branch_scale()
+    return {
+        layer.layer_index: tuple(
+            scale * layer.memory_branch_up[name][j] @ layer.memory_branch_down[name][j] for j in range(2)
+        )
+        for layer in model.base_model.model.layers
+        if name in layer.memory_branch_down
+    }
+
+
+@pytest.fixture
+def pixels(images):
+    return images[0][:3].double()
+
+
+def test_branch_equals_plain_reference(real_vit, pixels):
+    model = branch_model(real_vit, list(TASKS))
+    tuner = model.base_model
+    with torch.no_grad():
+        for name in TASKS:
+            base, features = tuner.encode(pixels, [name], interpolate_pos_encoding=True)
+            start = 12 - TASKS[name].get("branch_layers", 0)
+            ref_base, ref_task = reference_branch_model(
+                tuner.model,
+                tuner.memory_class_token[name],
+                memories_of(model, name),
+                start,
+                updates_of(model, name),
+                pixels,
+            )
+            assert_identical(base, ref_base)
+            assert_identical(features[:, 0], ref_task)
+    assert updates_of(model, "b") and all(d.abs().max() > 1e-3 for u in updates_of(model, "b").values() for d in u)
+
+
+def test_tasks_with_mixed_branches_together_equal_each_alone(real_vit, pixels):
+    with torch.no_grad():
+        stock = real_vit.double()(pixels, interpolate_pos_encoding=True).last_hidden_state
+    model = branch_model(real_vit, list(TASKS))
+    tuner = model.base_model
+    with torch.no_grad():
+        alone = {name: tuner.encode(pixels, [name], interpolate_pos_encoding=True)[1][:, 0] for name in TASKS}
+        base, together = tuner.encode(pixels, list(TASKS), interpolate_pos_encoding=True)
+        tuner.set_adapter(list(TASKS))
+        out = model.base_model.forward_tasks(pixels, interpolate_pos_encoding=True)
+    assert len(tuner._layout_for(list(TASKS)).groups) == 3  # b and d batched as one group
+    assert_identical(base, stock)
+    for t, name in enumerate(TASKS):
+        assert_identical(together[:, t], alone[name])
+        head = tuner.memory_head[name]
+        assert_identical(out.tasks[name].logits, head(alone[name]))
+    # a branch really changes the task's output
+    masked = {n: c for n, c in TASKS["b"].items() if not n.startswith("branch")}
+    model.add_adapter("plain", MemoryTokenConfig(num_labels=5, mode="masked", **masked))
+    with torch.no_grad():
+        for layer in tuner.model.layers:
+            if "b" in layer.memory_tokens:
+                layer.memory_tokens["plain"].copy_(layer.memory_tokens["b"])
+        tuner.memory_class_token["plain"].copy_(tuner.memory_class_token["b"])
+        plain = tuner.encode(pixels, ["plain"], interpolate_pos_encoding=True)[1][:, 0]
+    assert (plain - alone["b"]).abs().max() > 1e-2
+
+
+def test_training_forward_equals_inference_and_trains_only_the_task(real_vit, pixels):
+    model = branch_model(real_vit, ["b", "c"])
+    model.base_model.set_adapter(["b", "c"])
+    with torch.no_grad():
+        expected = model.base_model.forward_tasks(pixels, interpolate_pos_encoding=True)
+    model.train()
+    labels = {"b": torch.tensor([0, 1, 2]), "c": torch.tensor([3, 4, 0])}
+    out = model.base_model.forward_tasks(pixels, labels, interpolate_pos_encoding=True)
+    for name in ("b", "c"):
+        assert_identical(out.tasks[name].logits, expected.tasks[name].logits)
+    out.loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+    assert trained and all(".b" in n or ".c" in n or n.endswith((".b", ".c")) for n in trained)
+    assert any("memory_branch_up.b" in n for n in trained)
+    assert any("memory_branch_down.b" in n for n in trained)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "base_layer" in n)
+
+
+def test_hidden_states_carry_each_branchs_class_token(real_vit, pixels):
+    with torch.no_grad():
+        stock = real_vit.double()(pixels, interpolate_pos_encoding=True, output_hidden_states=True).hidden_states
+    model = branch_model(real_vit, ["a", "b"])
+    model.base_model.set_adapter(["a", "b"])
+    with torch.no_grad():
+        out = model.base_model.forward_tasks(pixels, output_hidden_states=True, interpolate_pos_encoding=True)
+        model.base_model.set_adapter("b")
+        alone = model.base_model.forward_tasks(pixels, output_hidden_states=True, interpolate_pos_encoding=True)
+    n = stock[0].shape[1]
+    assert len(out.hidden_states) == 13
+    for i, state in enumerate(out.hidden_states):
+        assert_identical(state[:, :n], stock[i])
+        assert_identical(state[:, n + 1], alone.hidden_states[i][:, n])
+
+
+def test_save_load_keeps_branch_outputs(real_vit_cached, pixels, tmp_path):
+    import copy
+
+    model = branch_model(copy.deepcopy(real_vit_cached), ["b"])
+    with torch.no_grad():
+        expected = model(pixel_values=pixels, interpolate_pos_encoding=True).logits
+    model.save_pretrained(tmp_path / "b", selected_adapters=["b"])
+    loaded = PeftModel.from_pretrained(copy.deepcopy(real_vit_cached), tmp_path / "b" / "b", adapter_name="b")
+    loaded = loaded.double().eval()
+    with torch.no_grad():
+        actual = loaded(pixel_values=pixels, interpolate_pos_encoding=True).logits
+    assert_identical(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(branch_layers=2), "needs mode='masked'"),
+        (dict(mode="masked", branch_rank=4), "needs branch_layers >= 1"),
+        (dict(mode="masked", branch_layers=-1), "branch_layers must be an int >= 0"),
+        (dict(mode="masked", branch_layers=2, top_k=2), "cannot be combined with top_k"),
+    ],
+)
+def test_bad_branch_settings_are_refused(config, message):
+    with pytest.raises(InputError, match=message):
+        MemoryTokenConfig(num_labels=2, **config)
+
+
+def test_branch_deeper_than_the_backbone_is_refused(real_vit):
+    with pytest.raises(InputError, match="branch_layers=13, but the backbone has 12 layers"):
+        get_peft_model(real_vit, MemoryTokenConfig(num_labels=2, mode="masked", branch_layers=13))
+
+
+def test_attentions_and_cached_keys_values_are_refused_with_branches(real_vit, pixels):
+    model = branch_model(real_vit, ["b"])
+    with pytest.raises(InputError, match="output_attentions is not available with task branches"):
+        model(pixel_values=pixels, output_attentions=True, interpolate_pos_encoding=True)
+    cached = model.base_model.base_keys_values(pixels, interpolate_pos_encoding=True)
+    with pytest.raises(InputError, match="have task branches"):
+        model.base_model.forward_cached(cached)
