@@ -19,6 +19,8 @@ RUN_DEFINING = (
     "image_size",
     "setting",
     "m",
+    "branch_layers",
+    "branch_rank",
     "optimizer",
     "lr",
     "batch_size",

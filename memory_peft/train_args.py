@@ -43,6 +43,14 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     p.add_argument("--mode", default=None, choices=sorted(SETTINGS), help="deprecated: the old name of --setting")
     p.add_argument("--m", type=int, default=5, help="memory tokens per layer")
     p.add_argument(
+        "--branch_layers",
+        type=int,
+        default=0,
+        help="memory-masked: the last K layers as the task's own branch (full attention to its memory there; "
+        "T tasks cost ~1 + T*K/layers base forwards; 0: the paper's masked mode)",
+    )
+    p.add_argument("--branch_rank", type=int, default=0, help="rank of q/v updates inside the branch (0: none)")
+    p.add_argument(
         "--optimizer",
         default="sgd",
         choices=OPTIMIZERS,
@@ -124,6 +132,16 @@ def parse_args(argv=None, prog=None):
         raise InputError(
             "--cache_base needs --setting memory-masked: only there are the base rows' keys/values "
             "functions of the image alone."
+        )
+    if (args.branch_layers or args.branch_rank) and (args.setting or args.mode) != "memory-masked":
+        raise InputError(
+            "--branch_layers/--branch_rank need --setting memory-masked: a branch is a masked task's own copy of "
+            "the last layers."
+        )
+    if args.cache_base and args.branch_layers:
+        raise InputError(
+            "--cache_base holds base keys/values, but a branch reads every base row of its layers: drop --cache_base "
+            "to train a branch on the images."
         )
     if args.cache_base and args.augment:
         raise InputError(

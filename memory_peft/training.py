@@ -132,6 +132,11 @@ def train(args):
         label_names=data.label_names,
         image_size=args.image_size,
         dataset=recorded,
+        **(
+            {"branch_layers": args.branch_layers, "branch_rank": args.branch_rank}
+            if args.branch_layers or args.branch_rank
+            else {}
+        ),
     )
     if args.cache_base:  # before any cast: the cache holds what the stored weights compute
         cache = base_cache(args, model, data, processor, accelerator)
@@ -228,8 +233,12 @@ def train(args):
     accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
-        with accelerator.autocast():  # frozen weights may be stored in bf16/fp16 (cast_frozen_weights)
-            shares = attention_to_memory(model, data, processor) if "memory" in args.setting else None
+        shares = None
+        if args.branch_layers:  # a branch's attention is over its own rows: not the masked rows' probabilities
+            print("attention-to-memory plot: not drawn for a task branch (--branch_layers)", file=sys.stderr)
+        elif "memory" in args.setting:
+            with accelerator.autocast():  # frozen weights may be stored in bf16/fp16 (cast_frozen_weights)
+                shares = attention_to_memory(model, data, processor)
         finish(model, args, data, scores, step, train_seconds, output_dir, shares)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -267,6 +276,8 @@ def finish(model, args, data, scores, step, train_seconds, output_dir: Path, sha
     results = {
         "setting": args.setting,
         "m": args.m,
+        "branch_layers": args.branch_layers,
+        "branch_rank": args.branch_rank,
         "optimizer": args.optimizer,
         "lr": args.lr,
         "steps": step,

@@ -181,3 +181,86 @@ def test_attentions_and_cached_keys_values_are_refused_with_branches(real_vit, p
     cached = model.base_model.base_keys_values(pixels, interpolate_pos_encoding=True)
     with pytest.raises(InputError, match="have task branches"):
         model.base_model.forward_cached(cached)
+
+
+def test_merged_artifact_of_branch_and_plain_adapters_equals_each_alone(real_vit_cached, pixels, tmp_path):
+    import copy
+
+    from memory_peft.artifact import load_multitask, merge_adapters
+
+    model = branch_model(copy.deepcopy(real_vit_cached), ["a", "b", "c"])
+    expected = {}
+    with torch.no_grad():
+        for name in ("a", "b", "c"):
+            model.base_model.set_adapter(name)
+            expected[name] = model(pixel_values=pixels, interpolate_pos_encoding=True).logits
+    model.save_pretrained(tmp_path / "saved")
+    folders = {name: tmp_path / "saved" / name for name in ("a", "b", "c")}
+    merged = merge_adapters(folders, tmp_path / "merged")
+    served = load_multitask(copy.deepcopy(real_vit_cached), merged).double().eval()
+    with torch.no_grad():
+        out = served.base_model.forward_tasks(pixels, interpolate_pos_encoding=True)
+    assert list(out.tasks) == ["a", "b", "c"]
+    for name in ("a", "b", "c"):
+        assert_identical(out.tasks[name].logits, expected[name])
+
+
+def test_branches_compile_and_export_as_one_graph():
+    from test_compile import tiny_vit
+
+    from memory_peft import activate
+    from memory_peft.diagnostics import graph_breaks
+    from memory_peft.export import export_program
+
+    model = get_peft_model(tiny_vit(layers=3), MemoryTokenConfig(m=2, num_labels=4, mode="masked"), "a")
+    model.add_adapter("b", MemoryTokenConfig(m=3, num_labels=4, mode="masked", branch_layers=2, branch_rank=2))
+    model.add_adapter("f", MemoryTokenConfig(m=3, num_labels=4, mode="masked", branch_layers=1))
+    activate(model.eval(), ["a", "b", "f"])
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        breaks, reasons = graph_breaks(lambda p: model(pixel_values=p), pixels)
+        eager = [t.logits for t in model.base_model.forward_tasks(pixels, interpolate_pos_encoding=True).tasks.values()]
+    assert breaks == 0, reasons
+    program = export_program(model, image_size=64)
+    with torch.no_grad():
+        exported = program.module()(pixels)
+    for ours, theirs in zip(exported, eager):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    model.train()
+    breaks, reasons = graph_breaks(
+        lambda p, y: model(pixel_values=p, labels={"a": y, "b": y, "f": y}).loss, pixels, torch.tensor([1, 3])
+    )
+    assert breaks == 0, reasons
+
+
+def test_train_script_trains_a_branch(tmp_path):
+    from helpers import adapter_tensors, train
+
+    train(
+        tmp_path / "run",
+        "--setting",
+        "memory-masked",
+        "--m",
+        "2",
+        "--branch_layers",
+        "2",
+        "--branch_rank",
+        "2",
+        "--max_steps",
+        "4",
+    )
+    config = MemoryTokenConfig.from_pretrained(str(tmp_path / "run" / "adapter"))
+    assert (config.branch_layers, config.branch_rank) == (2, 2)
+    tensors = adapter_tensors(tmp_path / "run")
+    ups = [key for key in tensors if "memory_branch_up" in key]
+    # trained away from zero (the head, from zero, passes gradients down from the third step on)
+    assert len(ups) == 2 and all(tensors[key].abs().max() > 0 for key in ups)
+
+
+def test_branch_flags_need_the_masked_setting(tmp_path):
+    from memory_peft.train_args import parse_args
+
+    with pytest.raises(InputError, match="need --setting memory-masked"):
+        parse_args(["--setting", "memory", "--branch_layers", "2"])
+    with pytest.raises(InputError, match="drop --cache_base"):
+        parse_args(["--setting", "memory-masked", "--branch_layers", "2", "--cache_base", str(tmp_path)])
