@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import tempfile
@@ -191,6 +192,18 @@ def frontier(args, batch, device, dtype):
 def frontier_lines(args, batch, device, dtype) -> list[str]:
     ratio, ops, kept, total = frontier(args, batch, device, dtype)
     tasks, layers = args.frontier_tasks, 12
+    costs = {k: ratio[f"memory k={k} T={tasks}"] for k in (0, *BRANCHES)}
+    record = {
+        "tasks": tasks,
+        "batch": batch,
+        "masked": costs[0],
+        "branches": {str(k): costs[k] for k in BRANCHES},
+        "lora_forwards": tasks * ratio["lora, one adapter (unmerged)"],
+        "lora_mixed_batch": ratio[f"lora mixed batch T={tasks}"],
+        "lora_merged_one_task": ratio["lora merged T=1"],
+    }
+    if args.frontier_json:  # what benchmarks/frontier.py plots accuracy against
+        Path(args.frontier_json).write_text(json.dumps(record, indent=1) + "\n")
     rows = [
         ("masked memory m=5 (k=0), one forward", f"memory k=0 T={tasks}", 1 + tasks / 50),
         *(
@@ -404,6 +417,7 @@ def main(argv=None):
     p.add_argument("--tasks", type=int, nargs="+", default=list(TASK_COUNTS))
     p.add_argument("--settings", nargs="*", default=list(TRAINED), choices=TRAINED)
     p.add_argument("--frontier_tasks", type=int, default=10, help="T of the every-way-of-serving comparison")
+    p.add_argument("--frontier_json", default=None, help="also write that comparison's ratios here (last batch size)")
     p.add_argument("--skip", nargs="*", default=[], choices=["inference", "frontier", "training", "overhead", "sizes"])
     p.add_argument("--out", default="benchmarks/results_serving.md")
     args = p.parse_args(argv)

@@ -7,7 +7,7 @@ adapters trained alone concatenate exactly. Tasks whose branches have the same s
 updates or not) run as one group: one LayerNorm and one GEMM per projection over all their rows, the per-task parts
 (memory, low-rank factors) batched over the group.
 
-Shapes: B batch, G tasks of a group, n = 1 + N rows of a branch, m memory rows per task in a layer, D hidden, r rank.
+Shapes: G tasks of a group, B batch, n = 1 + N rows of a branch, m memory rows per task in a layer, D hidden, r rank.
 """
 
 from __future__ import annotations
@@ -50,63 +50,61 @@ def branch_groups(names: list[str], starts: list[int], layers) -> tuple[BranchGr
 
 def branch_rows(class_tokens: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """class_tokens (B, G, D) of the group's tasks, base rows (B, n, D) entering the branch's first layer -> the
-    branch's rows (B, G, n, D): each task's class token in place of the base class token."""
+    branch's rows (G, B, n, D): each task's class token in place of the base class token. Task-major, so that each
+    task's rows are one contiguous block for the batched per-task products."""
     batch, groups, width = class_tokens.shape
-    patches = base[:, None, 1:].expand(batch, groups, -1, width)
-    return torch.cat([class_tokens[:, :, None], patches], 2)
+    patches = base[None, :, 1:].expand(groups, batch, -1, width)
+    return torch.cat([class_tokens.transpose(0, 1)[:, :, None], patches], 2)
 
 
 def forward_branch(layer, x: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
-    """x (B, G, n, D) through ``layer`` (a ``MemoryLayer``) as each task's own copy of it -> (B, G, n, D)."""
+    """x (G, B, n, D) through ``layer`` (a ``MemoryLayer``) as each task's own copy of it -> (G, B, n, D)."""
     return layer._checkpointed(_branch_layer, layer, x, names)
 
 
 def _branch_layer(layer, x: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
-    batch, groups, length, width = x.shape
-    parts, tokens = layer._resolved, batch * groups * length
+    groups, batch, length, width = x.shape
+    parts, tokens = layer._resolved, groups * batch * length
     rows = x.reshape(tokens, width)
     memory = None
     if names[0] in layer.memory_tokens:  # the group's tasks all have memory here, of one size
-        memory = torch.stack([layer._memory(name, x.dtype) for name in names]).reshape(-1, width)  # (G * m, D)
+        memory = torch.stack([layer._memory(name, x.dtype) for name in names])  # (G, m, D)
     through_norm = memory is not None and layer.memory_layernorm[names[0]]
-    normed = layer.norm_before(torch.cat([rows, memory]) if through_norm else rows)
+    normed = layer.norm_before(torch.cat([rows, memory.reshape(-1, width)]) if through_norm else rows)
     if memory is not None and not through_norm:
-        normed = torch.cat([normed, memory])
+        normed = torch.cat([normed, memory.reshape(-1, width)])
     query, key, value = parts.query(normed[:tokens]), parts.key(normed), parts.value(normed)
     if names[0] in layer.memory_branch_down:
-        query, value = _with_low_rank_updates(layer, names, normed, query, value, (batch, groups, length))
-    columns = length + (memory.shape[0] // groups if memory is not None else 0)
+        query, value = _with_low_rank_updates(layer, names, normed, query, value, tokens)
+    columns = length + (memory.shape[1] if memory is not None else 0)
 
-    def per_task(t: torch.Tensor) -> torch.Tensor:  # token rows and memory rows -> (B * G, n + m, D)
-        own = t[:tokens].view(batch, groups, length, -1)
+    def per_task(t: torch.Tensor) -> torch.Tensor:  # token rows, then memory rows -> (G * B, n + m, D)
+        own = t[:tokens].view(groups, batch, length, -1)
         if memory is not None:
-            own = torch.cat([own, t[tokens:].view(1, groups, -1, own.shape[-1]).expand(batch, -1, -1, -1)], 2)
-        return own.reshape(batch * groups, columns, -1)
+            own = torch.cat([own, t[tokens:].view(groups, 1, -1, own.shape[-1]).expand(-1, batch, -1, -1)], 2)
+        return own.reshape(groups * batch, columns, -1)
 
-    attended, _ = attend(parts, query.reshape(batch * groups, length, -1), per_task(key), per_task(value))
-    return layer._residual_and_mlp(x.reshape(batch * groups, length, width), attended).view(x.shape)
+    attended, _ = attend(parts, query.view(groups * batch, length, -1), per_task(key), per_task(value))
+    return layer._residual_and_mlp(x.reshape(groups * batch, length, width), attended).view(x.shape)
 
 
-def _with_low_rank_updates(layer, names, normed, query, value, shape):
-    """query (B * G * n, D) and value (B * G * n + G * m, D) plus each task's scaled ``up @ down`` of the normed rows
-    (query: token rows; value: token and memory rows, as the adapted projection would give them)."""
-    batch, groups, length = shape
-    tokens = batch * groups * length
-    dtype = normed.dtype
+def _with_low_rank_updates(layer, names, normed, query, value, tokens: int):
+    """query (G * B * n, D) and value (G * B * n + G * m, D) plus each task's scaled ``up @ down`` of the normed rows
+    (query: token rows; value: token and memory rows, as the adapted projection would give them): batched matrix
+    products over the task-major blocks, no copy of the rows."""
+    groups, dtype, width = len(names), normed.dtype, normed.shape[-1]
     down = torch.stack([layer.memory_branch_down[name] for name in names]).to(dtype)  # (G, 2, r, D): q, v
     scale = torch.tensor([layer.memory_branch_scale[name] for name in names], dtype=dtype, device=normed.device)
     up = torch.stack([layer.memory_branch_up[name] for name in names]).to(dtype) * scale.view(-1, 1, 1, 1)  # (G,2,D,r)
-    token_rows = normed[:tokens].view(batch, groups, length, -1)
 
-    def update(rows, which):  # rows (B, G, n, D) -> (B, G, n, D)
-        low = torch.einsum("bgnd,grd->bgnr", rows, down[:, which])
-        return torch.einsum("bgnr,gdr->bgnd", low, up[:, which])
+    def update(rows, which):  # rows (G, R, D) -> (G, R, D)
+        return rows @ down[:, which].transpose(1, 2) @ up[:, which].transpose(1, 2)
 
-    query = query + update(token_rows, 0).reshape(tokens, -1)
-    value_update = update(token_rows, 1).reshape(tokens, -1)
+    token_rows = normed[:tokens].view(groups, -1, width)
+    query = query + update(token_rows, 0).view(tokens, width)
+    value_update = update(token_rows, 1).view(tokens, width)
     if value.shape[0] > tokens:  # memory rows: (G * m, D)
-        memory_rows = normed[tokens:].view(1, groups, -1, normed.shape[-1])
-        value_update = torch.cat([value_update, update(memory_rows, 1).reshape(-1, normed.shape[-1])])
+        value_update = torch.cat([value_update, update(normed[tokens:].view(groups, -1, width), 1).view(-1, width)])
     return query, value + value_update
 
 
@@ -123,13 +121,13 @@ def run_with_branches(layers, layout, masks: dict, embedded: torch.Tensor, token
     n, num_layers = embedded.shape[1], len(layers)
     stop = num_layers if keep or num_layers in layout.starts else max(layout.starts)
     base, rows = (embedded, torch.cat(tokens, 1)) if streams else (None, torch.cat([embedded, *tokens], 1))
-    branches: dict[int, torch.Tensor] = {}  # group -> (B, G, n, D)
+    branches: dict[int, torch.Tensor] = {}  # group -> (G, B, n, D)
 
     def current() -> torch.Tensor:  # (B, n + T, D): each branched task's row is its branch's class token
         stream = rows if not streams else torch.cat([base, rows], 1)
         if not branches:
             return stream
-        own = {t: branches[g][:, j, 0] for g in branches for j, t in enumerate(layout.groups[g].tasks)}
+        own = {t: branches[g][j, :, 0] for g in branches for j, t in enumerate(layout.groups[g].tasks)}
         tasks = [own[t] if t in own else stream[:, n + t] for t in range(stream.shape[1] - n)]
         return torch.cat([stream[:, :n], torch.stack(tasks, 1)], 1)
 
