@@ -3,10 +3,10 @@
     python benchmarks/frontier.py benchmarks/results_masked_study_runs.jsonl --out docs/images/frontier_cifar10.png
 
 Accuracy: each row of a masked-study record (test mean ± s.e. over seeds at the LR validation chose). Serving cost
-of T = 10 tasks relative to one base forward: memory-masked merged into one forward as measured by
-`benchmarks/serving.py` (the figure is passed in, with where it was measured); every other setting changes the rows
-the base computes, so ten tasks are ten forwards (LoRA merged into the weights serves one task at 1 x; several LoRA
-tasks in peft's mixed-adapter batch still run every image once per task); head-only tasks share one forward.
+of T = 10 tasks relative to one base forward, as `benchmarks/serving.py --frontier_json` measured it: memory-masked and
+task branches merged into one forward, LoRA as ten forwards (merged into the weights it serves one task at 1 x; peft's
+mixed-adapter batch still runs every image once per task); the other settings change the rows the base computes, so
+ten tasks are ten forwards (counted as 10 x); head-only tasks share one forward.
 """
 
 from __future__ import annotations
@@ -25,25 +25,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import mean_and_error  # noqa: E402
 from masked_study import summarise  # noqa: E402
 
-# the rows that answer "which setting": each at its better start and optimizer; label, T=10 cost or None (measured)
+# the rows that answer "which setting": each at its better start and optimizer; label, T=10 cost: a number, or the key
+# of the measured figure in serving.py's --frontier_json
 ROWS = {
     "head": ("head only", 1.0),
     "head+cls, zero head": ("head + class token", 10.0),
-    "masked m=5, zero head": ("memory-masked m=5", None),
+    "masked m=5, zero head": ("memory-masked m=5 (SGD)", "masked"),
+    "masked m=5, zero head, adamw": ("memory-masked m=5 (AdamW)", "masked"),
     "memory m=5, zero head": ("memory m=5 (full attention)", 10.0),
     "full (from the probe)": ("full fine-tuning", 10.0),
-    "lora r=8 (q, v), adamw": ("LoRA r=8 (q, v)", 10.0),
+    "lora r=8 (q, v), adamw": ("LoRA r=8 (q, v)", "lora_forwards"),
+    "lora r=8 (q, v) last 2 layers, adamw": ("LoRA r=8, last 2 layers", "lora_forwards"),
+    "masked branch k=1, adamw": ("branch k=1", "branch 1"),
+    "masked branch k=2, adamw": ("branch k=2", "branch 2"),
+    "masked branch k=2 r=8, adamw": ("branch k=2, r=8", "branch 2"),
+    "masked branch k=4 r=8, adamw": ("branch k=4, r=8", "branch 4"),
 }
+
+
+def measured_costs(path: str) -> dict:
+    """serving.py's --frontier_json -> {cost key: T=10 cost relative to one base forward}."""
+    record = json.loads(Path(path).read_text())
+    costs = {key: value for key, value in record.items() if isinstance(value, float)}
+    costs.update({f"branch {k}": value for k, value in record["branches"].items()})
+    return costs
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", help="a masked study's runs.jsonl")
     p.add_argument(
-        "--masked_cost",
-        type=float,
-        default=1.165,
-        help="T=10 merged / base forward (default: benchmarks/results_serving_cpu_run6_inference.md)",
+        "--serving",
+        default="benchmarks/results_serving_frontier_cpu.json",
+        help="T=10 serving costs measured by `benchmarks/serving.py --frontier_json` (masked, branches, LoRA)",
     )
     p.add_argument("--title", default="CIFAR-10, bundled ViT-S/14, 2,000 images, 1,240 steps (2-core CPU)")
     p.add_argument("--out", default="docs/images/frontier_cifar10.png")
@@ -51,13 +65,14 @@ def main(argv=None) -> None:
     lines = Path(args.runs).read_text().splitlines()
     runs = {(r["experiment"], r["lr"], r["seed"]): r for r in map(json.loads, filter(str.strip, lines))}
     summary = summarise(runs)
+    measured = measured_costs(args.serving)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, (label, cost) in ROWS.items():
         if name not in summary:
             continue
         tests = summary[name][0]
         mean, error = mean_and_error(tests)
-        cost = args.masked_cost if cost is None else cost
+        cost = measured[cost] if isinstance(cost, str) else cost
         ax.errorbar(cost, 100 * mean, yerr=100 * error if len(tests) > 1 else None, fmt="o", capsize=3)
         ax.annotate(
             f"{label} ({len(tests)} seed{'s' if len(tests) > 1 else ''})",

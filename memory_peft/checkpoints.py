@@ -1,10 +1,15 @@
 """Checkpoints of a training run: written through accelerate, counted only once complete, resumed only by the same
-run (the arguments that define it must match)."""
+run (the arguments that define it must match). A checkpoint holds what trains (adapter tensors, or every weight in
+full fine-tuning), the optimizer, scheduler and RNG states: never the frozen backbone, which the resumed run loads
+from its source as the first run did."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+from safetensors.torch import load_file
 
 from .tuner.errors import InputError
 from .tuner.storage import write_text_atomically
@@ -43,12 +48,47 @@ def run_definition(args) -> dict:
     return {key: getattr(args, key) for key in RUN_DEFINING}
 
 
-def save_checkpoint(accelerator, args, output_dir: Path, step: int, epoch: int, batches_done: int) -> None:
+def keep_only_what_trains(accelerator) -> None:
+    """Make ``accelerator.save_state`` write each model's trainable tensors only, and ``load_state`` read them back
+    onto the model as built (checked: every tensor of the file must be one that trains here, and every trainable
+    one must be in the file). accelerate's own save/load hooks, so optimizer, scheduler, RNG and sampler states stay
+    accelerate's."""
+
+    def save(models, weights, output_dir):
+        for i, model in enumerate(models):
+            trains = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+            weights[i] = {key: value for key, value in weights[i].items() if key in trains}
+
+    def load(models, input_dir):
+        for i, model in enumerate(models):
+            path = Path(input_dir) / (f"model_{i}.safetensors" if i else "model.safetensors")
+            trains = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+            stored = load_file(path)  # a checkpoint from before they were slimmed holds every weight: fine
+            missing = sorted(trains - set(stored))
+            unknown = sorted(set(stored) - set(model.state_dict()))
+            if missing or unknown:
+                raise KeyError(f"the checkpoint lacks {missing[:3]} and holds unknown {unknown[:3]}")
+            state = {key: value for key, value in stored.items() if key in trains}
+            model.load_state_dict(state, strict=False)
+        models.clear()  # loaded here: accelerate must not load them again (strictly, expecting every weight)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def save_checkpoint(
+    accelerator, args, output_dir: Path, step: int, epoch: int, batches_done: int, keep: int = 0
+) -> None:
+    """Write ``checkpoints/step_<step>``; ``keep`` > 0: then remove the oldest complete ones beyond that many (an
+    incomplete one is never counted, and the newest complete one is never removed)."""
     path = output_dir / "checkpoints" / f"step_{step}"
     accelerator.save_state(str(path))
     if accelerator.is_main_process:  # written last: a checkpoint without it is incomplete and never resumed from
         progress = {"step": step, "epoch": epoch, "batches_done": batches_done, "run": run_definition(args)}
         write_text_atomically(path / "progress.json", json.dumps(progress))  # never half-written: resume reads it
+        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
+            (old / "progress.json").unlink()  # incomplete from here on: never resumed from, even if rmtree stops
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 

@@ -86,6 +86,12 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     p.add_argument("--eval_every", type=int, default=0, help="steps between evaluations (0: only at the end)")
     p.add_argument("--checkpoint_every", type=int, default=0, help="steps between checkpoints (0: none)")
     p.add_argument(
+        "--checkpoint_total_limit",
+        type=int,
+        default=0,
+        help="keep only the newest N complete checkpoints (0: all); each holds what trains plus optimizer state",
+    )
+    p.add_argument(
         "--log_every",
         type=int,
         default=0,
@@ -126,6 +132,8 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
 
 def parse_args(argv=None, prog=None):
     args = build_parser(prog).parse_args(argv)
+    if args.checkpoint_total_limit < 0:
+        raise InputError(f"--checkpoint_total_limit {args.checkpoint_total_limit}: give a count >= 1, or 0 for all.")
     if args.log_every < 0:
         raise InputError(f"--log_every {args.log_every}: give a number of steps, or 0 for the default.")
     if args.cache_base and (args.setting or args.mode) != "memory-masked":

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .assets import default_backbone, default_dataset
 from .cache import INFO, build_cache, load_cache
-from .checkpoints import checkpoint_dirs, resume, save_checkpoint  # noqa: F401  (checkpoint_dirs: re-exported)
+from .checkpoints import checkpoint_dirs, keep_only_what_trains, resume, save_checkpoint  # noqa: F401  (checkpoint_dirs: re-exported)
 from .data import collate, image_processor, image_transform, load_image_data
 from .diagnostics import memory_attention_share
 from .metrics import load_top_k_accuracy
@@ -175,6 +175,7 @@ def train(args):
     accelerator.init_trackers("memory-peft", config={k: v for k, v in vars(args).items()})
     metric = load_top_k_accuracy(num_process=accelerator.num_processes, process_id=accelerator.process_index)
 
+    keep_only_what_trains(accelerator)  # checkpoints: adapter + optimizer state, not the frozen backbone
     step, epoch, batches_done = 0, 0, 0
     if args.resume:
         step, epoch, batches_done = resume(accelerator, args, output_dir)
@@ -216,13 +217,13 @@ def train(args):
                 scores = evaluate_model(model, eval_loader, accelerator, metric=metric)
                 accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
             if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save_checkpoint(accelerator, args, output_dir, step, epoch, batches_done)
+                save_checkpoint(accelerator, args, output_dir, step, epoch, batches_done, args.checkpoint_total_limit)
             if step >= total_steps or step == args.stop_after:
                 break
         else:
             epoch, batches_done = epoch + 1, 0
         if step == args.stop_after and step < total_steps:
-            save_checkpoint(accelerator, args, output_dir, step, epoch, batches_done)
+            save_checkpoint(accelerator, args, output_dir, step, epoch, batches_done, args.checkpoint_total_limit)
             accelerator.print(f"stopped after step {step}; continue with --resume")
             accelerator.end_training()
             return None

@@ -184,3 +184,21 @@ def test_a_thousand_forwards_with_ten_merged_adapters_do_not_grow_memory(tmp_pat
     print(f"RSS {result['rss_before_mb']:.1f} -> {result['rss_after_mb']:.1f} MB over 1000 forwards")
     assert result["tasks"] == 10
     assert result["growth_mb"] < 2.0
+
+
+def test_checkpoints_hold_what_trains_not_the_backbone_and_keep_the_newest(tmp_path):
+    """A checkpoint is the adapter's tensors, the optimizer, scheduler and RNG states (not the 86 MB backbone); with
+    --checkpoint_total_limit 2 only the newest two complete ones remain, and the run resumes from them."""
+    common = ["--setting", "memory-masked", "--m", "2", "--max_steps", "6", "--checkpoint_every", "2"]
+    train(tmp_path / "run", *common, "--checkpoint_total_limit", "2", "--stop_after", "5")
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step_4", "step_5"]
+    newest = tmp_path / "run" / "checkpoints" / "step_5"
+    size = sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
+    train(tmp_path / "run", *common, "--checkpoint_total_limit", "2", "--resume")
+    adapter = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert size < 5 * adapter, (size, adapter)  # was ~86.6 MB + optimizer state for a ~55 KB adapter
+    straight = train(tmp_path / "straight", *common)
+    assert straight.returncode == 0
+    for key, value in adapter_tensors(tmp_path / "straight").items():
+        torch.testing.assert_close(adapter_tensors(tmp_path / "run")[key], value, atol=1e-6, rtol=1e-5)
