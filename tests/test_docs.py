@@ -40,12 +40,24 @@ def test_docs_python_block_runs(page, index, code, tmp_path, monkeypatch):
     """A block that runs has a check of what it shows (a new runnable block needs one here, or a not-run reason)."""
     from test_readme import check_quickstart
 
-    checks = {("docs/getting-started.md", 0): check_quickstart}
+    checks = {("docs/getting-started.md", 0): check_quickstart, ("docs/guides/branches.md", 0): check_branch_config}
     assert (page, index) in checks, f"{page} block {index} runs but nothing checks what it shows: add a check here"
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(code, f"{page} (block {index})", "exec"), namespace)
     checks[page, index](namespace, tmp_path)
+
+
+def check_branch_config(namespace, tmp_path):
+    """The guide's config gives each task the last 2 of 12 layers with rank-8 updates there (tests/test_branches.py
+    checks what such an adapter computes)."""
+    from peft import get_peft_model
+
+    config = namespace["config"]
+    assert (config.mode, config.branch_layers, config.branch_rank, config.num_labels) == ("masked", 2, 8, 2)
+    model = get_peft_model(tiny_vit(), config)
+    with_updates = [layer.layer_index for layer in model.base_model.model.layers if layer.memory_branch_down]
+    assert with_updates == [0, 1]  # conftest's tiny ViT has 2 layers: both are the branch
 
 
 def test_onnx_serving_snippet_preprocesses_as_the_image_processor_does(tmp_path, monkeypatch, capsys):
