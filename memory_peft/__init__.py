@@ -16,7 +16,7 @@ from .tuner import MemoryLayer, MemoryTokenConfig, MemoryTokenModel
 from .tuner import register as register_tuner
 from .tuner.multitask import activate, load_adapters
 from .tuner.outputs import MultiTaskImageClassifierOutput
-from .tuner.registration import MEMORY_TOKENS
+from .tuner.peft_integration import MEMORY_TOKENS
 
 
 def register() -> None:

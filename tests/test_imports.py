@@ -62,7 +62,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 
 def test_no_import_circles():
     graph = package_imports()
-    assert {"tuner.config", "tuner.storage", "tuner.registration", "tuner.model", "training"} <= set(graph)
+    assert {"tuner.config", "tuner.storage", "tuner.peft_integration", "tuner.model", "training"} <= set(graph)
     assert find_cycle(graph) == []
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check can fail
 
@@ -85,7 +85,7 @@ def test_registration_happens_once_in_the_tuner_init():
 @pytest.mark.parametrize(
     "module",
     [
-        "tuner.registration",
+        "tuner.peft_integration",
         "tuner.storage",
         "tuner.config",
         "tuner.layer",
@@ -99,3 +99,25 @@ def test_registration_happens_once_in_the_tuner_init():
 def test_a_core_module_imports_in_a_fresh_interpreter(module):
     code = f"import memory_peft.{module}, peft; assert peft.PeftType.MEMORY_TOKENS"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False])
+def test_importing_the_package_leaves_lora_saving_and_loading_as_it_was(tmp_path, safe_serialization):
+    """The one patch on a peft class (PeftModel.save_pretrained, peft_integration.py) passes every other method
+    through: a LoRA adapter saves in both serialisations and loads back to the same outputs."""
+    import torch
+    from conftest import tiny_vit
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    import memory_peft  # noqa: F401  (the import under test)
+
+    model = get_peft_model(tiny_vit(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).last_hidden_state
+    model.save_pretrained(tmp_path, safe_serialization=safe_serialization)
+    saved = "adapter_model.safetensors" if safe_serialization else "adapter_model.bin"
+    assert (tmp_path / saved).is_file()
+    loaded = PeftModel.from_pretrained(tiny_vit(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels).last_hidden_state, expected)

@@ -9,7 +9,7 @@ from pathlib import Path
 from peft.config import PeftConfig
 
 from .errors import AdapterFileError, InputError
-from .registration import MEMORY_TOKENS, PEFT_TYPE_NAME
+from .peft_integration import MEMORY_TOKENS, PEFT_TYPE_NAME
 from .storage import CONFIG_FILE, WEIGHTS_FILE, adapter_file, read_config_file, verify_weights
 
 MODES = ("full", "masked")
@@ -49,7 +49,8 @@ class MemoryTokenConfig(PeftConfig):
         branch_rank: rank of low-rank updates of the query and value projections inside the branch (LoRA's
             ``B @ A`` scaled by ``branch_alpha / branch_rank``, ``B`` from zero); 0: memory only.
         branch_alpha: scale numerator of those updates (None: ``2 * branch_rank``, as LoRA's r=8, alpha=16).
-        target_modules: filled in by the tuner with the names of the adapted layers; not to be set by hand.
+        target_modules: peft's field, unused by memory tokens (which layers are a ViT's is known from its class,
+            ``backbone.py``; ``layers`` selects among them); leave it None.
         label_names: the head's class names, in order (implies ``num_labels``); read by pipelines and ``predict``.
         image_size: the input size the adapter was trained at; pipelines, ``evaluate`` and exports serve at it, and
             a forward at another size warns once.
@@ -69,7 +70,7 @@ class MemoryTokenConfig(PeftConfig):
     train_class_token: bool = field(default=True, metadata={"help": "train the task's class token"})
     init_std: float = field(default=0.02, metadata={"help": "std of the memory initialisation"})
     memory_layernorm: bool = field(default=True, metadata={"help": "memory goes through the pre-attention LN"})
-    target_modules: list[str] | str | None = field(default=None, metadata={"help": "set by the tuner"})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "peft's field; unused"})
     extends: list[str] | None = field(
         default=None, metadata={"help": "masked mode: earlier adapters whose memory this task also reads"}
     )

@@ -1,7 +1,7 @@
 """MemoryTokenModel: the peft tuner. Wraps every ViT layer in a MemoryLayer and owns per-task class tokens and heads.
 
 peft's PeftModel calls the base model's ``forward`` directly, so the tuner installs a route to its own forward on the
-base model instance (route.py; removed on ``unload``); the forward itself is ``forward.MemoryForward``.
+base model instance (peft_integration.py; removed on ``unload``); the forward itself is ``forward.MemoryForward``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from .errors import AdapterFileError, InputError
 from .forward import Layout, MemoryForward
 from .labels import base_classifier, describe_classifier, resolve_num_labels
 from .layer import NOT_MERGEABLE, MemoryLayer
-from .registration import PREFIX
-from .route import install_forward
+from .peft_integration import PREFIX, install_forward, remove_forward
 
 _MODEL_PREFIX = "base_model.model."  # where a PeftModel's state dict keeps the base model's entries
 
@@ -29,8 +28,12 @@ _MODEL_PREFIX = "base_model.model."  # where a PeftModel's state dict keeps the 
 class MemoryTokenModel(MemoryForward, BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = MemoryLayer
+    # BaseTuner's interface: default target modules per model type. Unused here: backbone.py finds a ViT's layers by
+    # its class, and ``layers`` selects among them
     target_module_mapping: dict = {}
-    uses_shared_state = True  # class tokens and heads live on the tuner, not in the layers
+    # class tokens and heads live on the tuner, not in the layers: peft's inject_adapter_in_model (which returns only
+    # the wrapped model) refuses tuners that say so
+    uses_shared_state = True
 
     # --- injection ---------------------------------------------------------------------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
@@ -304,7 +307,7 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         if merge:
             self._check_merge_allowed()
         model = super()._unload_and_optionally_merge(False, *args, **kwargs)
-        model.__dict__.pop("forward", None)
+        remove_forward(model)
         describe_classifier(getattr(model, "config", None), None, self._base_classifier)
         return model
 

@@ -1,0 +1,119 @@
+"""Every change this package makes to peft, in one place: what peft offers an outside tuner no hook for. Each part says
+which peft hook would replace it if the tuner went upstream as ``src/peft/tuners/memory_tokens/``.
+
+1. ``MEMORY_TOKENS``: a member added to peft's ``PeftType`` enum (upstream: one line in ``peft/utils/peft_types.py``).
+2. ``guard_save_pretrained()``: ``PeftModel.save_pretrained`` wrapped to refuse ``safe_serialization=False`` for
+   memory adapters only (upstream: a per-method "safetensors only" check in ``save_pretrained``).
+3. ``install_forward``: a bound method on the base model instance that routes its forward to the tuner (upstream:
+   ``PeftModel.forward`` calling the tuner's ``forward``, as prompt-learning methods are special-cased today).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import weakref
+
+from peft import PeftModel
+from peft.utils import PeftType
+from torch import nn
+
+from .errors import InputError
+from .forward import MemoryForward
+
+PEFT_TYPE_NAME = "MEMORY_TOKENS"
+PREFIX = "memory_"
+
+
+# --- 1. the peft type ----------------------------------------------------------------------------------------------
+def _add_peft_type_member(name: str) -> PeftType:
+    """peft's ``register_peft_method`` requires ``name.upper()`` to be a ``PeftType`` member already, and an outside
+    package cannot edit that enum's source: add the member the way ``enum`` itself builds members, once."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    member.__init__(name)
+    type.__setattr__(PeftType, name, member)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    return member
+
+
+MEMORY_TOKENS = _add_peft_type_member(PEFT_TYPE_NAME)
+
+
+# --- 2. the safetensors-only save (registration itself is peft's own call, in the tuner's __init__.py) ------------
+def guard_save_pretrained() -> None:
+    """Wrap ``PeftModel.save_pretrained`` once (idempotent)."""
+    if not getattr(PeftModel.save_pretrained, "refuses_pickled_memory_adapters", False):
+        PeftModel.save_pretrained = _safetensors_only(PeftModel.save_pretrained)
+
+
+def _safetensors_only(save_pretrained):
+    """peft's save_pretrained, refusing ``safe_serialization=False`` for memory adapters before anything is written.
+    peft offers tuners no hook at save time, and a pickled adapter is one memory-peft will not load (unpickling can
+    run code), so the refusal has to come here; every other peft method passes straight through."""
+
+    @functools.wraps(save_pretrained)
+    def wrapper(self, save_directory, safe_serialization: bool = True, *args, **kwargs):
+        if not safe_serialization and isinstance(self.base_model, MemoryForward):
+            raise InputError(
+                "memory-peft saves adapters as safetensors only (a pickled adapter_model.bin is a file "
+                "it will not load, since unpickling can run code): drop safe_serialization=False."
+            )
+        return save_pretrained(self, save_directory, safe_serialization, *args, **kwargs)
+
+    wrapper.refuses_pickled_memory_adapters = True
+    return wrapper
+
+
+# --- 3. the base model's forward, routed to the tuner --------------------------------------------------------------
+class _TunerRoute(nn.Module):
+    """Where a base model's forward goes: its tuner, by weak reference (no model <-> tuner cycle). An ``nn.Module``,
+    never registered as a submodule (it lives in a bound method), because torch.compile guards a module by what the
+    code reads from it and other objects by identity: an identity-guarded forward made every new PeftModel of the
+    same layout compile again, and with ``fullgraph=True`` the ninth in one process failed (dynamo's recompile
+    limit)."""
+
+    def __init__(self, tuner: MemoryForward) -> None:
+        super().__init__()
+        self.tuner = weakref.ref(tuner)
+
+    def __deepcopy__(self, memo):  # a deep copy of the model inside a copy of the tuner routes to the copied tuner
+        tuner = self.tuner()
+        return _TunerRoute(memo.get(id(tuner), tuner))
+
+
+def _routed_forward(route: _TunerRoute, *args, **kwargs):
+    """The base model's forward, routed through the tuner (bound to a ``_TunerRoute``)."""
+    tuner = route.tuner()
+    if tuner is None:
+        raise InputError(
+            "This model's memory adapters belonged to a PeftModel that no longer exists: wrap the "
+            "model again (get_peft_model / PeftModel.from_pretrained), or call unload() on the "
+            "PeftModel before dropping it to keep the plain model."
+        )
+    return tuner.memory_forward(*args, **kwargs)
+
+
+# transformers.Trainer keeps only the dataset columns named in forward's signature: show it the real one (a bound
+# method's signature drops the first parameter, here memory_forward's self)
+_routed_forward.__signature__ = inspect.signature(MemoryForward.memory_forward)
+
+
+def install_forward(model: nn.Module, tuner: MemoryForward) -> None:
+    """peft's PeftModel calls the base model's ``forward`` directly: route it to the tuner (removed on ``unload``).
+    A model wrapped again (e.g. after its first PeftModel was dropped) runs through the newest tuner."""
+    installed = model.__dict__.get("forward")
+    route = getattr(installed, "__self__", None)
+    if not isinstance(route, _TunerRoute) or route.tuner() is not tuner:
+        model.__dict__["forward"] = types.MethodType(_routed_forward, _TunerRoute(tuner))
+
+
+def remove_forward(model: nn.Module) -> None:
+    model.__dict__.pop("forward", None)
