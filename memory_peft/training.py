@@ -321,7 +321,7 @@ def finish(model, args, data, scores, step, train_seconds, output_dir: Path, sha
     summary = ", ".join(f"{k} {100 * v:.2f}%" for k, v in scores.items())
     print(f"[{args.setting}] final accuracy after {step} steps ({train_seconds:.0f} s): {summary}")
     if args.push_to_hub:
-        push(model, card, args.push_to_hub, args.private, adapter_dir)
+        push(args.push_to_hub, args.private, adapter_dir)
 
 
 def attention_to_memory(model, data, processor, images: int = 16) -> dict[str, list[float]]:
@@ -334,12 +334,15 @@ def attention_to_memory(model, data, processor, images: int = 16) -> dict[str, l
     return memory_attention_share(model, batch["pixel_values"].to(device), interpolate_pos_encoding=True)
 
 
-def push(model, card, repo_id: str, private: bool, adapter_dir: Path) -> None:
+def push(repo_id: str, private: bool, adapter_dir: Path) -> None:
+    """The adapter folder as saved (adapter, card, and every file the card shows) in one Hub commit."""
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    api = HfApi()
     try:
-        model.push_to_hub(repo_id, private=private)
-        card.push_to_hub(repo_id)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=adapter_dir, commit_message="memory-peft adapter")
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         raise InputError(

@@ -95,6 +95,23 @@ def test_train_script_pushes_adapter_and_card(hub, tmp_path, monkeypatch):
     assert "library_name: peft" in card and "fine-tune setting | `head`" in card
 
 
+def test_pushed_memory_run_holds_every_file_its_card_links_to(hub, tmp_path, monkeypatch):
+    """One commit of the adapter folder: the card's attention_to_memory.png reaches the Hub with it."""
+    import re
+
+    from helpers import train
+
+    state, url = hub
+    for key, value in hub_env(url, tmp_path).items():
+        monkeypatch.setenv(key, value)
+    train(tmp_path / "run", "--setting", "memory", "--m", "2", "--max_steps", "2", "--push_to_hub", f"{USER}/mem")
+    files = state.repos[f"{USER}/mem"]
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "run" / "adapter").iterdir()}
+    assert files == saved and "attention_to_memory.png" in files
+    linked = set(re.findall(r"\]\(([^)#:]+)\)", files["README.md"].decode()))
+    assert linked and linked <= set(files), linked - set(files)
+
+
 def test_push_without_credentials_fails_clearly(hub, tmp_path):
     state, url = hub
     push = (
