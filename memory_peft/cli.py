@@ -190,8 +190,9 @@ def evaluate(args) -> int:
     import torch
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
+    from transformers import default_data_collator
 
-    from .data import collate, image_processor, image_transform, load_image_data
+    from .data import image_processor, image_transform, load_image_data
     from .training import evaluate_model
 
     info = describe(args.source)
@@ -210,7 +211,9 @@ def evaluate(args) -> int:
             check_classes(task, config, data)
             size = args.image_size or config.image_size or base.config.image_size
             transform = image_transform(image_processor(backbone_id, size), data.image_column, data.label_column)
-            loader = DataLoader(data.eval.with_transform(transform), batch_size=args.batch_size, collate_fn=collate)
+            loader = DataLoader(
+                data.eval.with_transform(transform), batch_size=args.batch_size, collate_fn=default_data_collator
+            )
             model.base_model.set_adapter(task)  # one task at a time: evaluate_model reads the single-task output
             started = time.time()
             scores = evaluate_model(model, loader, accelerator, progress=f"{task} ({len(data.eval)} images)")

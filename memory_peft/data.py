@@ -124,10 +124,3 @@ def image_transform(processor, image_column: str, label_column: str, augment: bo
         return {"pixel_values": pixels, "labels": torch.tensor(batch[label_column])}
 
     return transform
-
-
-def collate(examples) -> dict[str, torch.Tensor]:
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-        "labels": torch.stack([e["labels"] for e in examples]),
-    }

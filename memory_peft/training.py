@@ -16,11 +16,12 @@ from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import TorchDynamoPlugin, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import default_data_collator
 
 from .assets import default_backbone, default_dataset
 from .cache import INFO, build_cache, load_cache
 from .checkpoints import checkpoint_dirs, keep_only_what_trains, resume, save_checkpoint  # noqa: F401  (checkpoint_dirs: re-exported)
-from .data import collate, image_processor, image_transform, load_image_data
+from .data import image_processor, image_transform, load_image_data
 from .diagnostics import memory_attention_share
 from .metrics import load_top_k_accuracy
 from .recipe import paper_recipe
@@ -119,7 +120,7 @@ def train(args):
     train = data.train.with_transform(image_transform(processor, data.image_column, data.label_column, args.augment))
     evaluation = data.eval.with_transform(image_transform(processor, data.image_column, data.label_column))
     workers = args.num_workers if args.num_workers >= 0 else (4 if accelerator.device.type != "cpu" else 0)
-    loader_args = dict(batch_size=args.batch_size, collate_fn=collate, num_workers=workers)
+    loader_args = dict(batch_size=args.batch_size, collate_fn=default_data_collator, num_workers=workers)
     train_loader = DataLoader(train, shuffle=True, drop_last=True, **loader_args)
     eval_loader = DataLoader(evaluation, **loader_args)
 
@@ -328,7 +329,7 @@ def attention_to_memory(model, data, processor, images: int = 16) -> dict[str, l
     """The trained task's share of class-token attention on memory, per layer, on evaluation images (through the
     run's image processor)."""
     transform = image_transform(processor, data.image_column, data.label_column)
-    batch = collate(data.eval.select(range(min(images, len(data.eval)))).with_transform(transform))
+    batch = default_data_collator(list(data.eval.select(range(min(images, len(data.eval)))).with_transform(transform)))
     device = next(model.parameters()).device
     model.eval()
     return memory_attention_share(model, batch["pixel_values"].to(device), interpolate_pos_encoding=True)

@@ -11,7 +11,7 @@ from conftest import REAL_VIT, ROOT, SHARED
 from helpers import TRAIN_SCRIPT_TINY as TINY
 from helpers import adapter_tensors, train
 from peft import PeftModel
-from transformers import ViTModel
+from transformers import ViTModel, default_data_collator
 
 
 def test_few_steps_write_everything_and_reload_to_same_accuracy(tmp_path):
@@ -44,14 +44,14 @@ def test_few_steps_write_everything_and_reload_to_same_accuracy(tmp_path):
     from torch.utils.data import DataLoader
     from train import evaluate_model
 
-    from memory_peft.data import collate, image_processor, image_transform, load_image_data
+    from memory_peft.data import image_processor, image_transform, load_image_data
 
     data = load_image_data(str(SHARED / "data" / "cifar10"), train_size=48, eval_size=32, seed=0)
     processor = image_processor(str(REAL_VIT), 56)
     loader = DataLoader(
         data.eval.with_transform(image_transform(processor, data.image_column, data.label_column)),
         batch_size=8,
-        collate_fn=collate,
+        collate_fn=default_data_collator,
     )
     model = PeftModel.from_pretrained(ViTModel.from_pretrained(REAL_VIT, add_pooling_layer=False), out / "adapter")
     assert evaluate_model(model, loader, Accelerator(cpu=True)) == results["metrics"]
