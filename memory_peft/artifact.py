@@ -4,6 +4,7 @@ Layout of a merged artifact::
 
     memory_tasks.json            {"format": "memory-peft-multitask", "tasks": [...], "base_model": ..., "backbone": ...}
     README.md                    a model card listing the tasks
+    handler.py, requirements.txt Inference Endpoints' entry point (memory_peft.endpoint; merge --no-handler: none)
     <task>/adapter_config.json   each task's files, byte for byte as its adapter saved them
     <task>/adapter_model.safetensors
 """
@@ -22,6 +23,7 @@ from peft import PeftModel
 from safetensors import safe_open
 from torch import nn
 
+from .endpoint import write_handler
 from .tuner.config import verify_adapter
 from .tuner.errors import InputError, OutputExistsError
 from .tuner.multitask import activate
@@ -98,9 +100,13 @@ def retrain_masked_command(name: str, source: str, config: dict) -> str:
     return shlex.join([*kept, "--setting", "memory-masked", "--output_dir", f"{output_dir.rstrip('/')}-masked"])
 
 
-def merge_adapters(adapters: Mapping[str, str], output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def merge_adapters(
+    adapters: Mapping[str, str], output_dir: str | os.PathLike, overwrite: bool = False, handler: bool = True
+) -> Path:
     """Merge ``{task name: adapter folder or Hub id}`` into one multi-task artifact folder (push it with
-    ``huggingface_hub.upload_folder``). Refuses full-attention adapters and adapters of different base models."""
+    ``huggingface_hub.upload_folder``). Refuses full-attention adapters and adapters of different base models.
+    ``handler``: also write ``handler.py`` and ``requirements.txt`` for Hugging Face Inference Endpoints
+    (``memory_peft.endpoint``)."""
     if not adapters:
         raise InputError("merge_adapters needs at least one adapter {task name: folder or Hub id}.")
     bad = [name for name in adapters if not name or "/" in name or name.startswith(".") or name == INDEX]
@@ -122,12 +128,14 @@ def merge_adapters(adapters: Mapping[str, str], output_dir: str | os.PathLike, o
             for path in adapter["paths"]:
                 shutil.copyfile(path, folder / adapter["name"] / path.name)
         (folder / INDEX).write_text(json.dumps(index, indent=2))
-        _card(read, index).save(folder / "README.md")
+        _card(read, index, handler).save(folder / "README.md")
+        if handler:
+            write_handler(folder)
 
     return write_atomically(Path(output_dir), fill, overwrite)
 
 
-def _card(read: list[dict], index: dict) -> ModelCard:
+def _card(read: list[dict], index: dict, handler: bool = False) -> ModelCard:
     rows = "\n".join(
         f"| `{a['name']}` | {a['config']['num_labels']} | {a['config']['m']} | {a['config'].get('layers') or 'all'} |"
         for a in read
@@ -139,6 +147,12 @@ def _card(read: list[dict], index: dict) -> ModelCard:
         f"|---|---|---|---|\n{rows}\n\n```python\nfrom memory_peft.artifact import load_multitask\n"
         f'model = load_multitask(base_model, "<this folder or repo>")  # one output per task\n```\n'
     )
+    if handler:
+        text += (
+            "\nDeploy with Hugging Face Inference Endpoints: `handler.py` serves every task from one forward, "
+            '`{"inputs": <image>, "parameters": {"top_k": 3, "tasks": [...]}}` -> `{task: [{"label", "score"}]}` '
+            "(`requirements.txt` installs memory-peft).\n"
+        )
     return ModelCard(text)
 
 

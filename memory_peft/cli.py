@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("adapters", nargs="+", metavar="TASK=PATH", help="task name = adapter folder or Hub id")
     merge.add_argument("--output", required=True, help="artifact folder to write")
     merge.add_argument("--overwrite", action="store_true")
+    merge.add_argument(
+        "--no-handler",
+        dest="handler",
+        action="store_false",
+        help="do not write handler.py / requirements.txt (Hugging Face Inference Endpoints' entry point)",
+    )
 
     split = commands.add_parser("split", help="write each task of an artifact as a standalone adapter")
     split.add_argument("artifact", help="merged artifact: local folder or Hub id")
@@ -172,7 +178,7 @@ def merge(args) -> int:
     from .artifact import merge_adapters
 
     adapters = named_sources(args.adapters, "merge expects TASK=PATH_OR_HUB_ID arguments")
-    out = merge_adapters(adapters, args.output, overwrite=args.overwrite)
+    out = merge_adapters(adapters, args.output, overwrite=args.overwrite, handler=args.handler)
     print(f"merged {len(adapters)} adapters into {out}")
     return 0
 
