@@ -1,4 +1,4 @@
-"""The ``memory-peft`` command: train, evaluate, merge, split, inspect, export.
+"""The ``memory-peft`` command: train, evaluate, merge, split, inspect, export, demo.
 
 memory-peft train --setting memory --m 5 --output_dir outputs/cifar
 memory-peft evaluate outputs/cifar/adapter --dataset ../shared/data/cifar10
@@ -97,6 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--image-size", type=int, default=None, help="default: the adapters' training size")
     export.add_argument("--overwrite", action="store_true")
 
+    demo = commands.add_parser(
+        "demo",
+        help="a Gradio app: every task's top classes for an image from one forward (pip install memory-peft[demo])",
+    )
+    demo.add_argument("source", help="adapter or merged artifact: local folder or Hub id")
+    demo.add_argument("--backbone", default=None, help="default: the base model the adapters name")
+    demo.add_argument("--examples", nargs="*", default=[], metavar="IMAGE", help="images offered as examples")
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument(
+        "--share-ready",
+        default=None,
+        metavar="DIR",
+        help="write a self-contained Hugging Face Space folder (app.py, requirements.txt, README.md); no serving",
+    )
+    demo.add_argument("--overwrite", action="store_true", help="with --share-ready: replace DIR")
+
     inspect = commands.add_parser("inspect", help="tasks, m, layers, parameters, size on disk, base model")
     inspect.add_argument("source", help="adapter or merged artifact: local folder or Hub id")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -112,11 +129,29 @@ def main(argv=None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     try:
-        commands = {"evaluate": evaluate, "merge": merge, "split": split, "inspect": inspect, "export": export}
+        commands = {
+            "evaluate": evaluate,
+            "merge": merge,
+            "split": split,
+            "inspect": inspect,
+            "export": export,
+            "demo": demo,
+        }
         return commands[args.command](args)
     except MemoryPeftError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def demo(args) -> int:
+    from .demo import build_app, write_space
+
+    if args.share_ready:
+        folder = write_space(args.source, args.share_ready, args.backbone, args.examples, args.overwrite)
+        print(f"wrote the Space folder {folder}: push it with huggingface_hub.upload_folder(repo_type='space', ...)")
+        return 0
+    build_app(args.source, args.backbone, args.examples).launch(server_name=args.host, server_port=args.port)
+    return 0
 
 
 def inspect(args) -> int:
