@@ -152,11 +152,24 @@ def run_head(data, features, lr, seed, args, accelerator):
 
 
 def run_setting(
-    vit, data, setting, m, lr, seed, probe, args, accelerator, cache=None, head_lr=None, optimizer="sgd", **overrides
+    vit,
+    data,
+    setting,
+    m,
+    lr,
+    seed,
+    probe,
+    args,
+    accelerator,
+    cache=None,
+    head_lr=None,
+    optimizer="sgd",
+    rows_index=None,
+    **overrides,
 ):
     """Train one setting (``overrides``: MemoryTokenConfig fields; ``head_lr``: the head's own LR); ``cache``
     (memory-masked only): the training images' base keys/values, read instead of running the base rows at every
-    step."""
+    step; ``rows_index``: a task branch's start among the cache's ``rows_at``."""
     torch.manual_seed(seed)
     model = apply_setting(
         copy.deepcopy(vit),
@@ -178,7 +191,10 @@ def run_setting(
 
     def loss_of(mdl, idx):
         if cache is not None:  # CPU indices: rows of the memory-mapped cache
-            inputs = {"base_keys_values": cache.batch(idx.tolist())["base_keys_values"].to(device)}
+            rows = cache.batch(idx.tolist())
+            inputs = {"base_keys_values": rows["base_keys_values"].to(device)}
+            if rows_index is not None:
+                inputs["base_rows"] = rows["base_rows"][:, rows_index].to(device)
             idx = idx.to(device)
         else:
             inputs = {"pixel_values": x[idx], "interpolate_pos_encoding": True}  # idx already on x's device
@@ -235,8 +251,9 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def base_cache(vit, data, args, folder: Path, split: str = "train"):
-    """The base keys/values of a split's images (fp16, memory-mapped), computed once for every masked run."""
+def base_cache(vit, data, args, folder: Path, split: str = "train", rows_at=()):
+    """The base keys/values of a split's images (fp16, memory-mapped), computed once for every masked run; with
+    ``rows_at``, also the base rows entering those layers (where task branches start)."""
     x, y = data[split]
     model = apply_setting(copy.deepcopy(vit), "memory-masked", num_labels=data["num_labels"], m=1).eval()
     rows = datasets.Dataset.from_dict({"row": list(range(len(y)))})
@@ -247,16 +264,21 @@ def base_cache(vit, data, args, folder: Path, split: str = "train"):
         folder,
         args.image_size,
         batch_size=64,
+        rows_at=tuple(rows_at),
     )
 
 
 @torch.no_grad()
-def cached_accuracy(model, cache, device, batch: int = 128) -> float:
-    """Top-1 of (masked) adapters scored from a split's cached base keys/values instead of its images."""
+def cached_accuracy(model, cache, device, batch: int = 128, rows_index=None) -> float:
+    """Top-1 of (masked) adapters scored from a split's cached base keys/values instead of its images (task branches:
+    and the cached base rows at ``rows_index`` among the cache's ``rows_at``)."""
     correct = 0
     for start in range(0, len(cache), batch):
         rows = cache.batch(range(start, min(start + batch, len(cache))))
-        logits = model(base_keys_values=rows["base_keys_values"].to(device)).logits
+        inputs = {"base_keys_values": rows["base_keys_values"].to(device)}
+        if rows_index is not None:
+            inputs["base_rows"] = rows["base_rows"][:, rows_index].to(device)
+        logits = model(**inputs).logits
         correct += int((logits.argmax(-1).cpu() == rows["labels"]).sum())
     return correct / len(cache)
 

@@ -108,9 +108,9 @@ EXPERIMENTS = {
     ),
     "head+cls, zero head, adamw": ("head+cls", 0, {}, {"head_init": "zero", "optimizer": "adamw"}, [0.001, 0.003]),
     # beyond the paper (design.md, "Exact task branches"): the last k layers as each task's own branch, memory m=5 at
-    # full attention there (and rank-8 updates of q and v: LoRA's targets); below it, masked memory. Trained on the
-    # images (a branch reads every base row of its layers, which the keys/values cache does not hold). Beside them,
-    # LoRA on the same last k layers only: what the branch's low-rank part is alone, at T forwards
+    # full attention there (and rank-8 updates of q and v: LoRA's targets); below it, masked memory. Trained and
+    # scored on caches that also hold the base rows entering layers 8, 10 and 11 (where branches of depth 4, 2, 1
+    # start). Beside them, LoRA on the same last k layers only: what the branch's low-rank part is alone, at T forwards
     "masked branch k=1, adamw": (
         "memory-masked",
         5,
@@ -269,17 +269,24 @@ def record(out: Path, run: dict) -> dict:
     return run
 
 
-def caches(vit, data, args, out: Path) -> dict:
-    """The base keys/values of train, val and test, built on the first call and reused after."""
+def caches(vit, data, args, out: Path, rows_at=()) -> dict:
+    """The base keys/values of train, val and test (with ``rows_at``: and the base rows entering those layers, in
+    folders of their own), built on the first call and reused after."""
     loaded, model = {}, None
     for split in ("train", "val", "test"):
-        folder = out / f"cache_{split}"
+        folder = out / (f"cache_{split}_rows" if rows_at else f"cache_{split}")
         if folder.exists():  # checked against one masked wrapper of the backbone, made once
             model = model or apply_setting(copy.deepcopy(vit), "memory-masked", num_labels=data["num_labels"], m=1)
-            loaded[split] = load_cache(folder, model, args.image_size)
+            loaded[split] = load_cache(folder, model, args.image_size, rows_at=tuple(rows_at))
         else:
-            loaded[split] = base_cache(vit, data, args, folder, split)
+            loaded[split] = base_cache(vit, data, args, folder, split, rows_at)
     return loaded
+
+
+def branch_starts(num_layers: int) -> tuple[int, ...]:
+    """Where the study's task branches start: one cache holds the base rows entering each of these layers."""
+    depths = {row[2].get("branch_layers", 0) for row in EXPERIMENTS.values() if row[0] == "memory-masked"}
+    return tuple(sorted(num_layers - k for k in depths if k))
 
 
 def run_study(args) -> None:
@@ -326,16 +333,22 @@ def run_study(args) -> None:
                         ),
                     )
     masked = [e for e in args.experiments if cached_setting(e)]
-    cached = caches(vit, data, args, out) if masked else None
+    branched = any(EXPERIMENTS[e][2].get("branch_layers") for e in masked)
+    rows_at = branch_starts(vit.config.num_hidden_layers)
+    cached = {}
+    if any(not EXPERIMENTS[e][2].get("branch_layers") for e in masked):
+        cached["plain"] = caches(vit, data, args, out)
+    if branched:
+        cached["rows"] = caches(vit, data, args, out, rows_at)
     for name in (e for e in args.experiments if e != "head"):
         run_experiment(name, args, out, vit, data, cached, probe, accelerator)
     print(report(out, args), flush=True)
 
 
 def cached_setting(name: str) -> bool:
-    """Whether an experiment trains and is scored on the base keys/values cache: masked memory without a branch."""
-    setting, _, overrides, _, _ = EXPERIMENTS.get(name, (None, 0, {}, {}, []))
-    return setting == "memory-masked" and not overrides.get("branch_layers")
+    """Whether an experiment trains and is scored on a base keys/values cache: masked memory (task branches: a cache
+    that also holds the base rows where they start)."""
+    return EXPERIMENTS.get(name, (None,))[0] == "memory-masked"
 
 
 def run_experiment(name: str, args, out: Path, vit, data, cached, probe, accelerator) -> None:
@@ -354,7 +367,12 @@ def run_experiment(name: str, args, out: Path, vit, data, cached, probe, acceler
         if done is not None:
             return done
         started = time.perf_counter()
-        cache = cached["train"] if cached_setting(name) else None
+        depth = overrides.get("branch_layers", 0)
+        splits = (cached["rows"] if depth else cached["plain"]) if cached_setting(name) else None
+        rows_index = (
+            branch_starts(vit.config.num_hidden_layers).index(vit.config.num_hidden_layers - depth) if depth else None
+        )
+        cache = splits["train"] if splits else None
         if setting == "lora":
             model = run_lora(args.backbone, data, lr, seed, run_args, accelerator, **overrides)
         else:
@@ -371,11 +389,14 @@ def run_experiment(name: str, args, out: Path, vit, data, cached, probe, acceler
                 cache,
                 head_lr,
                 recipe.get("optimizer", "sgd"),
+                rows_index,
                 **overrides,
             )
         fitted = {}
         if cache is not None:  # scored from the caches; train accuracy too (cheap here), to see overfitting
-            val, test, fitted["train"] = (cached_accuracy(model, cached[s], device) for s in ("val", "test", "train"))
+            val, test, fitted["train"] = (
+                cached_accuracy(model, splits[s], device, rows_index=rows_index) for s in ("val", "test", "train")
+            )
         else:
             val, test = (accuracy(model_logits(model, device), *data[s]) for s in ("val", "test"))
         run = record(

@@ -6,6 +6,8 @@ memory-mapped, so that the cache lives on disk rather than in RAM); every traini
 class-token path against them (``MemoryTokenModel.forward_cached``).
 
 Size per image: num_layers x 2 x (1 + N) x D values, e.g. ViT-S/14 at 98 px: 12 x 2 x 50 x 384 x 2 bytes = 0.92 MB.
+For task branches (``branch_layers``) the cache also holds the base rows entering the layers where branches start
+(``rows_at``: (1 + N) x D values each, 38 KB at that size), so that a branch trains on them too.
 A cache records what it was computed from (backbone weights, image size, image processor, dtype) and refuses to serve
 another model or preprocessing.
 """
@@ -26,9 +28,10 @@ from .tuner.storage import write_atomically
 
 INFO = "cache_info.json"
 COLUMN = "base_keys_values"
+ROWS = "base_rows"
 
 
-def fingerprint(model, image_size: int, processor, dtype: torch.dtype, images=None) -> dict:
+def fingerprint(model, image_size: int, processor, dtype: torch.dtype, images=None, rows_at=()) -> dict:
     """What the cached values depend on: the backbone's weights (a digest), the image size, the processor's settings,
     the dtype and, when given, the images (their dataset's fingerprint and count)."""
     digest = hashlib.sha256()
@@ -45,6 +48,8 @@ def fingerprint(model, image_size: int, processor, dtype: torch.dtype, images=No
     }
     if images is not None:
         info["images"] = f"{len(images)} rows, fingerprint {images._fingerprint}"
+    if rows_at:
+        info["rows_at"] = list(rows_at)
     return info
 
 
@@ -58,29 +63,39 @@ def build_cache(
     batch_size: int = 32,
     dtype: torch.dtype = torch.float16,
     overwrite: bool = False,
+    rows_at: tuple[int, ...] = (),
 ) -> BaseCache:
     """Compute every image's base keys/values once and store them at ``folder`` (written atomically).
 
     ``images``: the raw rows; ``to_pixels(batch) -> {"pixel_values": (B, C, S, S), "labels": (B,)}`` (e.g.
     ``data.image_transform``). Returns the cache as a memory-mapped dataset with columns ``base_keys_values``
-    (num_layers, 2, n, D) and ``labels``, in the order of ``images`` (``BaseCache``).
+    (num_layers, 2, n, D) and ``labels``, in the order of ``images`` (``BaseCache``); with ``rows_at`` (layer
+    indices) also ``base_rows`` (len(rows_at), n, D), the base rows entering those layers (task branches' start).
     """
     tuner = model.base_model
     device = next(tuner.model.parameters()).device
-    info = fingerprint(model, image_size, processor, dtype, images)
+    rows_at = tuple(rows_at)
+    info = fingerprint(model, image_size, processor, dtype, images, rows_at)
 
-    shape = []
+    shapes = {}
 
     def encode(batch):
         converted = to_pixels(batch)
-        keys_values = tuner.base_keys_values(converted["pixel_values"].to(device), interpolate_pos_encoding=True)
-        shape[:] = keys_values.shape[1:]
+        pixels = converted["pixel_values"].to(device)
+        computed = tuner.base_keys_values(pixels, interpolate_pos_encoding=True, rows_at=rows_at)
+        keys_values, rows = computed if rows_at else (computed, None)
+        shapes[COLUMN] = list(keys_values.shape[1:])
         # flat rows: a batch is then read back as one contiguous array (nested lists would be converted per value)
-        return {COLUMN: keys_values.to(dtype).flatten(1).cpu().numpy(), "labels": converted["labels"].numpy()}
+        out = {COLUMN: keys_values.to(dtype).flatten(1).cpu().numpy(), "labels": converted["labels"].numpy()}
+        if rows is not None:
+            shapes[ROWS] = list(rows.shape[1:])
+            out[ROWS] = rows.to(dtype).flatten(1).cpu().numpy()
+        return out
 
-    features = datasets.Features(
-        {COLUMN: datasets.Sequence(datasets.Value(info["dtype"])), "labels": datasets.Value("int64")}
-    )
+    columns = {COLUMN: datasets.Sequence(datasets.Value(info["dtype"])), "labels": datasets.Value("int64")}
+    if rows_at:
+        columns[ROWS] = datasets.Sequence(datasets.Value(info["dtype"]))
+    features = datasets.Features(columns)
 
     def fill(staging: Path):
         cached = images.map(
@@ -94,29 +109,39 @@ def build_cache(
         )
         cached.save_to_disk(str(staging / "data"))
         (staging / "map.arrow").unlink(missing_ok=True)
-        (staging / INFO).write_text(json.dumps({**info, "examples": len(cached), "shape": list(shape)}, indent=2))
+        shapes_info = {"shape": shapes[COLUMN], **({"rows_shape": shapes[ROWS]} if rows_at else {})}
+        (staging / INFO).write_text(json.dumps({**info, "examples": len(cached), **shapes_info}, indent=2))
 
     write_atomically(folder, fill, overwrite=overwrite)
-    return BaseCache(Path(folder), shape)  # just built from this model and these images: nothing to check
+    # just built from this model and these images: nothing to check
+    return BaseCache(Path(folder), shapes[COLUMN], shapes.get(ROWS))
 
 
 class BaseCache(torch.utils.data.Dataset):
     """The cached base keys/values of a set of images, memory-mapped: ``cache[i]`` or ``cache.batch(indices)`` ->
-    ``{"base_keys_values": (..., num_layers, 2, n, D) in the stored dtype, "labels": (...)}``. With a DataLoader,
+    ``{"base_keys_values": (..., num_layers, 2, n, D) in the stored dtype, "labels": (...)}`` (and ``"base_rows"``
+    (..., len(rows_at), n, D) when built with ``rows_at``). With a DataLoader,
     batches are read in one piece (``__getitems__``); pass ``collate_fn=BaseCache.collate``."""
 
-    def __init__(self, folder: Path, shape: tuple[int, ...]) -> None:
+    def __init__(self, folder: Path, shape: tuple[int, ...], rows_shape: tuple[int, ...] | None = None) -> None:
         table = datasets.load_from_disk(str(folder / "data")).data.table  # memory-mapped Arrow
-        self.shape = tuple(shape)
-        # per Arrow chunk, its rows as one (rows, values) numpy view of the mapped file: reading a batch is then one
-        # copy per row, with no per-value conversion
-        self.rows = [
-            chunk.flatten().to_numpy(zero_copy_only=True).reshape(len(chunk), -1)
-            for chunk in table.column(COLUMN).chunks
-            if len(chunk)
-        ]
-        self.starts = np.cumsum([0] + [len(rows) for rows in self.rows])
+        self.shapes = {COLUMN: tuple(shape), **({ROWS: tuple(rows_shape)} if rows_shape else {})}
+        # per column and Arrow chunk, its rows as one (rows, values) numpy view of the mapped file: reading a batch
+        # is then one copy per row, with no per-value conversion
+        self.rows = {
+            column: [
+                chunk.flatten().to_numpy(zero_copy_only=True).reshape(len(chunk), -1)
+                for chunk in table.column(column).chunks
+                if len(chunk)
+            ]
+            for column in self.shapes
+        }
+        self.starts = np.cumsum([0] + [len(rows) for rows in self.rows[COLUMN]])
         self.labels = table.column("labels").to_numpy()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.shapes[COLUMN]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -124,11 +149,12 @@ class BaseCache(torch.utils.data.Dataset):
     def batch(self, indices) -> dict[str, torch.Tensor]:
         indices = np.asarray(list(indices), dtype=np.int64)
         chunks = np.searchsorted(self.starts, indices, side="right") - 1
-        values = np.stack([self.rows[c][i - self.starts[c]] for c, i in zip(chunks.tolist(), indices.tolist())])
-        return {
-            "base_keys_values": torch.from_numpy(values.reshape(len(indices), *self.shape)),
-            "labels": torch.from_numpy(self.labels[indices]),
-        }
+        out = {}
+        for column, shape in self.shapes.items():
+            rows = self.rows[column]
+            values = np.stack([rows[c][i - self.starts[c]] for c, i in zip(chunks.tolist(), indices.tolist())])
+            out[column] = torch.from_numpy(values.reshape(len(indices), *shape))
+        return {**out, "labels": torch.from_numpy(self.labels[indices])}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {key: value[0] for key, value in self.batch([index]).items()}
@@ -148,9 +174,10 @@ def load_cache(
     processor=None,
     dtype: torch.dtype = torch.float16,
     images: datasets.Dataset | None = None,
+    rows_at: tuple[int, ...] = (),
 ) -> BaseCache:
-    """A cache built for this backbone, image size, processor, dtype (and ``images``, when given), memory-mapped, or
-    a clear error."""
+    """A cache built for this backbone, image size, processor, dtype, ``rows_at`` (and ``images``, when given),
+    memory-mapped, or a clear error."""
     folder = Path(folder)
     if not (folder / INFO).is_file():
         raise InputError(
@@ -158,16 +185,16 @@ def load_cache(
             "(train.py --cache_base FOLDER builds it when the folder does not exist)."
         )
     recorded = json.loads((folder / INFO).read_text())
-    expected = fingerprint(model, image_size, processor, dtype, images)
-    wrong = [key for key in expected if recorded.get(key) != expected[key]]
+    expected = fingerprint(model, image_size, processor, dtype, images, tuple(rows_at))
+    wrong = [key for key in {*expected, "rows_at"} if recorded.get(key) != expected.get(key)]
     if wrong:
         raise InputError(
             f"The cache at {folder} was computed with another {', '.join(wrong)} "
-            f"({', '.join(f'{k}: {recorded.get(k)!s:.16} here {expected[k]!s:.16}' for k in wrong)}): "
+            f"({', '.join(f'{k}: {recorded.get(k)!s:.16} here {expected.get(k)!s:.16}' for k in sorted(wrong))}): "
             "its keys/values would be wrong for this model. Build it again (another folder, or "
             "--overwrite)."
         )
-    return BaseCache(folder, recorded["shape"])
+    return BaseCache(folder, recorded["shape"], recorded.get("rows_shape"))
 
 
 def cache_bytes_per_image(folder: str | Path) -> float:

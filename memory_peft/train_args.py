@@ -146,11 +146,6 @@ def parse_args(argv=None, prog=None):
             "--branch_layers/--branch_rank need --setting memory-masked: a branch is a masked task's own copy of "
             "the last layers."
         )
-    if args.cache_base and args.branch_layers:
-        raise InputError(
-            "--cache_base holds base keys/values, but a branch reads every base row of its layers: drop --cache_base "
-            "to train a branch on the images."
-        )
     if args.cache_base and args.augment:
         raise InputError(
             "--cache_base caches each training image once, so --augment (random flips) cannot apply: drop one of them."

@@ -192,7 +192,11 @@ def train(args):
         for batch in batches:
             with accelerator.accumulate(model):
                 inputs = (
-                    {"base_keys_values": batch["base_keys_values"]}
+                    {
+                        "base_keys_values": batch["base_keys_values"],
+                        # the cache holds one layer's base rows: where this run's branch starts (if it has one)
+                        "base_rows": batch["base_rows"][:, 0] if "base_rows" in batch else None,
+                    }
                     if args.cache_base
                     else {"pixel_values": batch["pixel_values"], "interpolate_pos_encoding": True}
                 )
@@ -251,6 +255,8 @@ def base_cache(args, model, data, processor, accelerator):
     """The training images' base keys/values (``memory_peft.cache``): built by the main process when the folder is
     absent, checked against this run's backbone, image size, processor and training images either way."""
     folder, dtype, built = Path(args.cache_base), getattr(torch, args.cache_dtype), None
+    # a task branch starts from the base rows entering its first layer: the cache holds those too
+    rows_at = (model.base_model._backbone.num_layers - args.branch_layers,) if args.branch_layers else ()
     if accelerator.is_main_process and not (folder / INFO).exists():
         started = time.time()
         built = build_cache(
@@ -262,13 +268,16 @@ def base_cache(args, model, data, processor, accelerator):
             processor,
             args.batch_size,
             dtype,
+            rows_at=rows_at,
         )
         accelerator.print(
             f"cached the base keys/values of {len(data.train)} images in {time.time() - started:.0f} s at {folder}"
         )
     accelerator.wait_for_everyone()
     return (
-        built if built is not None else load_cache(folder, model, args.image_size, processor, dtype, images=data.train)
+        built
+        if built is not None
+        else load_cache(folder, model, args.image_size, processor, dtype, images=data.train, rows_at=rows_at)
     )
 
 

@@ -174,13 +174,43 @@ def test_branch_deeper_than_the_backbone_is_refused(real_vit):
         get_peft_model(real_vit, MemoryTokenConfig(num_labels=2, mode="masked", branch_layers=13))
 
 
-def test_attentions_and_cached_keys_values_are_refused_with_branches(real_vit, pixels):
-    model = branch_model(real_vit, ["b"])
+def test_attentions_and_caches_without_branch_rows_are_refused(real_vit, pixels):
+    model = branch_model(real_vit, ["b", "c"])
     with pytest.raises(InputError, match="output_attentions is not available with task branches"):
         model(pixel_values=pixels, output_attentions=True, interpolate_pos_encoding=True)
-    cached = model.base_model.base_keys_values(pixels, interpolate_pos_encoding=True)
-    with pytest.raises(InputError, match="have task branches"):
+    cached, rows = model.base_model.base_keys_values(pixels, interpolate_pos_encoding=True, rows_at=(10,))
+    with pytest.raises(InputError, match="Pass base_rows too"):
         model.base_model.forward_cached(cached)
+    model.base_model.set_adapter(["b", "c"])  # branches from layers 10 and 9: one cache holds one layer's rows
+    with pytest.raises(InputError, match=r"starting at different layers \[9, 10\]"):
+        model.base_model.forward_cached(cached, base_rows=rows[:, 0])
+
+
+def test_training_on_a_cache_equals_training_on_the_images(real_vit, pixels):
+    """Masked rows from cached keys/values, branches from the cached rows entering their first layer: the same
+    outputs (float64) and the same gradients as the forward on the images, tasks with and without branches."""
+    model = branch_model(real_vit, ["a", "b", "d"])
+    tuner = model.base_model
+    tuner.set_adapter(["a", "b", "d"])
+    model.train()
+    labels = {name: torch.tensor([0, 1, 2]) for name in ("a", "b", "d")}
+    cached, rows = tuner.base_keys_values(pixels, interpolate_pos_encoding=True, rows_at=(10,))
+    results = []
+    for inputs in (
+        dict(pixel_values=pixels, interpolate_pos_encoding=True),
+        dict(base_keys_values=cached, base_rows=rows[:, 0]),
+    ):
+        model.zero_grad()
+        out = model(**inputs, labels=labels)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({n: t.logits for n, t in out.tasks.items()}, grads))
+    (images, image_grads), (cache, cache_grads) = results
+    for name in images:
+        assert_identical(cache[name], images[name])
+    assert image_grads.keys() == cache_grads.keys() and any("memory_branch_up.b" in n for n in cache_grads)
+    for name, grad in image_grads.items():
+        torch.testing.assert_close(cache_grads[name], grad, atol=1e-10, rtol=0)
 
 
 def test_merged_artifact_of_branch_and_plain_adapters_equals_each_alone(real_vit_cached, pixels, tmp_path):
@@ -262,5 +292,22 @@ def test_branch_flags_need_the_masked_setting(tmp_path):
 
     with pytest.raises(InputError, match="need --setting memory-masked"):
         parse_args(["--setting", "memory", "--branch_layers", "2"])
-    with pytest.raises(InputError, match="drop --cache_base"):
-        parse_args(["--setting", "memory-masked", "--branch_layers", "2", "--cache_base", str(tmp_path)])
+    args = parse_args(["--setting", "memory-masked", "--branch_layers", "2", "--cache_base", str(tmp_path)])
+    assert (args.branch_layers, args.cache_base) == (2, str(tmp_path))  # branches train on caches too
+
+
+def test_train_script_trains_a_branch_on_a_cache_as_on_the_images(tmp_path):
+    from helpers import adapter_tensors, train
+
+    branch = ["--branch_layers", "2", "--branch_rank", "2"]
+    common = ["--setting", "memory-masked", "--m", "2", *branch, "--max_steps", "4"]
+    train(tmp_path / "images", *common)
+    result = train(tmp_path / "cached", *common, "--cache_base", str(tmp_path / "cache"), "--cache_dtype", "float32")
+    assert "cached the base keys/values of 48 images" in result.stdout
+    on_images, on_cache = adapter_tensors(tmp_path / "images"), adapter_tensors(tmp_path / "cached")
+    assert on_images.keys() == on_cache.keys() and any("memory_branch_up" in key for key in on_cache)
+    for key, value in on_images.items():
+        torch.testing.assert_close(on_cache[key], value, atol=1e-5 * max(1.0, value.abs().max().item()), rtol=0)
+    deeper = ["--setting", "memory-masked", "--m", "2", "--branch_layers", "3", "--max_steps", "4"]
+    with pytest.raises(AssertionError, match="another rows_at"):  # a cache of another branch depth is refused
+        train(tmp_path / "other", *deeper, "--cache_base", str(tmp_path / "cache"), "--cache_dtype", "float32")

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .attention import with_base_columns
-from .branch import BranchGroup, run_with_branches
+from .branch import BranchGroup, run_cached_with_branches, run_with_branches
 from .errors import InputError
 from .layer import MemoryPlan
 from .outputs import SEVERAL_TASKS, MultiTaskImageClassifierOutput, SeveralTasksError, single_task
@@ -48,6 +48,7 @@ class MemoryForward:
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         base_keys_values: torch.Tensor | None = None,
+        base_rows: torch.Tensor | None = None,
         **kwargs,
     ):
         """The model's forward: one active adapter gives the stock ``ImageClassifierOutput``, several a
@@ -67,13 +68,15 @@ class MemoryForward:
                 return_dict=return_dict,
                 **kwargs,
             )
+        if base_rows is not None and base_keys_values is None:
+            raise InputError("base_rows (a task branch's cached start) comes with base_keys_values, from one cache.")
         if base_keys_values is not None:
             if pixel_values is not None or output_attentions or output_hidden_states:
                 raise InputError(
                     "base_keys_values replaces pixel_values (and gives no hidden states or attentions): "
                     "pass one or the other."
                 )
-            output = self.forward_cached(base_keys_values, labels, **kwargs)
+            output = self.forward_cached(base_keys_values, labels, base_rows=base_rows, **kwargs)
         else:
             output = self.forward_tasks(
                 pixel_values, labels, interpolate_pos_encoding, output_attentions, output_hidden_states, **kwargs
@@ -132,24 +135,35 @@ class MemoryForward:
         )
 
     @torch.no_grad()
-    def base_keys_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None):
+    def base_keys_values(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None, rows_at: tuple[int, ...] = ()
+    ):
         """(B, num_layers, 2, n, D): every layer's keys and values of the base rows. In masked mode they depend on the
-        image alone (the base rows never read task rows or memory): what ``memory_peft.cache`` stores."""
+        image alone (the base rows never read task rows or memory): what ``memory_peft.cache`` stores. With
+        ``rows_at``: (that, (B, len(rows_at), n, D) the base rows entering those layers), where task branches start."""
         backbone = self._backbone
         interpolate = self._interpolates(pixel_values, self.active_adapters, interpolate_pos_encoding)
         pixel_values = backbone.check_pixels(pixel_values, interpolate)
         base = backbone.embed(pixel_values.to(backbone.final_norm.weight.dtype), interpolate)
-        per_layer = []
-        for layer in backbone.layers:
+        per_layer, rows = [], {}
+        for i, layer in enumerate(backbone.layers):
+            rows[i] = base
             base, key, value = layer.forward_base(base)
             per_layer.append(torch.stack([key, value], 1))
-        return torch.stack(per_layer, 1)
+        keys_values = torch.stack(per_layer, 1)
+        return (keys_values, torch.stack([rows[i] for i in rows_at], 1)) if rows_at else keys_values
 
     def forward_cached(
-        self, base_keys_values: torch.Tensor, labels: Any = None, num_items_in_batch: int | None = None
+        self,
+        base_keys_values: torch.Tensor,
+        labels: Any = None,
+        num_items_in_batch: int | None = None,
+        base_rows: torch.Tensor | None = None,
     ) -> MultiTaskImageClassifierOutput:
         """Masked adapters from cached base keys/values (``base_keys_values``' output, any float dtype): only the
-        class-token path runs, with the same result as the forward on the images (up to the cache's precision)."""
+        class-token path runs, with the same result as the forward on the images (up to the cache's precision).
+        Adapters with task branches (all starting at one layer) also take ``base_rows`` (B, n, D), the base rows
+        entering that layer (``base_keys_values(..., rows_at=(start,))``): their branches then run on them."""
         names = self.active_adapters
         if not names:
             raise InputError("No adapter is active: activate one or more with memory_peft.activate(model, names).")
@@ -159,10 +173,17 @@ class MemoryForward:
                 f"Adapter(s) {names} use full attention: their class token changes the base rows, so "
                 "base keys/values cannot be cached. Caching needs mode='masked' adapters."
             )
-        if layout.groups:
+        branched = [n for g in layout.groups for n in g.names]
+        if branched and base_rows is None:
             raise InputError(
-                f"Adapter(s) {[n for g in layout.groups for n in g.names]} have task branches (branch_layers): their "
-                "branch reads every base row of its layers, which base keys/values do not hold. Train them on images."
+                f"Adapter(s) {branched} have task branches (branch_layers): a branch starts from the base rows "
+                "entering its first layer, which base keys/values do not hold. Pass base_rows too (a cache built "
+                "with rows_at=(that layer,); train.py --cache_base builds it), or train on the images."
+            )
+        if len({g.start for g in layout.groups}) > 1:
+            raise InputError(
+                f"Adapter(s) {branched} have branches starting at different layers "
+                f"{sorted({g.start for g in layout.groups})}: one cache holds the base rows of one: train them apart."
             )
         backbone = self._backbone
         if base_keys_values.dim() != 5 or base_keys_values.shape[1:3] != (len(backbone.layers), 2):
@@ -175,6 +196,9 @@ class MemoryForward:
         batch, n = cached.shape[0], cached.shape[3]
         tokens = torch.stack([self.memory_class_token[name] for name in names]).to(dtype).expand(batch, -1, -1)
         masks = self._task_masks(layout, n, tokens, base_rows=False)
+        if layout.groups:
+            tokens = run_cached_with_branches(backbone.layers, layout, masks, cached, tokens, base_rows.to(dtype))
+            return self._task_outputs(names, backbone.final_norm(tokens), labels, num_items_in_batch)
         for i, (layer, plan, mask) in enumerate(zip(backbone.layers, layout.plans, layout.masks)):
             tokens = layer.forward_task_rows(tokens, cached[:, i, 0], cached[:, i, 1], plan, masks[mask])
         return self._task_outputs(names, backbone.final_norm(tokens), labels, num_items_in_batch)
