@@ -135,10 +135,13 @@ def merge_adapters(
     return write_atomically(Path(output_dir), fill, overwrite)
 
 
+def _layers(config: dict):
+    return config.get("layers_to_transform", config.get("layers")) or "all"  # "layers": 0.1.0's name
+
+
 def _card(read: list[dict], index: dict, handler: bool = False) -> ModelCard:
     rows = "\n".join(
-        f"| `{a['name']}` | {a['config']['num_labels']} | {a['config']['m']} | {a['config'].get('layers') or 'all'} |"
-        for a in read
+        f"| `{a['name']}` | {a['config']['num_labels']} | {a['config']['m']} | {_layers(a['config'])} |" for a in read
     )
     data = ModelCardData(library_name="peft", tags=["memory-peft", "multi-task", "learnable-memory"])
     text = (

@@ -31,7 +31,7 @@ def describe(source: str) -> dict:
                 "task": task or "default",
                 "mode": config["mode"],
                 "m": config["m"],
-                "layers": config.get("layers") or "all",
+                "layers": config.get("layers_to_transform", config.get("layers")) or "all",
                 "classes": config["num_labels"],
                 "extends": config.get("extends"),
                 "top_k": config.get("top_k"),

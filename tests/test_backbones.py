@@ -82,7 +82,7 @@ def tuner_parts(model, name="default"):
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_full_attention_model_equals_stock_layers_reading_memory(name):
-    model = adapted(build(name).eval(), 0, m=3, num_labels=5, layers=[0, 2])
+    model = adapted(build(name).eval(), 0, m=3, num_labels=5, layers_to_transform=[0, 2])
     tuner, backbone, memories = tuner_parts(model)
     with torch.no_grad():
         logits = model(pixel_values=PIXELS).logits

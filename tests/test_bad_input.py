@@ -50,8 +50,10 @@ def test_memory_size_must_be_a_non_negative_int(m):
 
 
 def test_layer_indices_out_of_range():
-    with pytest.raises(InputError, match=r"layers \[2, 7\] out of range: the backbone has 2 layers \(0..1\)"):
-        get_peft_model(tiny_vit(), MemoryTokenConfig(m=1, layers=[0, 2, 7], num_labels=2))
+    with pytest.raises(
+        InputError, match=r"layers_to_transform \[2, 7\] out of range: the backbone has 2 layers \(0..1\)"
+    ):
+        get_peft_model(tiny_vit(), MemoryTokenConfig(m=1, layers_to_transform=[0, 2, 7], num_labels=2))
 
 
 def test_unsupported_backbone_lists_the_supported_ones():

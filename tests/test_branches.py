@@ -13,7 +13,7 @@ from memory_peft.tuner.errors import InputError
 TASKS = {  # name -> config: mixed depths, ranks, memory layers; "b" and "d" share a branch shape (one group)
     "a": dict(m=3),
     "b": dict(m=2, branch_layers=2, branch_rank=4),
-    "c": dict(m=4, branch_layers=3, layers=[0, 5, 9, 11]),
+    "c": dict(m=4, branch_layers=3, layers_to_transform=[0, 5, 9, 11]),
     "d": dict(m=2, branch_layers=2, branch_rank=4, branch_alpha=3.0),
     "k": dict(m=0, branch_layers=1, branch_rank=2),
 }

@@ -24,7 +24,9 @@ from memory_peft.tuner.errors import InputError
 
 def masked_pair():
     model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=3, num_labels=4, mode="masked", init_std=0.5))
-    model.add_adapter("other", MemoryTokenConfig(m=2, num_labels=3, mode="masked", init_std=0.5, layers=[1]))
+    model.add_adapter(
+        "other", MemoryTokenConfig(m=2, num_labels=3, mode="masked", init_std=0.5, layers_to_transform=[1])
+    )
     for seed, name in enumerate(("default", "other")):
         randomise_task(model, name, seed)
     return activate(model.double(), ["default", "other"]).train()

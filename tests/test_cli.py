@@ -44,7 +44,7 @@ def test_help_of_each_command(command, options):
 def test_merge_inspect_split(tmp_path, capsys):
     vit = tiny_vit()
     save_adapter(vit, tmp_path / "a", 0, m=3, num_labels=10)
-    save_adapter(vit, tmp_path / "b", 1, m=5, num_labels=4, layers=[1])
+    save_adapter(vit, tmp_path / "b", 1, m=5, num_labels=4, layers_to_transform=[1])
     assert main(["merge", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}", "--output", tmp_path / "merged"]) == 0
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "merged"), "--json"]) == 0

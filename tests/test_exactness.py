@@ -32,7 +32,7 @@ def test_layer_equals_plain_reference(implementation, images):
 def test_full_attention_model_equals_reference(implementation, images):
     vit = real_vit_in(implementation)
     pixels = images[0][:4].to(DTYPES[implementation])
-    model = get_peft_model(vit, MemoryTokenConfig(m=5, num_labels=10, layers=[0, 2, 5, 11]))
+    model = get_peft_model(vit, MemoryTokenConfig(m=5, num_labels=10, layers_to_transform=[0, 2, 5, 11]))
     model = model.to(DTYPES[implementation]).eval()
     randomise_task(model, "default", 1)
     tuner = model.base_model
@@ -73,7 +73,9 @@ def test_masked_model_equals_big_masked_sequence(implementation, images):
     vit = real_vit_in(implementation)
     pixels = images[0][:3].to(DTYPES[implementation])
     model = get_peft_model(vit, MemoryTokenConfig(m=4, num_labels=5, mode="masked", init_std=0.5))
-    model.add_adapter("b", MemoryTokenConfig(m=2, num_labels=5, mode="masked", layers=[1, 4, 7], init_std=0.5))
+    model.add_adapter(
+        "b", MemoryTokenConfig(m=2, num_labels=5, mode="masked", layers_to_transform=[1, 4, 7], init_std=0.5)
+    )
     model.add_adapter("c", MemoryTokenConfig(m=0, num_labels=5, mode="masked"))
     model.to(DTYPES[implementation])
     names = ["default", "b", "c"]

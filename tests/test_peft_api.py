@@ -89,7 +89,7 @@ def test_vit_for_image_classification_uses_the_adapter_head():
         (dict(m=True), r"m must be an int >= 0"),
         (dict(mode="sparse"), r"mode must be one of"),
         (dict(num_labels=0), r"num_labels must be None or an int >= 1"),
-        (dict(layers="0,1"), r"layers must be a list of layer indices"),
+        (dict(layers_to_transform="0,1"), r"layers_to_transform must be a list of layer indices"),
         (dict(init_std=-0.1), r"init_std must be a number >= 0"),
     ],
 )
@@ -99,8 +99,8 @@ def test_bad_config_is_refused_with_a_named_field(kwargs, message):
 
 
 def test_layers_out_of_range_and_unsupported_backbone():
-    with pytest.raises(ValueError, match=r"layers \[5\] out of range: the backbone has 2 layers"):
-        get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, layers=[0, 5], num_labels=2))
+    with pytest.raises(ValueError, match=r"layers_to_transform \[5\] out of range: the backbone has 2 layers"):
+        get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, layers_to_transform=[0, 5], num_labels=2))
     with pytest.raises(TypeError, match=r"cannot adapt a Sequential: supported backbones are ViTModel"):
         get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), MemoryTokenConfig(m=2, num_labels=2))
 

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +18,9 @@ from memory_peft import MemoryTokenConfig
 
 def test_save_load_same_logits_and_only_adapter_tensors(real_vit_cached, images, tmp_path):
     pixels = images[0][:4]
-    model = make_trained_model(copy.deepcopy(real_vit_cached), m=5, num_labels=10, mode="masked", layers=[0, 3, 11])
+    model = make_trained_model(
+        copy.deepcopy(real_vit_cached), m=5, num_labels=10, mode="masked", layers_to_transform=[0, 3, 11]
+    )
     with torch.no_grad():
         logits = model(pixel_values=pixels, interpolate_pos_encoding=True).logits
     model.save_pretrained(tmp_path)
@@ -39,8 +42,15 @@ def test_save_load_same_logits_and_only_adapter_tensors(real_vit_cached, images,
 
     config = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(config, MemoryTokenConfig)
-    assert (config.m, config.num_labels, config.mode, config.layers) == (5, 10, "masked", [0, 3, 11])
+    assert (config.m, config.num_labels, config.mode, config.layers_to_transform) == (5, 10, "masked", [0, 3, 11])
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "MEMORY_TOKENS"
+    # an adapter saved under the field's former name (0.1.0: "layers") loads the same
+    old = tmp_path.parent / "saved_by_0.1.0"
+    shutil.copytree(tmp_path, old)
+    saved = json.loads((old / "adapter_config.json").read_text())
+    saved["layers"] = saved.pop("layers_to_transform")
+    (old / "adapter_config.json").write_text(json.dumps(saved))
+    assert PeftConfig.from_pretrained(old).layers_to_transform == [0, 3, 11]
 
     loaded = PeftModel.from_pretrained(copy.deepcopy(real_vit_cached), tmp_path)
     with torch.no_grad():

@@ -24,7 +24,8 @@ class MemoryTokenConfig(PeftConfig):
 
     Args:
         m: memory tokens per adapted layer (0 gives the "head" / "head + class token" settings of the paper).
-        layers: indices of the layers that get memory (default: all).
+        layers_to_transform: indices of the layers that get memory (default: all), as peft's field of that name
+            (adapters saved with its former name, ``layers``, still load).
         mode: ``"full"`` — every token attends to the memory and the class token sits at position 0, so the backbone's
             outputs change (one such adapter at a time); ``"masked"`` — the task's class token is appended after the
             patches and is the only token that reads the memory, so the base model's outputs stay exactly the same and
@@ -60,7 +61,12 @@ class MemoryTokenConfig(PeftConfig):
     """
 
     m: int = field(default=5, metadata={"help": "memory tokens per adapted layer"})
-    layers: list[int] | None = field(default=None, metadata={"help": "layer indices with memory (None: all)"})
+    layers_to_transform: list[int] | None = field(
+        default=None, metadata={"help": "layer indices with memory (None: all)"}
+    )
+    # the former name of layers_to_transform (0.1.0), read from saved adapters (by peft's PeftConfig too, which drops
+    # keys its config class lacks) and never written back
+    layers: list[int] | None = field(default=None, repr=False, metadata={"help": "former name of layers_to_transform"})
     # "full" stays the default: it is the paper's "memory" setting and the more accurate one for a single task; the
     # errors that refuse to combine or merge full adapters name mode="masked" (the mode that merges).
     mode: str = field(default="full", metadata={"help": "'full' or 'masked' attention"})
@@ -87,6 +93,10 @@ class MemoryTokenConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.layers is not None:
+            if self.layers_to_transform not in (None, self.layers):
+                raise InputError("MemoryTokenConfig got both layers and layers_to_transform, and they differ.")
+            self.layers_to_transform, self.layers = self.layers, None
         self.peft_type = MEMORY_TOKENS
         self.validate()
 
@@ -138,12 +148,15 @@ class MemoryTokenConfig(PeftConfig):
             raise InputError(
                 f"MemoryTokenConfig.label_names has {len(self.label_names)} names for num_labels={self.num_labels}."
             )
-        if self.layers is not None:
-            if not isinstance(self.layers, (list, tuple)) or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in self.layers
+        if self.layers_to_transform is not None:
+            layers = self.layers_to_transform
+            if not isinstance(layers, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in layers
             ):
-                raise InputError(f"MemoryTokenConfig.layers must be a list of layer indices, got {self.layers!r}.")
-            self.layers = sorted(set(self.layers))
+                raise InputError(
+                    f"MemoryTokenConfig.layers_to_transform must be a list of layer indices, got {layers!r}."
+                )
+            self.layers_to_transform = sorted(set(layers))
 
     def _validate_branch(self) -> None:
         for name in ("branch_layers", "branch_rank"):
@@ -178,6 +191,11 @@ class MemoryTokenConfig(PeftConfig):
         alpha = 2 * self.branch_rank if self.branch_alpha is None else self.branch_alpha
         return alpha / self.branch_rank if self.branch_rank else 0.0
 
+    def to_dict(self) -> dict:
+        config = super().to_dict()
+        config.pop("layers", None)  # the former name: read, never written
+        return config
+
     def class_names(self) -> list[str]:
         """The head's class names: ``label_names``, else transformers' default names LABEL_0, LABEL_1, ..."""
         return list(self.label_names) if self.label_names else [f"LABEL_{i}" for i in range(self.num_labels)]
@@ -186,15 +204,15 @@ class MemoryTokenConfig(PeftConfig):
         """The layer indices that hold memory, checked against the backbone's depth."""
         if self.m == 0:
             return []
-        if self.layers is None:
+        if self.layers_to_transform is None:
             return list(range(num_layers))
-        bad = [i for i in self.layers if not 0 <= i < num_layers]
+        bad = [i for i in self.layers_to_transform if not 0 <= i < num_layers]
         if bad:
             raise InputError(
-                f"MemoryTokenConfig.layers {bad} out of range: the backbone has {num_layers} layers "
+                f"MemoryTokenConfig.layers_to_transform {bad} out of range: the backbone has {num_layers} layers "
                 f"(0..{num_layers - 1})."
             )
-        return list(self.layers)
+        return list(self.layers_to_transform)
 
     @classmethod
     def check_kwargs(cls, **kwargs):
