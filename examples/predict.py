@@ -73,7 +73,7 @@ def predict(args) -> dict[str, list[list[tuple[str, float]]]]:
         outputs = model.forward_tasks(pixel_values=pixels, interpolate_pos_encoding=True)  # one forward, every task
     predictions = {}
     for task, output in outputs.tasks.items():
-        names = configs[task].label_names or [str(i) for i in range(configs[task].num_labels)]
+        names = configs[task].class_names()  # label_names, else transformers' LABEL_i (as the pipelines name them)
         probabilities = output.logits.softmax(-1)
         top = probabilities.topk(min(args.top, probabilities.shape[-1]), dim=-1)
         predictions[task] = [

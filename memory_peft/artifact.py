@@ -4,7 +4,7 @@ Layout of a merged artifact::
 
     memory_tasks.json            {"format": "memory-peft-multitask", "tasks": [...], "base_model": ..., "backbone": ...}
     README.md                    a model card listing the tasks
-    handler.py, requirements.txt Inference Endpoints' entry point (memory_peft.endpoint; merge --no-handler: none)
+    handler.py, requirements.txt Inference Endpoints' entry point (memory_peft.endpoint; merge --no_handler: none)
     <task>/adapter_config.json   each task's files, byte for byte as its adapter saved them
     <task>/adapter_model.safetensors
 """

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .sources import describe, load_source, named_sources
+from .train_args import accept_both_spellings
 from .tuner.errors import InputError, MemoryPeftError, OutputExistsError
 
 PROG = "memory-peft"
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True, help="artifact folder to write")
     merge.add_argument("--overwrite", action="store_true")
     merge.add_argument(
-        "--no-handler",
+        "--no_handler",
         dest="handler",
         action="store_false",
         help="do not write handler.py / requirements.txt (Hugging Face Inference Endpoints' entry point)",
@@ -83,18 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     batch = export.add_mutually_exclusive_group()
     batch.add_argument(
-        "--static-batch",
+        "--static_batch",
         type=int,
         default=None,
         metavar="N",
         help="a graph for batches of exactly N images (default: any batch size)",
     )
     batch.add_argument(
-        "--dynamic-batch",
+        "--dynamic_batch",
         action="store_true",
         help="any batch size: now the default, still accepted for scripts that pass it",
     )
-    export.add_argument("--image-size", type=int, default=None, help="default: the adapters' training size")
+    export.add_argument("--image_size", type=int, default=None, help="default: the adapters' training size")
     export.add_argument("--overwrite", action="store_true")
 
     demo = commands.add_parser(
@@ -107,17 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument(
-        "--share-ready",
+        "--share_ready",
         default=None,
         metavar="DIR",
         help="write a self-contained Hugging Face Space folder (app.py, requirements.txt, README.md); no serving",
     )
-    demo.add_argument("--overwrite", action="store_true", help="with --share-ready: replace DIR")
+    demo.add_argument("--overwrite", action="store_true", help="with --share_ready: replace DIR")
 
     inspect = commands.add_parser("inspect", help="tasks, m, layers, parameters, size on disk, base model")
     inspect.add_argument("source", help="adapter or merged artifact: local folder or Hub id")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return parser
+    return accept_both_spellings(parser)
 
 
 def main(argv=None) -> int:
@@ -191,7 +192,7 @@ def export(args) -> int:
     if output.exists() and not args.overwrite:
         raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it.")
     if args.static_batch is not None and args.static_batch < 1:
-        raise InputError(f"--static-batch {args.static_batch}: give a batch size >= 1, or leave it out for any size.")
+        raise InputError(f"--static_batch {args.static_batch}: give a batch size >= 1, or leave it out for any size.")
     model, backbone_id = load_source(args.source, args.backbone, args.task)
     # the processor of the backbone the model runs on (--backbone when given): its normalisation goes into the metadata
     processor = image_processor(backbone_id, args.image_size or served_image_size(model)) if args.backbone else None

@@ -25,7 +25,7 @@ from .sources import load_source
 from .tuner.errors import InputError
 from .tuner.storage import is_local, write_atomically
 
-SPACE_APP = '''"""Gradio Space written by `memory-peft demo --share-ready`: every task of {source} from one forward."""
+SPACE_APP = '''"""Gradio Space written by `memory-peft demo --share_ready`: every task of {source} from one forward."""
 
 from memory_peft.demo import build_app
 

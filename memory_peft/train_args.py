@@ -27,6 +27,19 @@ from .settings import SETTINGS
 from .tuner.errors import InputError, OutputExistsError
 
 
+def accept_both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Every long option (of ``parser`` and its subcommands) also answers to its other spelling: ``--batch_size`` and
+    ``--batch-size``. The help shows the documented one, with underscores (as transformers' example scripts)."""
+    for action in parser._actions:
+        for option in list(action.option_strings):
+            if option.startswith("--"):
+                other = "--" + (option[2:].replace("_", "-") if "_" in option else option[2:].replace("-", "_"))
+                parser._option_string_actions.setdefault(other, action)
+        for subparser in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+            accept_both_spellings(subparser)
+    return parser
+
+
 def build_parser(prog=None) -> argparse.ArgumentParser:
     """The training command's options (also rendered into the docs' command-line reference)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,7 +140,7 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     )
     p.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
     p.add_argument("--private", action="store_true")
-    return p
+    return accept_both_spellings(p)
 
 
 def parse_args(argv=None, prog=None):

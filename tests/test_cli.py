@@ -179,3 +179,20 @@ def test_evaluate_scores_each_task_of_an_artifact_on_its_own_dataset(real_vit_ca
     get_peft_model(copy.deepcopy(real_vit_cached), MemoryTokenConfig(m=1, num_labels=10)).save_pretrained(bare)
     assert main(["evaluate", str(bare), *common]) == 1
     assert "record no training dataset" in capsys.readouterr().err
+
+
+def test_every_long_option_answers_to_both_spellings():
+    """One documented spelling (underscores, as transformers' example scripts), the other accepted too."""
+    from memory_peft.cli import build_parser
+    from memory_peft.train_args import build_parser as train_parser
+
+    cli = build_parser()
+    for argv in (["export", "a", "--output", "b", "--static_batch", "2"], ["export", "a", "--output", "b",
+                                                                          "--static-batch", "2"]):  # fmt: skip
+        assert cli.parse_args(argv).static_batch == 2
+    assert cli.parse_args(["demo", "a", "--share-ready", "d"]).share_ready == "d"
+    assert cli.parse_args(["merge", "a=b", "--output", "c", "--no-handler"]).handler is False
+    train = train_parser()
+    assert train.parse_args(["--batch-size", "4", "--train-size", "10"]).batch_size == 4
+    assert "--share_ready" in cli._subparsers._group_actions[0].choices["demo"].format_help()
+    assert "--share-ready" not in cli._subparsers._group_actions[0].choices["demo"].format_help()

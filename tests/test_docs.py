@@ -95,7 +95,7 @@ def test_the_command_line_reference_is_the_parsers_help():
     assert hooks.MARKER not in page
     for command in ("train", "evaluate", "merge", "split", "inspect", "export"):
         assert f"## `memory-peft {command}`" in page
-    for option in ("--optimizer", "--setting", "--static-batch", "--eval_size", "--overwrite"):
+    for option in ("--optimizer", "--setting", "--static_batch", "--eval_size", "--overwrite"):
         assert option in page, option
 
 

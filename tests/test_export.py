@@ -148,4 +148,4 @@ def test_export_takes_the_backbone_it_is_given_and_a_static_batch_on_request(tmp
     (graph_input,) = onnx.load(str(output)).graph.input
     assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim] == [2, 3, 16, 16]
     assert main([*args, "--static-batch", "0", "--overwrite"]) == 1
-    assert "--static-batch 0: give a batch size >= 1" in capsys.readouterr().err
+    assert "--static_batch 0: give a batch size >= 1" in capsys.readouterr().err

@@ -26,6 +26,26 @@ _MODEL_PREFIX = "base_model.model."  # where a PeftModel's state dict keeps the 
 
 
 class MemoryTokenModel(MemoryForward, BaseTuner):
+    """Learnable memory tokens (Sandler et al., CVPR 2022) on a ViT: every layer wrapped in a ``MemoryLayer``, each
+    adapter's class token and classification head held here (they belong to no single layer).
+
+    Args:
+        model: the base model, a supported ViT-family backbone or its image-classification model (``backbone.py``).
+        config: the adapters' ``MemoryTokenConfig`` (one, or ``{adapter name: config}``).
+        adapter_name: the name of the first adapter.
+        low_cpu_mem_usage: create the adapter tensors on the meta device, to be loaded later (peft's option).
+
+    Example:
+        >>> from peft import get_peft_model
+        >>> from transformers import ViTModel
+        >>> from memory_peft import MemoryTokenConfig
+        >>> vit = ViTModel.from_pretrained("google/vit-base-patch16-224-in21k", add_pooling_layer=False)
+        >>> model = get_peft_model(vit, MemoryTokenConfig(m=5, mode="masked", label_names=["cat", "dog"]))
+        >>> model.base_model  # a MemoryTokenModel  # doctest: +SKIP
+
+    Several masked adapters run in one forward (``memory_peft.activate(model, [names])``), each with its own output.
+    """
+
     prefix: str = PREFIX
     tuner_layer_cls = MemoryLayer
     # BaseTuner's interface: default target modules per model type. Unused here: backbone.py finds a ViT's layers by
