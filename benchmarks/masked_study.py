@@ -46,11 +46,11 @@ from common import (  # noqa: E402
 from memory_peft.assets import default_backbone, default_dataset, portable  # noqa: E402
 from memory_peft.cache import load_cache  # noqa: E402
 from memory_peft.data import image_processor  # noqa: E402
+from memory_peft.files import write_text_atomically  # noqa: E402
 from memory_peft.settings import apply_setting  # noqa: E402
 from memory_peft.sweep import sweep_learning_rate  # noqa: E402
 from memory_peft.tuner.backbone import load_backbone  # noqa: E402
 from memory_peft.tuner.errors import InputError  # noqa: E402
-from memory_peft.tuner.storage import write_text_atomically  # noqa: E402
 
 # name -> (setting, m, MemoryTokenConfig overrides, recipe overrides, LR grid); every row but head starts from the
 # head-only solution (the probe) unless its recipe says head_init "zero"; head_lr "probe": the head trains at the LR

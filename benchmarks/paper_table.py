@@ -40,12 +40,12 @@ from paper_table_report import bar_plot, closures, markdown, sweep_plot  # noqa:
 from memory_peft.artifact import load_multitask, merge_adapters  # noqa: E402
 from memory_peft.assets import default_backbone, default_dataset, portable  # noqa: E402
 from memory_peft.data import image_processor  # noqa: E402
+from memory_peft.files import write_text_atomically  # noqa: E402
 from memory_peft.recipe import OPTIMIZERS  # noqa: E402
 from memory_peft.reporting import model_card  # noqa: E402
 from memory_peft.sweep import sweep_learning_rate  # noqa: E402
 from memory_peft.training import TEMPLATE  # noqa: E402
 from memory_peft.tuner.backbone import load_backbone  # noqa: E402
-from memory_peft.tuner.storage import write_text_atomically  # noqa: E402
 
 # Chosen from a first run (benchmarks/results_paper_table.md history): full FT at 0.01 collapsed and 0.003 fell below
 # the head-only start, memory at 0.3 diverged, m=20 diverged at 0.1 on fashion_mnist; each grid now brackets its best.

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import difference, mean_and_error  # noqa: E402
 
 from memory_peft.assets import portable  # noqa: E402
+from memory_peft.files import write_text_atomically  # noqa: E402
 from memory_peft.tuner.errors import InputError  # noqa: E402
-from memory_peft.tuner.storage import write_text_atomically  # noqa: E402
 
 COLUMNS = ["full", "head", "head+cls", "memory m=1", "memory m=5", "memory m=10", "memory m=20", "memory-masked m=5"]
 # What must agree between runs whose rows go into one table.

@@ -23,14 +23,42 @@ from peft import PeftModel
 from safetensors import safe_open
 from torch import nn
 
-from .endpoint import write_handler
+from .files import write_atomically
 from .tuner.config import verify_adapter
 from .tuner.errors import InputError, OutputExistsError
 from .tuner.multitask import activate
-from .tuner.storage import CONFIG_FILE, adapter_file, is_local, read_config_file, write_atomically
+from .tuner.storage import CONFIG_FILE, adapter_file, is_local, read_config_file
 
 FORMAT = "memory-peft-multitask"
 INDEX = "memory_tasks.json"
+
+
+HANDLER_FILE, REQUIREMENTS_FILE = "handler.py", "requirements.txt"
+
+HANDLER_SOURCE = '''"""Inference Endpoints handler, written by memory-peft: all tasks of this repository in one forward.
+
+    {"inputs": <image>, "parameters": {"top_k": 3, "tasks": [...]}} -> {task: [{"label": ..., "score": ...}, ...]}
+
+The logic is memory_peft.endpoint.MemoryEndpointHandler (requirements.txt installs memory-peft).
+"""
+
+from memory_peft.endpoint import MemoryEndpointHandler
+
+
+class EndpointHandler(MemoryEndpointHandler):
+    pass
+'''
+
+
+def write_handler(folder: str | os.PathLike) -> None:
+    """Write ``handler.py`` and ``requirements.txt`` for Inference Endpoints into an artifact or adapter folder."""
+    from . import __version__
+
+    folder = Path(folder)
+    (folder / HANDLER_FILE).write_text(HANDLER_SOURCE)
+    # the installed version's series: the handler's payload format is memory-peft's, kept within a minor version
+    major, minor = (__version__.split(".") + ["0"])[:2] if __version__[0].isdigit() else ("0", "1")
+    (folder / REQUIREMENTS_FILE).write_text(f"memory-peft>={major}.{minor},<{major}.{int(minor) + 1}\n")
 
 
 def _read_adapter(name: str, source: str) -> dict:

@@ -23,8 +23,8 @@ import datasets
 import numpy as np
 import torch
 
+from .files import write_atomically
 from .tuner.errors import InputError
-from .tuner.storage import write_atomically
 
 INFO = "cache_info.json"
 COLUMN = "base_keys_values"

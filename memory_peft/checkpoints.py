@@ -11,8 +11,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from .files import write_text_atomically
 from .tuner.errors import InputError
-from .tuner.storage import write_text_atomically
 
 # the arguments a checkpoint must share with the run that resumes it
 RUN_DEFINING = (

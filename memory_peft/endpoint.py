@@ -2,7 +2,8 @@
 
 Inference Endpoints imports ``handler.py`` from the repository root and calls ``EndpointHandler(path)`` once, then
 ``handler({"inputs": image, "parameters": {...}})`` per request. ``memory-peft merge`` writes that file (a subclass
-of ``MemoryEndpointHandler``, so the logic stays here and versioned) and its ``requirements.txt``:
+of ``MemoryEndpointHandler``, so the logic stays here and versioned; ``artifact.write_handler``) and its
+``requirements.txt``:
 
     {"inputs": <PIL image | image bytes | base64 string | local path>, "parameters": {"top_k": 3, "tasks": ["cifar"]}}
     -> {"cifar": [{"label": "cat", "score": 0.91}, ...], "fashion": [...]}
@@ -17,42 +18,16 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import os
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from .artifact import HANDLER_FILE, HANDLER_SOURCE, REQUIREMENTS_FILE, write_handler  # noqa: F401  (re-exported)
 from .pipelines import MemoryImageClassificationPipeline
 from .sources import load_source
 from .tuner.errors import MemoryPeftError
 
-HANDLER_FILE, REQUIREMENTS_FILE = "handler.py", "requirements.txt"
 PARAMETERS = ("top_k", "tasks")
-
-HANDLER_SOURCE = '''"""Inference Endpoints handler, written by memory-peft: all tasks of this repository in one forward.
-
-    {"inputs": <image>, "parameters": {"top_k": 3, "tasks": [...]}} -> {task: [{"label": ..., "score": ...}, ...]}
-
-The logic is memory_peft.endpoint.MemoryEndpointHandler (requirements.txt installs memory-peft).
-"""
-
-from memory_peft.endpoint import MemoryEndpointHandler
-
-
-class EndpointHandler(MemoryEndpointHandler):
-    pass
-'''
-
-
-def write_handler(folder: str | os.PathLike) -> None:
-    """Write ``handler.py`` and ``requirements.txt`` for Inference Endpoints into an artifact or adapter folder."""
-    from . import __version__
-
-    folder = Path(folder)
-    (folder / HANDLER_FILE).write_text(HANDLER_SOURCE)
-    # the installed version's series: the handler's payload format is memory-peft's, kept within a minor version
-    major, minor = (__version__.split(".") + ["0"])[:2] if __version__[0].isdigit() else ("0", "1")
-    (folder / REQUIREMENTS_FILE).write_text(f"memory-peft>={major}.{minor},<{major}.{int(minor) + 1}\n")
 
 
 class MemoryEndpointHandler:

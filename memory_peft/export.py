@@ -23,11 +23,11 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from .files import write_file_atomically
 from .sources import base_image_processor, served_image_size
 from .tuner.errors import InputError
 from .tuner.model import MemoryTokenModel
 from .tuner.multitask import activate
-from .tuner.storage import write_file_atomically
 
 INPUT = "pixel_values"
 METADATA_PREFIX = "memory_peft."

@@ -11,7 +11,7 @@ from typing import Any
 from accelerate.tracking import GeneralTracker, on_main_process
 from huggingface_hub import ModelCard, ModelCardData
 
-from .tuner.storage import write_text_atomically
+from .files import write_text_atomically
 
 
 class JSONLinesTracker(GeneralTracker):

@@ -23,6 +23,7 @@ from .cache import INFO, build_cache, load_cache
 from .checkpoints import checkpoint_dirs, keep_only_what_trains, resume, save_checkpoint  # noqa: F401  (checkpoint_dirs: re-exported)
 from .data import image_processor, image_transform, load_image_data
 from .diagnostics import memory_attention_share
+from .files import write_atomically, write_text_atomically
 from .metrics import load_top_k_accuracy
 from .recipe import paper_recipe
 from .reporting import JSONLinesTracker, model_card, plot_curves, plot_memory_attention, read_log
@@ -30,7 +31,6 @@ from .settings import apply_setting, cast_frozen_weights
 from .train_args import check_output_dir, command_line, parse_args  # noqa: F401  (parse_args: re-exported)
 from .tuner.backbone import load_backbone
 from .tuner.errors import InputError, MemoryPeftError
-from .tuner.storage import write_atomically, write_text_atomically
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 

@@ -12,8 +12,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from memory_peft import MemoryTokenConfig, load_adapters
 from memory_peft.artifact import merge_adapters
+from memory_peft.files import save_adapter
 from memory_peft.tuner.errors import AdapterFileError, InputError, MemoryPeftError, OutputExistsError, StorageError
-from memory_peft.tuner.storage import save_adapter
 
 PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -256,7 +256,7 @@ def test_integer_pixels_are_refused_with_a_pointer_to_the_image_processor():
 
 
 def test_saved_folders_get_the_permissions_of_a_plain_mkdir(tmp_path):
-    from memory_peft.tuner.storage import save_adapter as save
+    from memory_peft.files import save_adapter as save
 
     old = os.umask(0o022)
     try:

@@ -99,7 +99,7 @@ def fill_the_disk_half_way(monkeypatch):
 
 def test_a_record_that_fails_half_way_keeps_its_previous_text(tmp_path, monkeypatch):
     """results.json, a checkpoint's progress.json, the resumed metrics log: disk full mid-write keeps the old file."""
-    from memory_peft.tuner.storage import write_text_atomically
+    from memory_peft.files import write_text_atomically
 
     record = write_text_atomically(tmp_path / "results.json", '{"top1": 0.5}')
     plain = tmp_path / "plain.json"
