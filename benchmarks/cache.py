@@ -26,7 +26,7 @@ from memory_peft.cache import build_cache, cache_bytes_per_image  # noqa: E402
 from memory_peft.data import image_processor, image_transform, load_image_data  # noqa: E402
 from memory_peft.recipe import paper_recipe  # noqa: E402
 from memory_peft.settings import apply_setting  # noqa: E402
-from memory_peft.tuner.backbone import load_backbone  # noqa: E402
+from memory_peft.sources import load_backbone  # noqa: E402
 
 
 def main(argv=None):

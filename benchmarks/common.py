@@ -151,6 +151,16 @@ def run_head(data, features, lr, seed, args, accelerator):
     return head.cpu()
 
 
+@torch.no_grad()
+def initialise_head(model, adapter_name: str, head: nn.Linear) -> None:
+    """Start an adapter's head from a linear probe on frozen features (the paper's head-first recipe)."""
+    own = model.base_model.memory_head[adapter_name]
+    if head.weight.shape != own.weight.shape:
+        raise ValueError(f"Head of shape {tuple(head.weight.shape)} for a head of shape {tuple(own.weight.shape)}.")
+    own.weight.copy_(head.weight)
+    own.bias.copy_(head.bias if head.bias is not None else torch.zeros_like(own.bias))
+
+
 def run_setting(
     vit,
     data,
@@ -181,7 +191,7 @@ def run_setting(
         **overrides,
     )
     if probe is not None:
-        model.base_model.initialise_head("default", probe)
+        initialise_head(model, "default", probe)
     if accelerator.mixed_precision in ("bf16", "fp16"):
         # as train.py: autocast would cast every frozen weight at every use (bf16, 12 layers: 650 -> 504 ops per head +
         # class token step, 1106 -> 816 masked); the returned model keeps accelerate's autocast forward for scoring

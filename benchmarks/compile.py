@@ -19,7 +19,7 @@ from common import merged_model  # noqa: E402
 from timing import timed  # noqa: E402
 
 from memory_peft.assets import default_backbone  # noqa: E402
-from memory_peft.tuner.backbone import load_backbone  # noqa: E402
+from memory_peft.sources import load_backbone  # noqa: E402
 
 
 def seconds(model, pixels) -> float:

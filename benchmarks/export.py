@@ -26,7 +26,7 @@ from timing import steady_pairs, timed  # noqa: E402
 
 from memory_peft.assets import default_backbone  # noqa: E402
 from memory_peft.export import export_onnx  # noqa: E402
-from memory_peft.tuner.backbone import load_backbone  # noqa: E402
+from memory_peft.sources import load_backbone  # noqa: E402
 
 
 def measure(configs: dict, repeats: int) -> dict:

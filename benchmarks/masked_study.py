@@ -48,8 +48,8 @@ from memory_peft.cache import load_cache  # noqa: E402
 from memory_peft.data import image_processor  # noqa: E402
 from memory_peft.files import write_text_atomically  # noqa: E402
 from memory_peft.settings import apply_setting  # noqa: E402
+from memory_peft.sources import load_backbone  # noqa: E402
 from memory_peft.sweep import sweep_learning_rate  # noqa: E402
-from memory_peft.tuner.backbone import load_backbone  # noqa: E402
 from memory_peft.tuner.errors import InputError  # noqa: E402
 
 # name -> (setting, m, MemoryTokenConfig overrides, recipe overrides, LR grid); every row but head starts from the

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import merged_model  # noqa: E402
 
 from memory_peft.assets import default_backbone  # noqa: E402
-from memory_peft.tuner.backbone import load_backbone  # noqa: E402
+from memory_peft.sources import load_backbone  # noqa: E402
 
 
 def rss_mb() -> float:

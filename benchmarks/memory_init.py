@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import accuracy, frozen_features, model_logits, prepare, run_head  # noqa: E402
+from common import accuracy, frozen_features, initialise_head, model_logits, prepare, run_head  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 from memory_peft import MemoryTokenConfig  # noqa: E402
 from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
 from memory_peft.data import image_processor, image_transform, load_image_data  # noqa: E402
 from memory_peft.diagnostics import memory_attention_share  # noqa: E402
-from memory_peft.tuner.backbone import load_backbone  # noqa: E402
+from memory_peft.sources import load_backbone  # noqa: E402
 
 CONFIGS = {  # name -> MemoryTokenConfig overrides
     "m=5, N(0, 0.02), through LayerNorm (paper)": dict(init_std=0.02),
@@ -77,7 +77,7 @@ def main(argv=None):
         print(f"probe (head only on frozen features): validation {100 * own:.1f} %")
 
         def probe_accuracy(model):
-            model.base_model.initialise_head("default", probe)
+            initialise_head(model, "default", probe)
             return f" {100 * accuracy(model_logits(model, 'cpu'), *split['val']):.1f} % |"
 
     print(

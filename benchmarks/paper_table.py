@@ -43,9 +43,9 @@ from memory_peft.data import image_processor  # noqa: E402
 from memory_peft.files import write_text_atomically  # noqa: E402
 from memory_peft.recipe import OPTIMIZERS  # noqa: E402
 from memory_peft.reporting import model_card  # noqa: E402
+from memory_peft.sources import load_backbone  # noqa: E402
 from memory_peft.sweep import sweep_learning_rate  # noqa: E402
 from memory_peft.training import TEMPLATE  # noqa: E402
-from memory_peft.tuner.backbone import load_backbone  # noqa: E402
 
 # Chosen from a first run (benchmarks/results_paper_table.md history): full FT at 0.01 collapsed and 0.003 fell below
 # the head-only start, memory at 0.3 diverged, m=20 diverged at 0.1 on fashion_mnist; each grid now brackets its best.

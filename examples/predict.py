@@ -22,8 +22,11 @@ from memory_peft import load_adapters  # noqa: E402
 from memory_peft.artifact import load_multitask  # noqa: E402
 from memory_peft.assets import default_backbone  # noqa: E402
 from memory_peft.data import image_processor  # noqa: E402
-from memory_peft.sources import describe, named_sources  # noqa: E402
-from memory_peft.tuner.backbone import load_backbone  # noqa: E402
+from memory_peft.sources import (  # noqa: E402
+    describe,
+    load_backbone,  # noqa: E402
+    named_sources,
+)
 from memory_peft.tuner.errors import InputError, MemoryPeftError  # noqa: E402
 
 

@@ -34,9 +34,20 @@ def apply_setting(model: nn.Module, name: str, num_labels: int, m: int = 5, **ov
     config, train_backbone = make_setting(name, num_labels, m, **overrides)
     peft_model = get_peft_model(model, config)
     if train_backbone:
-        for parameter in describe_backbone(peft_model.base_model.model).full_fine_tuning_parameters():
+        for parameter in full_fine_tuning_parameters(describe_backbone(peft_model.base_model.model)):
             parameter.requires_grad_(True)
     return peft_model
+
+
+def full_fine_tuning_parameters(backbone) -> list[nn.Parameter]:
+    """What full fine-tuning trains (``backbone``: ``tuner.backbone.Backbone``): all the adapted forward uses. The
+    pretrained class token (replaced by the task's), mask token, pooler and stock classifier stay frozen, so DDP finds
+    a gradient for every weight."""
+    unused = ("cls_token", "class_embedding", "mask_token")
+    params = [p for n, p in backbone.embeddings.named_parameters() if not n.endswith(unused)]
+    for module in (backbone.layers, backbone.final_norm, backbone.pre_norm):
+        params += list(module.parameters()) if module is not None else []
+    return params
 
 
 def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> int:

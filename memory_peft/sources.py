@@ -7,7 +7,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .tuner.errors import InputError
+from torch import nn
+
+from .tuner.backbone import SUPPORTED_BACKBONES
+from .tuner.errors import InputError, MemoryPeftError, UnsupportedModelError
 
 
 def describe(source: str) -> dict:
@@ -84,7 +87,6 @@ def load_source(source: str, backbone=None, tasks=None):
     """An adapter or an artifact (its ``tasks``, default all) on its base model (or ``backbone``), in eval mode:
     (model, the base model's Hub id or folder)."""
     from .artifact import load_multitask
-    from .tuner.backbone import load_backbone
     from .tuner.multitask import load_adapters
 
     info = describe(source)
@@ -126,3 +128,30 @@ def base_image_processor(model, size: int):
             "normalisation: pass image_processor=... (on the command line, --backbone)."
         )
     return image_processor(base, size)
+
+
+def load_backbone(name_or_path: str, **kwargs) -> nn.Module:
+    """A supported backbone from a Hub id or local folder, chosen by its config's model_type (CLIP: vision tower)."""
+    from transformers import AutoConfig, CLIPVisionModel, DeiTModel, Dinov2Model, ViTModel
+
+    from .tuner.storage import from_hub, is_local
+
+    is_local(name_or_path)  # a path that names nothing: said at once, not as a network error
+    try:
+        with from_hub(name_or_path, "base model"):
+            model_type = AutoConfig.from_pretrained(name_or_path).model_type
+            if model_type in ("vit", "deit"):
+                cls = ViTModel if model_type == "vit" else DeiTModel
+                return cls.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
+            if model_type == "dinov2":
+                return Dinov2Model.from_pretrained(name_or_path, **kwargs)
+            if model_type in ("clip", "clip_vision_model"):
+                return CLIPVisionModel.from_pretrained(name_or_path, **kwargs)
+    except OSError as exc:  # transformers' word for "no such model" (a repo or folder without the files it needs)
+        if isinstance(exc, MemoryPeftError):
+            raise
+        raise InputError(f"Base model {name_or_path} could not be loaded: {str(exc).splitlines()[0]}") from None
+    raise UnsupportedModelError(
+        f"{name_or_path} is a {model_type!r} model; memory-peft loads vit, deit, dinov2 and clip "
+        f"checkpoints ({', '.join(SUPPORTED_BACKBONES)})."
+    )

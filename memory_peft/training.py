@@ -28,8 +28,8 @@ from .metrics import load_top_k_accuracy
 from .recipe import paper_recipe
 from .reporting import JSONLinesTracker, model_card, plot_curves, plot_memory_attention, read_log
 from .settings import apply_setting, cast_frozen_weights
+from .sources import load_backbone
 from .train_args import check_output_dir, command_line, parse_args  # noqa: F401  (parse_args: re-exported)
-from .tuner.backbone import load_backbone
 from .tuner.errors import InputError, MemoryPeftError
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"

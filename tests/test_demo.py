@@ -12,8 +12,8 @@ import pytest
 from conftest import SHARED
 from helpers import train
 
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
 pytest.importorskip("gradio", reason="the demo's optional extra (pip install memory-peft[demo])")
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from memory_peft.artifact import merge_adapters  # noqa: E402
 from memory_peft.demo import Demo, build_app, write_space  # noqa: E402

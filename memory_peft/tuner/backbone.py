@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import InputError, MemoryPeftError, UnsupportedModelError
+from .errors import InputError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -150,15 +150,6 @@ class Backbone:
             start = self.pre_norm(start)
         return start.detach().float().clone()
 
-    def full_fine_tuning_parameters(self) -> list[nn.Parameter]:
-        """What full fine-tuning trains: all the adapted forward uses. The pretrained class token (replaced by the
-        task's), mask token, pooler and stock classifier stay frozen, so DDP finds a gradient for every weight."""
-        unused = ("cls_token", "class_embedding", "mask_token")
-        params = [p for n, p in self.embeddings.named_parameters() if not n.endswith(unused)]
-        for module in (self.layers, self.final_norm, self.pre_norm):
-            params += list(module.parameters()) if module is not None else []
-        return params
-
     def check_pixels(self, pixel_values, interpolate_pos_encoding: bool) -> torch.Tensor:
         """Name what is wrong with an input batch; grayscale (one channel) is repeated to the backbone's channels."""
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
@@ -232,30 +223,3 @@ def check_signature(recorded: dict | None, backbone: Backbone, what: str = "This
             f"{what} was trained on a different backbone: {', '.join(wrong)}. Load it onto the base model it was "
             "trained with (see base_model_name_or_path in its adapter_config.json)."
         )
-
-
-def load_backbone(name_or_path: str, **kwargs) -> nn.Module:
-    """A supported backbone from a Hub id or local folder, chosen by its config's model_type (CLIP: vision tower)."""
-    from transformers import AutoConfig, CLIPVisionModel, DeiTModel, Dinov2Model, ViTModel
-
-    from .storage import from_hub, is_local
-
-    is_local(name_or_path)  # a path that names nothing: said at once, not as a network error
-    try:
-        with from_hub(name_or_path, "base model"):
-            model_type = AutoConfig.from_pretrained(name_or_path).model_type
-            if model_type in ("vit", "deit"):
-                cls = ViTModel if model_type == "vit" else DeiTModel
-                return cls.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
-            if model_type == "dinov2":
-                return Dinov2Model.from_pretrained(name_or_path, **kwargs)
-            if model_type in ("clip", "clip_vision_model"):
-                return CLIPVisionModel.from_pretrained(name_or_path, **kwargs)
-    except OSError as exc:  # transformers' word for "no such model" (a repo or folder without the files it needs)
-        if isinstance(exc, MemoryPeftError):
-            raise
-        raise InputError(f"Base model {name_or_path} could not be loaded: {str(exc).splitlines()[0]}") from None
-    raise UnsupportedModelError(
-        f"{name_or_path} is a {model_type!r} model; memory-peft loads vit, deit, dinov2 and clip "
-        f"checkpoints ({', '.join(SUPPORTED_BACKBONES)})."
-    )

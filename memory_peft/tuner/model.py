@@ -85,19 +85,6 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         self._memory_enabled = True
         install_forward(model, self)
 
-    @torch.no_grad()
-    def initialise_head(self, adapter_name: str, head: nn.Linear) -> None:
-        """Start an adapter's head from another linear classifier's weights (e.g. a linear probe on frozen features,
-        the paper's head-first recipe); shapes must match the adapter's (num_labels, hidden size)."""
-        own = self.memory_head[adapter_name]
-        if head.weight.shape != own.weight.shape:
-            raise InputError(
-                f"Head of shape {tuple(head.weight.shape)} for adapter '{adapter_name}', whose head is "
-                f"{tuple(own.weight.shape)} (num_labels, hidden size)."
-            )
-        own.weight.copy_(head.weight)
-        own.bias.copy_(head.bias if head.bias is not None else torch.zeros_like(own.bias))
-
     def _add_class_token_and_head(self, adapter_name: str, config: MemoryTokenConfig, backbone: Backbone) -> None:
         with torch.no_grad():
             start = backbone.initial_class_token()
