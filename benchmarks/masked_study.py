@@ -490,7 +490,9 @@ def report(out: Path, args) -> str:
         f"with {args.warmup_steps} warmup steps unless stated, clip 1.0; LR chosen on validation at seed 0. "
         f"LoRA: peft's LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'], "
         f"modules_to_save=['classifier']) on ViTForImageClassification of the same weights, classifier from "
-        f"zero. Backbone {portable(args.backbone)}."
+        f"zero. 'masked branch k=K': masked memory m=5 with the last K layers as the task's own branch (memory at full "
+        f"attention there; 'r=8': rank-8 q/v updates, alpha 16), trained and scored on caches that also hold the base "
+        f"rows where branches start. Backbone {portable(args.backbone)}."
         + (
             f" 'vs head+cls': difference of test means to the row {reference!r}, in units of their joint "
             "standard error."
