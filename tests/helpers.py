@@ -148,3 +148,19 @@ def adapter_tensors(output_dir):
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` with its bytes: compared before and after each bad call."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+BUNDLED_TASKS = {"cifar": "cifar10", "fashion": "fashion_mnist"}  # task name -> bundled dataset
+
+
+def merged_bundled_artifact(folder: Path) -> Path:
+    """Two masked adapters trained briefly by the training script on the bundled CIFAR-10 and Fashion-MNIST, merged
+    into one artifact at ``folder / "merged"`` (real labels, a real base model)."""
+    from memory_peft.artifact import merge_adapters
+
+    if not all((SHARED / "data" / d).is_dir() for d in BUNDLED_TASKS.values()):
+        pytest.skip("bundled datasets not found")
+    for task, dataset in BUNDLED_TASKS.items():
+        train(folder / task, "--setting", "memory-masked", "--m", "2", "--max_steps", "3", "--dataset",
+              str(SHARED / "data" / dataset))  # fmt: skip
+    return merge_adapters({task: folder / task / "adapter" for task in BUNDLED_TASKS}, folder / "merged")

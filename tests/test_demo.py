@@ -10,27 +10,20 @@ import sys
 
 import pytest
 from conftest import SHARED
-from helpers import train
+from helpers import BUNDLED_TASKS, merged_bundled_artifact
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
 pytest.importorskip("gradio", reason="the demo's optional extra (pip install memory-peft[demo])")
 
-from memory_peft.artifact import merge_adapters  # noqa: E402
 from memory_peft.demo import Demo, build_app, write_space  # noqa: E402
 
-DATASETS = {"cifar": "cifar10", "fashion": "fashion_mnist"}
+DATASETS = BUNDLED_TASKS
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    if not all((SHARED / "data" / d).is_dir() for d in DATASETS.values()):
-        pytest.skip("bundled datasets not found")
-    tmp = tmp_path_factory.mktemp("demo")
-    for task, dataset in DATASETS.items():
-        train(tmp / task, "--setting", "memory-masked", "--m", "2", "--max_steps", "3", "--dataset",
-              str(SHARED / "data" / dataset))  # fmt: skip
-    return merge_adapters({task: tmp / task / "adapter" for task in DATASETS}, tmp / "merged")
+    return merged_bundled_artifact(tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture(scope="module")

@@ -8,32 +8,17 @@ import sys
 
 import pytest
 from conftest import ROOT, SHARED
-from helpers import train
+from helpers import BUNDLED_TASKS, merged_bundled_artifact
 
 from memory_peft.artifact import merge_adapters
 from memory_peft.endpoint import HANDLER_FILE, REQUIREMENTS_FILE
 
-DATASETS = {"cifar": "cifar10", "fashion": "fashion_mnist"}
+DATASETS = BUNDLED_TASKS
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    if not all((SHARED / "data" / d).is_dir() for d in DATASETS.values()):
-        pytest.skip("bundled datasets not found")
-    tmp = tmp_path_factory.mktemp("endpoint")
-    for task, dataset in DATASETS.items():
-        train(
-            tmp / task,
-            "--setting",
-            "memory-masked",
-            "--m",
-            "2",
-            "--max_steps",
-            "3",
-            "--dataset",
-            str(SHARED / "data" / dataset),
-        )
-    return merge_adapters({task: tmp / task / "adapter" for task in DATASETS}, tmp / "merged")
+    return merged_bundled_artifact(tmp_path_factory.mktemp("endpoint"))
 
 
 @pytest.fixture(scope="module")

@@ -147,7 +147,8 @@ class MemoryForward:
         base = backbone.embed(pixel_values.to(backbone.final_norm.weight.dtype), interpolate)
         per_layer, rows = [], {}
         for i, layer in enumerate(backbone.layers):
-            rows[i] = base
+            if i in rows_at:
+                rows[i] = base
             base, key, value = layer.forward_base(base)
             per_layer.append(torch.stack([key, value], 1))
         keys_values = torch.stack(per_layer, 1)
