@@ -186,11 +186,12 @@ def load_cache(
         )
     recorded = json.loads((folder / INFO).read_text())
     expected = fingerprint(model, image_size, processor, dtype, images, tuple(rows_at))
-    wrong = [key for key in {*expected, "rows_at"} if recorded.get(key) != expected.get(key)]
+    # sorted: one message for one mismatch, whatever the interpreter's string hash seed
+    wrong = sorted(key for key in {*expected, "rows_at"} if recorded.get(key) != expected.get(key))
     if wrong:
         raise InputError(
             f"The cache at {folder} was computed with another {', '.join(wrong)} "
-            f"({', '.join(f'{k}: {recorded.get(k)!s:.16} here {expected.get(k)!s:.16}' for k in sorted(wrong))}): "
+            f"({', '.join(f'{k}: {recorded.get(k)!s:.16} here {expected.get(k)!s:.16}' for k in wrong)}): "
             "its keys/values would be wrong for this model. Build it again (another folder, or "
             "--overwrite)."
         )
