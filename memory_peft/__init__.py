@@ -12,7 +12,7 @@ from importlib.metadata import version as _version
 
 from .pipelines import register as register_pipeline
 from .settings import SETTINGS, make_setting
-from .tuner import MemoryLayer, MemoryTokenConfig, MemoryTokenModel
+from .tuner import MemoryTokenConfig, MemoryTokenLayer, MemoryTokenModel
 from .tuner import register as register_tuner
 from .tuner.multitask import activate, load_adapters
 from .tuner.outputs import MultiTaskImageClassifierOutput
@@ -29,7 +29,7 @@ register()
 
 __all__ = [
     "MEMORY_TOKENS",
-    "MemoryLayer",
+    "MemoryTokenLayer",
     "MemoryTokenConfig",
     "MemoryTokenModel",
     "MultiTaskImageClassifierOutput",

@@ -20,14 +20,13 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
-from safetensors import safe_open
 from torch import nn
 
 from .files import write_atomically
 from .tuner.config import verify_adapter
 from .tuner.errors import InputError, OutputExistsError
-from .tuner.multitask import activate
-from .tuner.storage import CONFIG_FILE, adapter_file, is_local, read_config_file
+from .tuner.multitask import load_adapters
+from .tuner.storage import CONFIG_FILE, adapter_file, is_local, read_config_file, weight_shapes
 
 FORMAT = "memory-peft-multitask"
 INDEX = "memory_tasks.json"
@@ -63,9 +62,8 @@ def write_handler(folder: str | os.PathLike) -> None:
 
 def _read_adapter(name: str, source: str) -> dict:
     config, config_path, weights_path = verify_adapter(source)
-    with safe_open(str(weights_path), "pt") as f:
-        class_token = [k for k in f.keys() if k.endswith("memory_class_token")]
-        hidden = f.get_slice(class_token[0]).get_shape()[0] if class_token else None
+    class_token = [shape for key, shape in weight_shapes(weights_path).items() if key.endswith("memory_class_token")]
+    hidden = class_token[0][0] if class_token else None
     return {
         "name": name,
         "source": source,
@@ -168,23 +166,24 @@ def _layers(config: dict):
 
 
 def _card(read: list[dict], index: dict, handler: bool = False) -> ModelCard:
-    rows = "\n".join(
-        f"| `{a['name']}` | {a['config']['num_labels']} | {a['config']['m']} | {_layers(a['config'])} |" for a in read
+    """The artifact's README: Hub metadata and its tasks, from the package's template as a run's card is."""
+    from importlib.metadata import version
+
+    base = index["base_model"] or ""
+    data = ModelCardData(
+        base_model=base if "/" in base and not os.path.isdir(base) else None,  # a Hub id, not a local folder
+        library_name="peft",
+        pipeline_tag="image-classification",
+        tags=["memory-peft", "multi-task", "learnable-memory"],
     )
-    data = ModelCardData(library_name="peft", tags=["memory-peft", "multi-task", "learnable-memory"])
-    text = (
-        f"---\n{data.to_yaml()}\n---\n\n# memory-peft multi-task artifact\n\n{len(read)} masked memory adapters "
-        f"on `{index['base_model']}`, served together in one forward pass.\n\n| task | classes | m | layers |\n"
-        f"|---|---|---|---|\n{rows}\n\n```python\nfrom memory_peft.artifact import load_multitask\n"
-        f'model = load_multitask(base_model, "<this folder or repo>")  # one output per task\n```\n'
+    rows = [
+        {"name": a["name"], "classes": a["config"]["num_labels"], "m": a["config"]["m"], "layers": _layers(a["config"])}
+        for a in read
+    ]
+    template = Path(__file__).with_name("artifact_card_template.md")
+    return ModelCard.from_template(
+        data, template_path=str(template), rows=rows, base_model=base, handler=handler, version=version("memory-peft")
     )
-    if handler:
-        text += (
-            "\nDeploy with Hugging Face Inference Endpoints: `handler.py` serves every task from one forward, "
-            '`{"inputs": <image>, "parameters": {"top_k": 3, "tasks": [...]}}` -> `{task: [{"label", "score"}]}` '
-            "(`requirements.txt` installs memory-peft).\n"
-        )
-    return ModelCard(text)
 
 
 def read_index(source: str) -> dict:
@@ -230,7 +229,4 @@ def load_multitask(base_model: nn.Module, source: str | os.PathLike, tasks: list
     missing = [t for t in tasks if t not in available]
     if missing:
         raise InputError(f"Tasks {missing} are not in {source}; it holds {available}.")
-    model = PeftModel.from_pretrained(base_model, source, subfolder=tasks[0], adapter_name=tasks[0])
-    for task in tasks[1:]:
-        model.load_adapter(source, adapter_name=task, subfolder=task)
-    return activate(model, tasks)
+    return load_adapters(base_model, dict.fromkeys(tasks, source), subfolders={task: task for task in tasks})

@@ -15,20 +15,16 @@ from .tuner.errors import InputError, MemoryPeftError, UnsupportedModelError
 
 def describe(source: str) -> dict:
     """Per task: its config, parameter count and file size, read from the safetensors headers only."""
-    from safetensors import safe_open
-
     from .artifact import INDEX, read_index
     from .tuner.config import verify_adapter
-    from .tuner.storage import adapter_file, is_local
+    from .tuner.storage import adapter_file, is_local, weight_shapes
 
     is_artifact = (Path(source) / INDEX).is_file() if is_local(source) else _hub_has(source, INDEX)
     tasks = read_index(source)["tasks"] if is_artifact else [None]
     rows = []
     for task in tasks:
         config, _, weights = verify_adapter(source, subfolder=task)
-        with safe_open(str(weights), "pt") as f:
-            shapes = [f.get_slice(k).get_shape() for k in f.keys()]
-        parameters = sum(math.prod(s) for s in shapes)
+        parameters = sum(math.prod(shape) for shape in weight_shapes(weights).values())
         rows.append(
             {
                 "task": task or "default",

@@ -9,7 +9,7 @@ import torch
 from helpers import assert_identical
 from peft import get_peft_model
 
-from memory_peft import MemoryLayer, MemoryTokenConfig, load_adapters
+from memory_peft import MemoryTokenConfig, MemoryTokenLayer, load_adapters
 
 TASKS = [("cifar", 10, 5, 0), ("coarse", 3, 2, 1), ("odd", 5, 8, 2)]  # name, num_labels, m, seed
 
@@ -44,8 +44,10 @@ def test_three_adapters_in_one_forward_equal_each_alone(real_vit_cached, images,
 
     combined_model = load_adapters(copy.deepcopy(real_vit_cached), paths).double()
     calls = []
-    original = MemoryLayer.forward_rows
-    monkeypatch.setattr(MemoryLayer, "forward_rows", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original = MemoryTokenLayer.forward_rows
+    monkeypatch.setattr(
+        MemoryTokenLayer, "forward_rows", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
     with torch.no_grad():
         combined = combined_model(pixel_values=eval_pixels, interpolate_pos_encoding=True)
     assert len(calls) == 12  # one pass through the 12 layers for all three tasks

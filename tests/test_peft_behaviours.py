@@ -19,7 +19,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from memory_peft import MemoryTokenConfig
 from memory_peft.tuner.errors import AdapterFileError, InputError
-from memory_peft.tuner.layer import MemoryLayer
+from memory_peft.tuner.layer import MemoryTokenLayer
 
 PIXELS = TINY_PIXELS.double()
 CASES = [(mode, head) for mode in ("full", "masked") for head in ("zero", "random")]
@@ -169,7 +169,7 @@ def test_low_cpu_mem_usage_loading_equals_normal_loading(mode, head, tmp_path):
 @pytest.mark.parametrize("mode,head", CASES)
 def test_every_merge_entry_point_refuses_and_points_to_unload(mode, head):
     model = build(mode, head)
-    layer = next(m for m in model.modules() if isinstance(m, MemoryLayer))
+    layer = next(m for m in model.modules() if isinstance(m, MemoryTokenLayer))
     for merge in (
         model.merge_and_unload,
         model.merge_adapter,

@@ -1,6 +1,6 @@
 """The peft tuner: what could go upstream into peft as ``tuners/memory_tokens/``.
 
-config (``MemoryTokenConfig``), layer (``MemoryLayer``: one ViT layer whose attention also reads memory), model
+config (``MemoryTokenConfig``), layer (``MemoryTokenLayer``: one ViT layer whose attention also reads memory), model
 (``MemoryTokenModel``: the tuner, with per-task class tokens and heads), forward, branch (task branches), outputs,
 attention (masks, top-K), backbone (the one place that knows model classes), storage (verified reads), multitask
 (several adapters in one forward), peft_integration (every change made to peft, each naming the hook that would
@@ -12,7 +12,7 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
 from .config import MemoryTokenConfig
-from .layer import MemoryLayer
+from .layer import MemoryTokenLayer
 from .model import MemoryTokenModel
 from .peft_integration import MEMORY_TOKENS, PEFT_TYPE_NAME, PREFIX, guard_save_pretrained
 
@@ -32,7 +32,7 @@ __all__ = [
     "MEMORY_TOKENS",
     "PEFT_TYPE_NAME",
     "PREFIX",
-    "MemoryLayer",
+    "MemoryTokenLayer",
     "MemoryTokenConfig",
     "MemoryTokenModel",
     "register",

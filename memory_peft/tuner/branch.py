@@ -58,7 +58,7 @@ def branch_rows(class_tokens: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 def forward_branch(layer, x: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
-    """x (G, B, n, D) through ``layer`` (a ``MemoryLayer``) as each task's own copy of it -> (G, B, n, D)."""
+    """x (G, B, n, D) through ``layer`` (a ``MemoryTokenLayer``) as each task's own copy of it -> (G, B, n, D)."""
     return layer._checkpointed(_branch_layer, layer, x, names)
 
 

@@ -1,4 +1,4 @@
-"""MemoryLayer: one ViT layer whose attention also reads learnable memory.
+"""MemoryTokenLayer: one ViT layer whose attention also reads learnable memory.
 
 Shapes: B batch, n = 1 + N base tokens (class token and patches), T task class tokens, L = n or n + T token rows,
 M memory rows of this layer (all memories read, side by side), D hidden.
@@ -60,7 +60,7 @@ class MemoryConstants(NamedTuple):
     value: torch.Tensor  # (M, D)
 
 
-class MemoryLayer(nn.Module, BaseTunerLayer):
+class MemoryTokenLayer(nn.Module, BaseTunerLayer):
     """Wraps a pre-LN ViT-family layer (norm -> attention -> norm -> MLP; part names from ``LayerParts``)."""
 
     adapter_layer_names = ("memory_tokens", "memory_branch_down", "memory_branch_up")
@@ -84,22 +84,15 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
         # the wrapped modules, found once: the forward runs per layer per call and nn.Module lookups cost host time
         self._resolved = _Resolved(base_layer, parts)
 
-    def update_layer(
-        self,
-        adapter_name: str,
-        m: int,
-        init_std: float,
-        memory_layernorm: bool,
-        top_k=None,
-        branch_rank: int = 0,
-        branch_scale: float = 0.0,
-    ) -> None:
-        self.memory_layernorm[adapter_name] = memory_layernorm
-        self.memory_top_k[adapter_name] = top_k
+    def update_layer(self, adapter_name: str, m: int, branch_rank: int, config) -> None:
+        """Add an adapter here: ``m`` memory tokens and rank-``branch_rank`` branch updates (this layer's share of
+        ``config``, a ``MemoryTokenConfig``: 0 where it has none), the rest as ``config`` says."""
+        self.memory_layernorm[adapter_name] = config.memory_layernorm
+        self.memory_top_k[adapter_name] = config.top_k
         reference = self.norm_before.weight
         if m > 0:
             memory = torch.empty(m, reference.shape[0], device=reference.device, dtype=torch.float32)
-            self.memory_tokens[adapter_name] = nn.Parameter(nn.init.normal_(memory, std=init_std))
+            self.memory_tokens[adapter_name] = nn.Parameter(nn.init.normal_(memory, std=config.init_std))
         if branch_rank > 0:
             # LoRA's initialisation: A as nn.Linear's default, B zero, so the branch starts as the frozen layer
             down = torch.empty(2, branch_rank, reference.shape[0], device=reference.device, dtype=torch.float32)
@@ -108,7 +101,7 @@ class MemoryLayer(nn.Module, BaseTunerLayer):
             up = torch.zeros(2, reference.shape[0], branch_rank, device=reference.device, dtype=torch.float32)
             self.memory_branch_down[adapter_name] = nn.Parameter(down)
             self.memory_branch_up[adapter_name] = nn.Parameter(up)
-            self.memory_branch_scale[adapter_name] = branch_scale
+            self.memory_branch_scale[adapter_name] = config.branch_scale()
         self.set_adapter(self.active_adapters)
 
     def merge(self, *args, **kwargs) -> None:

@@ -1,4 +1,4 @@
-"""MemoryTokenModel: the peft tuner. Wraps every ViT layer in a MemoryLayer and owns per-task class tokens and heads.
+"""MemoryTokenModel: the peft tuner. Wraps every ViT layer in a MemoryTokenLayer, owns per-task class tokens and heads.
 
 peft's PeftModel calls the base model's ``forward`` directly, so the tuner installs a route to its own forward on the
 base model instance (peft_integration.py; removed on ``unload``); the forward itself is ``forward.MemoryForward``.
@@ -19,14 +19,14 @@ from .config import MemoryTokenConfig
 from .errors import AdapterFileError, InputError
 from .forward import Layout, MemoryForward
 from .labels import base_classifier, describe_classifier, resolve_num_labels
-from .layer import NOT_MERGEABLE, MemoryLayer
+from .layer import NOT_MERGEABLE, MemoryTokenLayer
 from .peft_integration import PREFIX, install_forward, remove_forward
 
 _MODEL_PREFIX = "base_model.model."  # where a PeftModel's state dict keeps the base model's entries
 
 
 class MemoryTokenModel(MemoryForward, BaseTuner):
-    """Learnable memory tokens (Sandler et al., CVPR 2022) on a ViT: every layer wrapped in a ``MemoryLayer``, each
+    """Learnable memory tokens (Sandler et al., CVPR 2022) on a ViT: every layer wrapped in a ``MemoryTokenLayer``, each
     adapter's class token and classification head held here (they belong to no single layer).
 
     Args:
@@ -47,17 +47,28 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
     """
 
     prefix: str = PREFIX
-    tuner_layer_cls = MemoryLayer
-    # BaseTuner's interface: default target modules per model type. Unused here: backbone.py finds a ViT's layers by
-    # its class, and ``layers`` selects among them
-    target_module_mapping: dict = {}
+    tuner_layer_cls = MemoryTokenLayer
+    # no target_module_mapping: backbone.py finds a ViT's layers by its class, and ``layers_to_transform`` selects
+    # among them (_prepare_adapter_config below never reads one)
     # class tokens and heads live on the tuner, not in the layers: peft's inject_adapter_in_model (which returns only
     # the wrapped model) refuses tuners that say so
     uses_shared_state = True
 
     # --- injection ---------------------------------------------------------------------------------------------------
+    def _pre_injection_hook(self, model: nn.Module, config: MemoryTokenConfig, adapter_name: str) -> None:
+        """Once, before the first adapter: the backbone's parts (the forward reads them from here), which module is
+        which layer, the base config's classifier as it was before any adapter described its head there (labels.py),
+        and the containers of the per-task parts that belong to no single layer."""
+        backbone = self._backbone = describe_backbone(model)
+        self._layout: Layout | None = None
+        self._layer_index = {name: i for i, layer in enumerate(backbone.layers) for name in _names_of(model, layer)}
+        self._base_classifier = base_classifier(getattr(model, "config", None))
+        self.memory_class_token = nn.ParameterDict()  # adapter -> (D,): embedding output at position 0
+        self.memory_head = nn.ModuleDict()  # adapter -> Linear(D, num_labels)
+        self.task_masks = nn.Module()  # non-persistent buffers: the active layout's task-mask rows
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
-        backbone = describe_backbone(model)
+        backbone = self._backbone
         config: MemoryTokenConfig = self.peft_config[adapter_name]
         config.validate()
         saved = config.backbone is not None  # recorded by the tuner: an adapter loaded from files, its head its own
@@ -65,15 +76,7 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         config.memory_layers(backbone.num_layers)  # range checks before anything is created
         config.branch_start(backbone.num_layers)
         config.backbone = backbone.signature
-        self._backbone = backbone  # found once: the forward reads the parts from here
-        self._layout: Layout | None = None
-        self._layer_index = {name: i for i, layer in enumerate(backbone.layers) for name in _names_of(model, layer)}
-        if "memory_class_token" not in self._modules:
-            self._base_classifier = base_classifier(getattr(model, "config", None))
-            self.memory_class_token = nn.ParameterDict()  # adapter -> (D,): embedding output at position 0
-            self.memory_head = nn.ModuleDict()  # adapter -> Linear(D, num_labels)
-            self.task_masks = nn.Module()  # non-persistent buffers: the active layout's task-mask rows
-        # from the config as it was before any adapter described its head there (labels.py)
+        self._layout = None
         has_head = backbone.architecture.classifier is not None and not saved
         resolve_num_labels(config, self._base_classifier, has_head, adapter_name)
         self._add_class_token_and_head(adapter_name, config, backbone)
@@ -130,18 +133,10 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         index, num_layers = self._layer_index[current_key], len(self._layer_index)
         m = peft_config.m if index in peft_config.memory_layers(num_layers) else 0
         rank = peft_config.branch_rank if index >= peft_config.branch_start(num_layers) else 0
-        if not isinstance(target, MemoryLayer):
-            target = MemoryLayer(target, index, layer_parts(target))
+        if not isinstance(target, MemoryTokenLayer):
+            target = MemoryTokenLayer(target, index, layer_parts(target))
             self._replace_module(parent, target_name, target, None)
-        target.update_layer(
-            adapter_name,
-            m,
-            peft_config.init_std,
-            peft_config.memory_layernorm,
-            peft_config.top_k,
-            rank,
-            peft_config.branch_scale(),
-        )
+        target.update_layer(adapter_name, m, rank, config=peft_config)
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # peft's version copies .weight/.bias between Linear-like modules; a whole ViT layer is swapped as is.
@@ -185,7 +180,7 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
             token.requires_grad_(trains[name] and self.peft_config[name].train_class_token)
             self.memory_head[name].requires_grad_(trains[name])
         for layer in self._backbone.layers:
-            for kind in MemoryLayer.adapter_layer_names:
+            for kind in MemoryTokenLayer.adapter_layer_names:
                 for name, tensor in getattr(layer, kind, {}).items():
                     if not trains.get(name, False):
                         tensor.requires_grad_(False)

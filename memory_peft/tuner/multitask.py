@@ -23,15 +23,24 @@ def activate(model: PeftModel, adapter_names: str | Iterable[str]) -> PeftModel:
     return model
 
 
-def load_adapters(base_model: nn.Module, adapters: Mapping[str, str], is_trainable: bool = False) -> PeftModel:
-    """Load ``{name: local folder or Hub id}`` onto one base model and activate them all together."""
+def load_adapters(
+    base_model: nn.Module,
+    adapters: Mapping[str, str],
+    is_trainable: bool = False,
+    subfolders: Mapping[str, str] | None = None,
+) -> PeftModel:
+    """Load ``{name: local folder or Hub id}`` onto one base model and activate them all together; ``subfolders``
+    (``{name: folder inside its source}``) reads adapters kept in folders of one source, as a merged artifact does."""
     if not adapters:
         raise InputError("load_adapters needs at least one adapter {name: path or Hub id}.")
-    items = list(adapters.items())
-    for _, path in items:  # every adapter checked before anything is built
-        verify_adapter(path)
-    first_name, first_path = items[0]
-    model = PeftModel.from_pretrained(base_model, first_path, adapter_name=first_name, is_trainable=is_trainable)
-    for name, path in items[1:]:
-        model.load_adapter(path, adapter_name=name, is_trainable=is_trainable)
-    return activate(model, [name for name, _ in items])
+    subfolders = subfolders or {}
+    items = [(name, path, subfolders.get(name)) for name, path in adapters.items()]
+    for _, path, subfolder in items:  # every adapter checked before anything is built
+        verify_adapter(path, subfolder)
+    (first_name, first_path, first_subfolder), *rest = items
+    model = PeftModel.from_pretrained(
+        base_model, first_path, subfolder=first_subfolder, adapter_name=first_name, is_trainable=is_trainable
+    )
+    for name, path, subfolder in rest:
+        model.load_adapter(path, adapter_name=name, subfolder=subfolder, is_trainable=is_trainable)
+    return activate(model, [name for name, _, _ in items])

@@ -142,13 +142,7 @@ def verify_weights(
     path: Path, expected_m: int | None = None, hidden_size: int | None = None, branch_rank: int | None = None
 ) -> None:
     """Check that a safetensors file is complete and holds memory-token tensors of the configured shapes."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise AdapterFileError(
-            f"{path} is truncated or corrupted ({exc}). Save or download the adapter again."
-        ) from exc
+    shapes = weight_shapes(path)
     foreign = [key for key in shapes if ".memory_" not in key]
     if foreign or not shapes:
         raise AdapterFileError(f"{path} does not hold memory-token weights (unexpected tensors {foreign[:5]}).")
@@ -172,6 +166,17 @@ def verify_weights(
                 f"{path}: {key} has width {shape[-1]} but the adapter was recorded for "
                 f"hidden_size={hidden_size}; the files do not belong together."
             )
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` of a safetensors file, from its header alone (nothing is loaded), or a clear error."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise AdapterFileError(
+            f"{path} is truncated or corrupted ({exc}): save or download the adapter again."
+        ) from exc
 
 
 def read_config_file(path: Path) -> dict:
