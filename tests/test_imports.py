@@ -140,3 +140,20 @@ def test_no_tuner_module_writes_files():
                 found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
     assert found == []
     assert "def write_atomically" in (PACKAGE / "files.py").read_text()  # the check would see a move back
+
+
+# a ceiling that catches growth, set at the tuner's size when it was last reviewed (2,356 lines, 14 files), not the
+# ~1,300 lines that the upstream-ready review aimed for: what keeps it above that is said in CHANGELOG.md (Unreleased)
+TUNER_LINES, FILE_LINES = 2_400, 400
+
+
+def test_the_tuner_stays_within_its_size_budget_and_each_file_states_its_job_first():
+    files = sorted((PACKAGE / "tuner").glob("*.py"))
+    lines = {path.name: len(path.read_text().splitlines()) for path in files}
+    assert sum(lines.values()) <= TUNER_LINES, lines
+    assert max(lines.values()) <= FILE_LINES, lines
+    for path in files:
+        docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert docstring.splitlines() and docstring.splitlines()[0].strip(), (
+            f"{path.name}: no first line saying its job"
+        )
