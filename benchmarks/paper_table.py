@@ -5,14 +5,17 @@
         --train_size 0 --test_size 0 --epochs 10          # the same script at full scale on a GPU
 
 Per dataset: head only (on cached frozen features), head + class token, full fine-tuning, memory (full attention)
-m = 1, 5, 10, 20, memory-masked m = 5. Each setting, and each memory size, sweeps its LR on a validation split carved
-from train (never the test split); a sweep whose best LR sits at an edge of its grid goes on past that edge (x3 or /3,
-up to --max_extensions steps) until the best is interior (results.json: every LR tried, its validation accuracy and
-why the sweep stopped; <dataset>_sweeps.png). The compared rows (head, head + class token, full, memory m = 5,
-memory-masked m = 5) run ``--seeds`` seeds at their chosen LR (test: mean ± standard error). All settings
-see the same images, steps and seeds, with the paper's recipe (SGD momentum 0.9, cosine with warmup, clip 1.0).
-The settings that train more than a head start from the head-only solution (``--head_init probe``, calibrated at
-this table's 124 steps; at ten times the steps masked memory does better from a zero head: README, masked study).
+m = 1, 5, 10, 20, memory-masked m = 5, and what PEFT users pick instead: peft's LoRA r=8 on q/v with the classifier
+(``common.LORA``; AdamW whatever ``--optimizer`` says, its classifier from zero). Each setting, and each memory size,
+sweeps its LR on a validation split carved from train (never the test split); a sweep whose best LR sits at an edge
+of its grid goes on past that edge (x3 or /3, up to --max_extensions steps) until the best is interior
+(results.json: every LR tried, its validation accuracy and why the sweep stopped; <dataset>_sweeps.png). The
+compared rows (head, head + class token, full, memory m = 5, memory-masked m = 5, LoRA) run ``--seeds`` seeds at
+their chosen LR (test: mean ± standard error). All settings see the same images, steps and seeds, with the paper's
+recipe (SGD momentum 0.9, cosine with warmup, clip 1.0; ``--optimizer adamw``: AdamW for every row). The settings
+that train more than a head start from the head-only solution (``--head_init probe``, calibrated at this table's
+124 steps; at ten times the steps masked memory does better from a zero head: README, masked study); LoRA's
+classifier starts from zero, as its users' does.
 Then the masked adapters of all datasets are merged and each dataset is scored again through the merged model.
 ``--settings`` trains some rows only (head always: it is the reference); every run is logged as it ends, and
 ``paper_table_report.py`` makes one table of runs split that way (benchmarks/gpu_table.sh: a GPU lent by the minute).
@@ -34,7 +37,17 @@ from accelerate import Accelerator
 from accelerate.utils import TorchDynamoPlugin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import accuracy, base_cache, frozen_features, mean_and_error, model_logits, prepare, run_head, run_setting  # noqa: E402
+from common import (  # noqa: E402
+    accuracy,
+    base_cache,
+    frozen_features,
+    mean_and_error,
+    model_logits,
+    prepare,
+    run_head,
+    run_lora,
+    run_setting,
+)
 from paper_table_report import bar_plot, closures, markdown, sweep_plot  # noqa: E402
 
 from memory_peft.artifact import load_multitask, merge_adapters  # noqa: E402
@@ -55,6 +68,7 @@ LR_GRIDS = {
     "full": [0.0003, 0.001],
     "memory": [0.03, 0.1],
     "memory-masked": [0.03, 0.1],
+    "lora": [0.001, 0.003],  # AdamW whatever --optimizer says: LoRA's users' recipe (common.LORA)
 }
 # --optimizer adamw: AdamW's steps are ~lr per entry whatever the gradient's scale, so its grids sit 10-100x lower
 # (the masked study's AdamW rows start from the same grid); full fine-tuning lower still, as its users run it
@@ -64,8 +78,9 @@ ADAMW_LR_GRIDS = {
     "full": [0.00003, 0.0001],
     "memory": [0.001, 0.003],
     "memory-masked": [0.001, 0.003],
+    "lora": [0.001, 0.003],
 }
-SETTINGS = ["head+cls", "memory-masked", "memory", "full"]
+SETTINGS = ["head+cls", "memory-masked", "memory", "lora", "full"]
 # --preset: defaults for a whole run, each overridable by its own flag. "gpu": all images of a dataset, 4 epochs,
 # 3 seeds, bf16 autocast, batch 256, heads from zero as in the paper (at 10x the CPU table's steps, masked memory from
 # a zero head beat the same from the probe by 2.5 points: README, masked study). Measured on one H200 (README, "The
@@ -229,9 +244,12 @@ def table_for(data, vit, args, accelerator, log) -> dict:
             """One run, logged as it ends (a run cut short still shows every run it finished): its model and
             validation accuracy at seed 0 (the sweep), test accuracy at the other seeds (at the chosen LR)."""
             started = time.perf_counter()
-            model = run_setting(
-                vit, data, setting, m, lr, seed, init, args, accelerator, cache, optimizer=args.optimizer
-            )
+            if setting == "lora":  # peft's LoRA on the classification model of the same weights, AdamW
+                model = run_lora(args.backbone, data, lr, seed, args, accelerator)
+            else:
+                model = run_setting(
+                    vit, data, setting, m, lr, seed, init, args, accelerator, cache, optimizer=args.optimizer
+                )
             seconds = time.perf_counter() - started
             split = "val" if seed == 0 else "test"
             score = accuracy(model_logits(model, device), *data[split])
@@ -260,6 +278,8 @@ def table_for(data, vit, args, accelerator, log) -> dict:
             )
     if "memory" in args.settings:
         adapters["memory m=5"] = setting_row("memory m=5", "memory", 5, args.grids["memory"], seeds=args.seeds)
+    if "lora" in args.settings:
+        setting_row("lora r=8", "lora", 0, args.grids["lora"], seeds=args.seeds)
     if "full" in args.settings:
         setting_row("full", "full", 0, args.grids["full"], seeds=args.seeds)
     for m in (m for m in args.memory_sizes if m != 5 and "memory" in args.settings):  # own sweeps: larger memories

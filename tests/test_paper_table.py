@@ -36,6 +36,8 @@ TINY = [
     "memory=0.1,0.3",
     "--lr",
     "memory-masked=0.1,0.3",
+    "--lr",
+    "lora=0.003",
     "--max_extensions",
     "1",
     "--cache_base",
@@ -54,7 +56,8 @@ def test_table_files_cards_and_the_multitask_check(tmp_path):
     assert sorted(results) == ["cifar10", "fashion_mnist"]
     for name, result in results.items():
         rows = result["rows"]
-        assert sorted(rows) == sorted(["full", "head", "head+cls", "memory m=1", "memory m=5", "memory-masked m=5"])
+        expected = ["full", "head", "head+cls", "memory m=1", "memory m=5", "memory-masked m=5", "lora r=8"]
+        assert sorted(rows) == sorted(expected)
         assert len(rows["head"]["test"]) == len(rows["memory m=5"]["test"]) == 2  # two seeds
         for column, grid in (("head", {0.3, 1.0}), ("memory m=1", {0.1, 0.3}), ("memory m=5", {0.1, 0.3})):
             tried, stopped = set(rows[column]["val"]), rows[column]["sweep_stopped_by"]  # every m sweeps
@@ -75,7 +78,9 @@ def test_table_files_cards_and_the_multitask_check(tmp_path):
     assert table.startswith("| dataset | full | head | head+cls | memory m=1 | memory m=5 | memory-masked m=5 |")
     for name, result in results.items():  # every compared row ran both seeds; the goals line reads their means
         rows = result["rows"]
-        assert all(len(rows[c]["test"]) == 2 for c in ("head+cls", "full", "memory-masked m=5"))
+        assert all(len(rows[c]["test"]) == 2 for c in ("head+cls", "full", "memory-masked m=5", "lora r=8"))
+        d = statistics.mean(rows["memory m=5"]["test"]) - statistics.mean(rows["lora r=8"]["test"])
+        assert f"memory m=5 − lora r=8 {100 * d:+.1f}" in table.split(f"- {name}: ")[1].splitlines()[0]
         d = statistics.mean(rows["memory-masked m=5"]["test"]) - statistics.mean(rows["head+cls"]["test"])
         assert f"memory-masked m=5 − head+cls {100 * d:+.1f}" in table.split(f"- {name}: ")[1].splitlines()[0]
 
