@@ -91,25 +91,7 @@ def train(args):
     args.backbone = args.backbone or default_backbone()
     given, args.dataset = args.dataset is not None, args.dataset or default_dataset("cifar10")
     output_dir = Path(args.output_dir)
-    # Several processes without CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on CPUs): accelerate
-    # uses gloo only when told that the processes are CPU ones.
-    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    PartialState(cpu=cpu_processes)  # before the tracker, whose main-process check would set up the state first
-    check_output_dir(args, output_dir)
-    PartialState().wait_for_everyone()
-    accelerator = Accelerator(
-        cpu=cpu_processes,
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.grad_accum,
-        log_with=[JSONLinesTracker("memory-peft", output_dir)],
-        project_dir=str(output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        **(
-            {"dynamo_plugin": TorchDynamoPlugin(backend="inductor", mode=args.compile, fullgraph=True)}
-            if args.compile
-            else {}
-        ),
-    )
+    accelerator = make_accelerator(args, output_dir)
     set_seed(args.seed)
 
     data = load_image_data(
@@ -120,9 +102,9 @@ def train(args):
     train = data.train.with_transform(image_transform(processor, data.image_column, data.label_column, args.augment))
     evaluation = data.eval.with_transform(image_transform(processor, data.image_column, data.label_column))
     workers = args.num_workers if args.num_workers >= 0 else (4 if accelerator.device.type != "cpu" else 0)
-    loader_args = dict(batch_size=args.batch_size, collate_fn=default_data_collator, num_workers=workers)
-    train_loader = DataLoader(train, shuffle=True, drop_last=True, **loader_args)
-    eval_loader = DataLoader(evaluation, **loader_args)
+    loader_args = dict(batch_size=args.batch_size, num_workers=workers)
+    train_loader = DataLoader(train, shuffle=True, drop_last=True, collate_fn=default_data_collator, **loader_args)
+    eval_loader = DataLoader(evaluation, collate_fn=default_data_collator, **loader_args)
 
     recorded = recorded_dataset(args.dataset, given)  # for `evaluate`
     model = apply_setting(
@@ -141,25 +123,10 @@ def train(args):
     )
     if args.cache_base:  # before any cast: the cache holds what the stored weights compute
         cache = base_cache(args, model, data, processor, accelerator)
-        train_loader = DataLoader(
-            cache,
-            shuffle=True,
-            drop_last=True,
-            batch_size=args.batch_size,
-            collate_fn=cache.collate,
-            num_workers=workers,
-        )
+        train_loader = DataLoader(cache, shuffle=True, drop_last=True, collate_fn=cache.collate, **loader_args)
     if accelerator.mixed_precision in ("bf16", "fp16"):  # a frozen weight is cast once here, not at every use
         cast_frozen_weights(model, torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
-    steps_per_epoch = len(train_loader) // (args.grad_accum * accelerator.num_processes)
-    if steps_per_epoch == 0:  # drop_last: not one full optimizer step in the data, and no progress ever
-        per_step = args.batch_size * args.grad_accum * accelerator.num_processes
-        raise InputError(
-            f"{len(data.train)} training images make no full optimizer step of {per_step} images "
-            f"(--batch_size {args.batch_size} x --grad_accum {args.grad_accum} x "
-            f"{accelerator.num_processes} process(es)): lower --batch_size or raise --train_size."
-        )
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    total_steps = args.max_steps or args.epochs * steps_per_epoch(args, train_loader, len(data.train), accelerator)
     # accelerate steps a prepared scheduler once per process at each optimizer step: count in those units
     processes = accelerator.num_processes
     trainable, optimizer, scheduler = paper_recipe(
@@ -191,16 +158,7 @@ def train(args):
         batches = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
         for batch in batches:
             with accelerator.accumulate(model):
-                inputs = (
-                    {
-                        "base_keys_values": batch["base_keys_values"],
-                        # the cache holds one layer's base rows: where this run's branch starts (if it has one)
-                        "base_rows": batch["base_rows"][:, 0] if "base_rows" in batch else None,
-                    }
-                    if args.cache_base
-                    else {"pixel_values": batch["pixel_values"], "interpolate_pos_encoding": True}
-                )
-                loss = model(**inputs, labels=batch["labels"]).loss
+                loss = model(**model_inputs(batch), labels=batch["labels"]).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.grad_clip > 0:
                     accelerator.clip_grad_norm_(trainable, args.grad_clip)
@@ -239,16 +197,64 @@ def train(args):
     accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
-        shares = None
-        if args.branch_layers:  # a branch's attention is over its own rows: not the masked rows' probabilities
-            print("attention-to-memory plot: not drawn for a task branch (--branch_layers)", file=sys.stderr)
-        elif "memory" in args.setting:
-            with accelerator.autocast():  # frozen weights may be stored in bf16/fp16 (cast_frozen_weights)
-                shares = attention_to_memory(model, data, processor)
+        shares = memory_shares(model, args, data, processor, accelerator)
         finish(model, args, data, scores, step, train_seconds, output_dir, shares)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return scores
+
+
+def make_accelerator(args, output_dir: Path) -> Accelerator:
+    """The run's Accelerator, once the output folder is checked (by the main process, the others waiting)."""
+    # Several processes without CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on CPUs): accelerate
+    # uses gloo only when told that the processes are CPU ones.
+    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    PartialState(cpu=cpu_processes)  # before the tracker, whose main-process check would set up the state first
+    check_output_dir(args, output_dir)
+    PartialState().wait_for_everyone()
+    compile_plugin = TorchDynamoPlugin(backend="inductor", mode=args.compile, fullgraph=True) if args.compile else None
+    return Accelerator(
+        cpu=cpu_processes,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum,
+        log_with=[JSONLinesTracker("memory-peft", output_dir)],
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        **({"dynamo_plugin": compile_plugin} if compile_plugin else {}),
+    )
+
+
+def steps_per_epoch(args, train_loader, images: int, accelerator) -> int:
+    """Optimizer steps in one pass over the training data, or an error when there is not one full step."""
+    steps = len(train_loader) // (args.grad_accum * accelerator.num_processes)
+    if steps == 0:  # drop_last: not one full optimizer step in the data, and no progress ever
+        per_step = args.batch_size * args.grad_accum * accelerator.num_processes
+        raise InputError(
+            f"{images} training images make no full optimizer step of {per_step} images "
+            f"(--batch_size {args.batch_size} x --grad_accum {args.grad_accum} x "
+            f"{accelerator.num_processes} process(es)): lower --batch_size or raise --train_size."
+        )
+    return steps
+
+
+def model_inputs(batch: dict) -> dict:
+    """A batch of images, or of cached base keys/values (``--cache_base``), as the model's keyword arguments."""
+    if "base_keys_values" not in batch:
+        return {"pixel_values": batch["pixel_values"], "interpolate_pos_encoding": True}
+    # the cache holds one layer's base rows: where this run's branch starts (if it has one)
+    base_rows = batch["base_rows"][:, 0] if "base_rows" in batch else None
+    return {"base_keys_values": batch["base_keys_values"], "base_rows": base_rows}
+
+
+def memory_shares(model, args, data, processor, accelerator) -> dict[str, list[float]] | None:
+    """What the card's attention-to-memory plot shows, for the settings with memory that the masked rows read."""
+    if args.branch_layers:  # a branch's attention is over its own rows: not the masked rows' probabilities
+        print("attention-to-memory plot: not drawn for a task branch (--branch_layers)", file=sys.stderr)
+        return None
+    if "memory" not in args.setting:
+        return None
+    with accelerator.autocast():  # frozen weights may be stored in bf16/fp16 (cast_frozen_weights)
+        return attention_to_memory(model, data, processor)
 
 
 def base_cache(args, model, data, processor, accelerator):
