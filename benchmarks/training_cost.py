@@ -35,6 +35,7 @@ from memory_peft.sources import load_backbone  # noqa: E402
 
 # row -> (setting, MemoryTokenConfig fields, trained on a cache: None, or the layer whose entering rows it reads)
 ROWS = {
+    "head only": ("head", {}, None),
     "head + class token": ("head+cls", {}, None),
     "memory-masked m=5 (images)": ("memory-masked", {}, None),
     "memory-masked m=5 (cache)": ("memory-masked", {}, -1),
