@@ -245,16 +245,47 @@ def lora_model(backbone: str, data, seed: int, **lora):
     return get_peft_model(classifier, LoraConfig(**{**LORA, **lora}))
 
 
-def run_lora(backbone: str, data, lr, seed, args, accelerator, **lora):
-    """Train LoRA on the images with the same schedule, clip and steps as the other rows, AdamW."""
+def run_lora(backbone: str, data, lr, seed, args, accelerator, cache=None, rows_index=None, **lora):
+    """Train LoRA on the images with the same schedule, clip and steps as the other rows, AdamW. With ``cache`` (LoRA
+    on the last layers only, ``layers_to_transform``): on the base rows entering its first adapted layer, the cache's
+    ``base_rows[:, rows_index]``, which the frozen layers below give whatever LoRA learns (lora_logits_from_rows)."""
     model = lora_model(backbone, data, seed, **lora).to(accelerator.device)
     x, y = data["train"][0], data["train"][1].to(accelerator.device)
+    start = min(lora["layers_to_transform"]) if cache is not None else None
 
     def loss_of(mdl, idx):
-        return mdl(pixel_values=x[idx], interpolate_pos_encoding=True, labels=y[idx]).loss
+        if cache is None:
+            return mdl(pixel_values=x[idx], interpolate_pos_encoding=True, labels=y[idx]).loss
+        rows = cache.batch(idx.tolist())["base_rows"][:, rows_index].to(accelerator.device)
+        return nn.functional.cross_entropy(lora_logits_from_rows(mdl, rows, start), y[idx.to(y.device)])
 
-    fit(model, loss_of, len(y), lr, seed, args, accelerator, index_device=x.device, optimizer="adamw")
+    index_device = None if cache is not None else x.device
+    fit(model, loss_of, len(y), lr, seed, args, accelerator, index_device=index_device, optimizer="adamw")
     return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def lora_logits_from_rows(model, base_rows: torch.Tensor, start: int) -> torch.Tensor:
+    """A ``lora_model`` whose adapted layers all sit at ``start`` or after, from the rows entering layer ``start``
+    (B, n, D) -> logits (B, num_labels): the rest of ``ViTForImageClassification``'s forward (those layers, the final
+    LayerNorm, the classifier on the class token), so a run is a forward/backward through the last layers only."""
+    classifier = getattr(model, "module", model).base_model.model
+    adapted = classifier.peft_config["default"].layers_to_transform if hasattr(classifier, "peft_config") else None
+    if adapted is not None and min(adapted) < start:
+        raise ValueError(f"LoRA adapts layers {adapted}: rows entering layer {start} come after some of them.")
+    hidden = base_rows.to(classifier.classifier.weight.dtype)
+    for layer in classifier.vit.layers[start:]:
+        hidden = layer(hidden)
+    return classifier.classifier(classifier.vit.layernorm(hidden)[:, 0])
+
+
+@torch.no_grad()
+def cached_lora_accuracy(model, cache, device, rows_index: int, start: int, batch: int = 128) -> float:
+    correct = 0
+    for i in range(0, len(cache), batch):
+        rows = cache.batch(list(range(i, min(i + batch, len(cache)))))
+        logits = lora_logits_from_rows(model, rows["base_rows"][:, rows_index].to(device), start)
+        correct += int((logits.argmax(-1).cpu() == rows["labels"]).sum())
+    return correct / len(cache)
 
 
 def trainable_parameters(model: nn.Module) -> int:

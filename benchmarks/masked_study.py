@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     accuracy,
     base_cache,
     cached_accuracy,
+    cached_lora_accuracy,
     difference,
     frozen_features,
     mean_and_error,
@@ -139,11 +140,20 @@ EXPERIMENTS = {
         {"head_init": "zero", "optimizer": "adamw"},
         [0.001, 0.003],
     ),
+    # LoRA on the last k layers alone: trained and scored on the cached base rows entering its first adapted layer
+    # ("cache": the frozen layers below give the same rows whatever it learns: the same runs as on the images)
     "lora r=8 (q, v) last 2 layers, adamw": (
         "lora",
         0,
         {"layers_to_transform": [10, 11]},
-        {"head_init": "zero", "optimizer": "adamw"},
+        {"head_init": "zero", "optimizer": "adamw", "cache": True},
+        [0.001, 0.003],
+    ),
+    "lora r=8 (q, v) last 4 layers, adamw": (
+        "lora",
+        0,
+        {"layers_to_transform": [8, 9, 10, 11]},
+        {"head_init": "zero", "optimizer": "adamw", "cache": True},
         [0.001, 0.003],
     ),
 }
@@ -284,9 +294,20 @@ def caches(vit, data, args, out: Path, rows_at=()) -> dict:
 
 
 def branch_starts(num_layers: int) -> tuple[int, ...]:
-    """Where the study's task branches start: one cache holds the base rows entering each of these layers."""
-    depths = {row[2].get("branch_layers", 0) for row in EXPERIMENTS.values() if row[0] == "memory-masked"}
-    return tuple(sorted(num_layers - k for k in depths if k))
+    """Where the study's task branches (and cached LoRA-on-the-last-layers rows) start: one cache holds the base rows
+    entering each of these layers."""
+    return tuple(sorted({start for name in EXPERIMENTS if (start := rows_start(name, num_layers)) is not None}))
+
+
+def rows_start(name: str, num_layers: int) -> int | None:
+    """The layer whose entering base rows an experiment trains from: a task branch's first layer, or a cached LoRA
+    row's first adapted layer; None for the others."""
+    setting, _, overrides, recipe, _ = EXPERIMENTS[name]
+    if setting == "memory-masked" and overrides.get("branch_layers"):
+        return num_layers - overrides["branch_layers"]
+    if setting == "lora" and recipe.get("cache"):
+        return min(overrides["layers_to_transform"])
+    return None
 
 
 def run_study(args) -> None:
@@ -332,13 +353,13 @@ def run_study(args) -> None:
                             seconds=0,
                         ),
                     )
-    masked = [e for e in args.experiments if cached_setting(e)]
-    branched = any(EXPERIMENTS[e][2].get("branch_layers") for e in masked)
-    rows_at = branch_starts(vit.config.num_hidden_layers)
+    layers = vit.config.num_hidden_layers
+    on_caches = [e for e in args.experiments if cached_setting(e)]
+    rows_at = branch_starts(layers)
     cached = {}
-    if any(not EXPERIMENTS[e][2].get("branch_layers") for e in masked):
+    if any(rows_start(e, layers) is None for e in on_caches):
         cached["plain"] = caches(vit, data, args, out)
-    if branched:
+    if any(rows_start(e, layers) is not None for e in on_caches):
         cached["rows"] = caches(vit, data, args, out, rows_at)
     for name in (e for e in args.experiments if e != "head"):
         run_experiment(name, args, out, vit, data, cached, probe, accelerator)
@@ -346,9 +367,10 @@ def run_study(args) -> None:
 
 
 def cached_setting(name: str) -> bool:
-    """Whether an experiment trains and is scored on a base keys/values cache: masked memory (task branches: a cache
-    that also holds the base rows where they start)."""
-    return EXPERIMENTS.get(name, (None,))[0] == "memory-masked"
+    """Whether an experiment trains and is scored on a base keys/values cache: masked memory (task branches, and LoRA
+    on the last layers: a cache that also holds the base rows where they start)."""
+    row = EXPERIMENTS.get(name)
+    return row is not None and (row[0] == "memory-masked" or bool(row[3].get("cache")))
 
 
 def run_experiment(name: str, args, out: Path, vit, data, cached, probe, accelerator) -> None:
@@ -367,14 +389,13 @@ def run_experiment(name: str, args, out: Path, vit, data, cached, probe, acceler
         if done is not None:
             return done
         started = time.perf_counter()
-        depth = overrides.get("branch_layers", 0)
-        splits = (cached["rows"] if depth else cached["plain"]) if cached_setting(name) else None
-        rows_index = (
-            branch_starts(vit.config.num_hidden_layers).index(vit.config.num_hidden_layers - depth) if depth else None
-        )
+        layers = vit.config.num_hidden_layers
+        start = rows_start(name, layers)
+        splits = (cached["rows"] if start is not None else cached["plain"]) if cached_setting(name) else None
+        rows_index = branch_starts(layers).index(start) if start is not None else None
         cache = splits["train"] if splits else None
         if setting == "lora":
-            model = run_lora(args.backbone, data, lr, seed, run_args, accelerator, **overrides)
+            model = run_lora(args.backbone, data, lr, seed, run_args, accelerator, cache, rows_index, **overrides)
         else:
             model = run_setting(
                 vit,
@@ -393,7 +414,11 @@ def run_experiment(name: str, args, out: Path, vit, data, cached, probe, acceler
                 **overrides,
             )
         fitted = {}
-        if cache is not None:  # scored from the caches; train accuracy too (cheap here), to see overfitting
+        if cache is not None and setting == "lora":
+            val, test, fitted["train"] = (
+                cached_lora_accuracy(model, splits[s], device, rows_index, start) for s in ("val", "test", "train")
+            )
+        elif cache is not None:  # scored from the caches; train accuracy too (cheap here), to see overfitting
             val, test, fitted["train"] = (
                 cached_accuracy(model, splits[s], device, rows_index=rows_index) for s in ("val", "test", "train")
             )
@@ -492,7 +517,9 @@ def report(out: Path, args) -> str:
         f"modules_to_save=['classifier']) on ViTForImageClassification of the same weights, classifier from "
         f"zero. 'masked branch k=K': masked memory m=5 with the last K layers as the task's own branch (memory at full "
         f"attention there; 'r=8': rank-8 q/v updates, alpha 16), trained and scored on caches that also hold the base "
-        f"rows where branches start. Backbone {portable(args.backbone)}."
+        f"rows where branches start. 'lora ... last K layers': LoRA on those layers only, trained and scored on the "
+        f"cached base rows entering the first of them (the frozen layers below give them whatever LoRA learns). "
+        f"Backbone {portable(args.backbone)}."
         + (
             f" 'vs head+cls': difference of test means to the row {reference!r}, in units of their joint "
             "standard error."

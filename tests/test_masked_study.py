@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, SHARED
 
 TINY = [
@@ -238,3 +239,28 @@ def test_the_frontier_plot_reads_each_rows_chosen_lr_and_seeds(tmp_path, capsys)
     assert summary["masked m=5, zero head"][0] == [0.72] and summary["head"][0] == [0.70, 0.71]
     frontier.main([str(tmp_path / "runs.jsonl"), "--out", str(tmp_path / "plot.png")])
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lora_on_the_last_layers_from_the_rows_entering_them_equals_lora_on_the_images():
+    """The masked study trains 'lora ... last K layers' on cached base rows: the frozen layers below give those rows
+    whatever LoRA learns, so the logits (and the runs) are those of LoRA on the images, in float64."""
+    if not (SHARED / "models" / "vit-small-patch14-dinov2").is_dir():
+        pytest.skip("bundled backbone not found")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import lora_logits_from_rows, lora_model
+
+    data = {"num_labels": 10, "label_names": [str(i) for i in range(10)]}
+    backbone = str(SHARED / "models" / "vit-small-patch14-dinov2")
+    model = lora_model(backbone, data, seed=0, layers_to_transform=[10, 11]).double().eval()
+    with torch.no_grad():  # LoRA's B and the classifier start at zero: values that let the check fail
+        for parameter in (p for p in model.parameters() if p.requires_grad):
+            parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(parameter.numel()))
+    pixels = torch.randn(3, 3, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(pixel_values=pixels, interpolate_pos_encoding=True).logits
+        vit = model.base_model.model.vit
+        entering = vit(pixels, interpolate_pos_encoding=True, output_hidden_states=True).hidden_states[10]
+        torch.testing.assert_close(lora_logits_from_rows(model, entering, 10), expected, rtol=0, atol=1e-12)
+        assert expected.abs().max() > 1e-3  # a real value, not two zeros
+        with pytest.raises(ValueError, match="adapts layers"):
+            lora_logits_from_rows(model, entering, 11)
