@@ -175,9 +175,11 @@ def run_setting(
     head_lr=None,
     optimizer="sgd",
     rows_index=None,
+    class_token_path=None,
     **overrides,
 ):
-    """Train one setting (``overrides``: MemoryTokenConfig fields; ``head_lr``: the head's own LR); ``cache``
+    """Train one setting (``overrides``: MemoryTokenConfig fields; ``head_lr``: the head's own LR;
+    ``class_token_path``: ``add_class_token_path_updates``' keyword arguments, caches only); ``cache``
     (memory-masked only): the training images' base keys/values, read instead of running the base rows at every
     step; ``rows_index``: a task branch's start among the cache's ``rows_at``."""
     torch.manual_seed(seed)
@@ -190,6 +192,10 @@ def run_setting(
         image_size=args.image_size,
         **overrides,
     )
+    if class_token_path:
+        if cache is None:
+            raise ValueError("class-token-path updates train and score on a base keys/values cache only.")
+        add_class_token_path_updates(model, **class_token_path)
     if probe is not None:
         initialise_head(model, "default", probe)
     if accelerator.mixed_precision in ("bf16", "fp16"):
@@ -224,6 +230,36 @@ def run_setting(
     )
     # scored eagerly (batches of every size, no gradients: graphs that no training step would use again)
     return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def add_class_token_path_updates(model, rank: int, targets=("query", "fc1", "fc2"), alpha: float | None = None):
+    """A measured-only variant (issue: is it worth an option?): rank-``rank`` updates (LoRA's init and scale) of the
+    ``targets`` projections of every layer, applied where the masked task's class-token row passes them. Forward hooks
+    on the layers' Linear modules: on a base keys/values cache (``forward_cached``) only the class-token row (and the
+    memory rows, whose queries are discarded) reaches the query and MLP projections, so the base rows stay the stock
+    model's; on the images the hooks would change the base rows too, so a model so changed trains and scores on
+    caches only. Returns the hooks' handles."""
+    scale = (2 * rank if alpha is None else alpha) / rank
+    factors = nn.ParameterDict()
+    handles = []
+    for index, layer in enumerate(model.base_model._backbone.layers):
+        parts = layer._resolved
+        linears = {"query": parts.query, "fc1": parts.mlp.fc1, "fc2": parts.mlp.fc2}
+        for target in targets:
+            linear = linears[target]
+            down = torch.empty(rank, linear.in_features)
+            nn.init.kaiming_uniform_(down, a=5**0.5)
+            factors[f"{index}_{target}_down"] = nn.Parameter(down)
+            factors[f"{index}_{target}_up"] = nn.Parameter(torch.zeros(linear.out_features, rank))
+
+            def hook(
+                module, inputs, output, down=factors[f"{index}_{target}_down"], up=factors[f"{index}_{target}_up"]
+            ):
+                return output + scale * (inputs[0] @ down.T) @ up.T
+
+            handles.append(linear.register_forward_hook(hook))
+    model.base_model.class_token_path = factors  # a submodule: the optimizer and the parameter count see them
+    return handles
 
 
 # what peft's LoRA users run on a ViT (peft's image-classification example, with the rank of design.md's yardstick):

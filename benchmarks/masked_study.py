@@ -140,6 +140,22 @@ EXPERIMENTS = {
         {"head_init": "zero", "optimizer": "adamw"},
         [0.001, 0.003],
     ),
+    # beyond the paper, measured before it would become an option: low-rank updates of the projections the masked
+    # class token passes (q and MLP: the class-token path alone; common.add_class_token_path_updates), on caches
+    "masked m=5, class-token path r=2 (q, MLP), adamw": (
+        "memory-masked",
+        5,
+        {},
+        {"head_init": "zero", "optimizer": "adamw", "class_token_path": {"rank": 2}},
+        [0.001, 0.003],
+    ),
+    "masked m=5, class-token path r=8 (q), adamw": (
+        "memory-masked",
+        5,
+        {},
+        {"head_init": "zero", "optimizer": "adamw", "class_token_path": {"rank": 8, "targets": ("query",)}},
+        [0.001, 0.003],
+    ),
     # LoRA on the last k layers alone: trained and scored on the cached base rows entering its first adapted layer
     # ("cache": the frozen layers below give the same rows whatever it learns: the same runs as on the images)
     "lora r=8 (q, v) last 2 layers, adamw": (
@@ -411,6 +427,7 @@ def run_experiment(name: str, args, out: Path, vit, data, cached, probe, acceler
                 head_lr,
                 recipe.get("optimizer", "sgd"),
                 rows_index,
+                recipe.get("class_token_path"),
                 **overrides,
             )
         fitted = {}

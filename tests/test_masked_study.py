@@ -264,3 +264,35 @@ def test_lora_on_the_last_layers_from_the_rows_entering_them_equals_lora_on_the_
         assert expected.abs().max() > 1e-3  # a real value, not two zeros
         with pytest.raises(ValueError, match="adapts layers"):
             lora_logits_from_rows(model, entering, 11)
+
+
+def test_class_token_path_updates_start_as_the_model_and_change_only_what_the_class_token_reads(tmp_path):
+    """The measured-only variant: zero-initialised updates leave the cached forward as it was; trained ones change the
+    task's logits, while the cached base keys/values (what the base rows are) are read, never recomputed."""
+    if not (SHARED / "models" / "vit-small-patch14-dinov2").is_dir():
+        pytest.skip("bundled backbone not found")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import add_class_token_path_updates
+
+    from memory_peft.settings import apply_setting
+    from memory_peft.sources import load_backbone
+
+    vit = load_backbone(str(SHARED / "models" / "vit-small-patch14-dinov2")).double()
+    model = apply_setting(vit, "memory-masked", num_labels=10, m=5).eval()
+    with torch.no_grad():
+        model.base_model.memory_head["default"].weight.normal_(generator=torch.Generator().manual_seed(1))
+        pixels = torch.randn(2, 3, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        cached = model.base_model.base_keys_values(pixels, True)
+        before = model(base_keys_values=cached).logits
+        handles = add_class_token_path_updates(model, rank=2)
+        factors = model.base_model.class_token_path.double()
+        assert sum(p.numel() for p in factors.parameters()) == 12 * (2 * (384 + 384) + 2 * (384 + 1536) * 2)
+        torch.testing.assert_close(model(base_keys_values=cached).logits, before, rtol=0, atol=0)
+        for name, parameter in factors.items():
+            if name.endswith("_up"):
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        after = model(base_keys_values=cached).logits
+        assert (after - before).abs().max() > 1e-3
+        for handle in handles:
+            handle.remove()
+        torch.testing.assert_close(model(base_keys_values=cached).logits, before, rtol=0, atol=1e-12)
