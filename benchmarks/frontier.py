@@ -33,9 +33,11 @@ ROWS = {
     # AdamW gave the same 71.9 +- 0.5: one point (SGD, the paper's)
     "masked m=5, zero head": ("memory-masked m=5", "masked"),
     "memory m=5, zero head": ("memory m=5 (full attention)", 10.0),
+    "memory m=5, zero head, adamw": ("memory m=5, AdamW", 10.0),
     "full (from the probe)": ("full fine-tuning", 10.0),
     "lora r=8 (q, v), adamw": ("LoRA r=8 (q, v)", "lora_forwards"),
     "lora r=8 (q, v) last 2 layers, adamw": ("LoRA r=8, last 2 layers", "lora_forwards"),
+    "lora r=8 (q, v) last 4 layers, adamw": ("LoRA r=8, last 4 layers", "lora_forwards"),
     "masked branch k=1, adamw": ("branch k=1 (memory only)", "branch 1"),
     "masked branch k=2, adamw": ("branch k=2", "branch 2"),
     "masked branch k=2 r=8, adamw": ("branch k=2, r=8", "branch 2"),

@@ -536,6 +536,8 @@ def report(out: Path, args) -> str:
         f"attention there; 'r=8': rank-8 q/v updates, alpha 16), trained and scored on caches that also hold the base "
         f"rows where branches start. 'lora ... last K layers': LoRA on those layers only, trained and scored on the "
         f"cached base rows entering the first of them (the frozen layers below give them whatever LoRA learns). "
+        f"'class-token path r=R (targets)': masked memory m=5 plus rank-R updates (LoRA's init, alpha 2R) of those "
+        f"projections of every layer where the class-token row passes them, on caches (measured only, not an option). "
         f"Backbone {portable(args.backbone)}."
         + (
             f" 'vs head+cls': difference of test means to the row {reference!r}, in units of their joint "
