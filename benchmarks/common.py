@@ -304,8 +304,8 @@ def lora_logits_from_rows(model, base_rows: torch.Tensor, start: int) -> torch.T
     """A ``lora_model`` whose adapted layers all sit at ``start`` or after, from the rows entering layer ``start``
     (B, n, D) -> logits (B, num_labels): the rest of ``ViTForImageClassification``'s forward (those layers, the final
     LayerNorm, the classifier on the class token), so a run is a forward/backward through the last layers only."""
-    classifier = getattr(model, "module", model).base_model.model
-    adapted = classifier.peft_config["default"].layers_to_transform if hasattr(classifier, "peft_config") else None
+    model = getattr(model, "module", model)  # a model wrapped for several processes
+    classifier, adapted = model.base_model.model, model.peft_config["default"].layers_to_transform
     if adapted is not None and min(adapted) < start:
         raise ValueError(f"LoRA adapts layers {adapted}: rows entering layer {start} come after some of them.")
     hidden = base_rows.to(classifier.classifier.weight.dtype)

@@ -33,12 +33,12 @@ from memory_peft.files import write_text_atomically  # noqa: E402
 from memory_peft.settings import apply_setting  # noqa: E402
 from memory_peft.sources import load_backbone  # noqa: E402
 
-# row -> (setting, MemoryTokenConfig fields, trained on a cache: None, or the layer whose entering rows it reads)
+# row -> (setting, MemoryTokenConfig fields, trained on a cache: None, else its branch depth (0: no branch))
 ROWS = {
     "head only": ("head", {}, None),
     "head + class token": ("head+cls", {}, None),
     "memory-masked m=5 (images)": ("memory-masked", {}, None),
-    "memory-masked m=5 (cache)": ("memory-masked", {}, -1),
+    "memory-masked m=5 (cache)": ("memory-masked", {}, 0),
     "masked branch k=2 r=8 (cache)": ("memory-masked", {"branch_layers": 2, "branch_rank": 8}, 2),
     "masked branch k=4 r=8 (cache)": ("memory-masked", {"branch_layers": 4, "branch_rank": 8}, 4),
     "memory m=5 (full attention)": ("memory", {}, None),
