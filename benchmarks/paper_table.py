@@ -4,19 +4,21 @@
     python benchmarks/paper_table.py --datasets uoft-cs/cifar100 --backbone google/vit-base-patch32-224-in21k \\
         --train_size 0 --test_size 0 --epochs 10          # the same script at full scale on a GPU
 
-Per dataset: head only (on cached frozen features), head + class token, full fine-tuning, memory (full attention)
-m = 1, 5, 10, 20, memory-masked m = 5, and what PEFT users pick instead: peft's LoRA r=8 on q/v with the classifier
-(``common.LORA``; AdamW whatever ``--optimizer`` says, its classifier from zero). Each setting, and each memory size,
-sweeps its LR on a validation split carved from train (never the test split); a sweep whose best LR sits at an edge
-of its grid goes on past that edge (x3 or /3, up to --max_extensions steps) until the best is interior
-(results.json: every LR tried, its validation accuracy and why the sweep stopped; <dataset>_sweeps.png). The
-compared rows (head, head + class token, full, memory m = 5, memory-masked m = 5, LoRA) run ``--seeds`` seeds at
-their chosen LR (test: mean ± standard error). All settings see the same images, steps and seeds, with the paper's
-recipe (SGD momentum 0.9, cosine with warmup, clip 1.0; ``--optimizer adamw``: AdamW for every row). The settings
-that train more than a head start from the head-only solution (``--head_init probe``, calibrated at this table's
-124 steps; at ten times the steps masked memory does better from a zero head: README, masked study); LoRA's
-classifier starts from zero, as its users' does.
-Then the masked adapters of all datasets are merged and each dataset is scored again through the merged model.
+Per dataset: head only (on cached frozen features), head + class token, full fine-tuning, memory (full attention) m =
+1, 5, 10, 20, memory-masked m = 5, beyond the paper task branches k = 2, 4 (memory-masked m=5 with each task's own
+copy of the last k layers, rank-8 updates of q and v there: design.md; AdamW whatever ``--optimizer`` says), and what
+PEFT users pick instead: peft's LoRA r=8 on q/v with the classifier (``common.LORA``; AdamW whatever ``--optimizer``
+says, its classifier from zero). Each setting, and each memory size, sweeps its LR on a validation split carved from
+train (never the test split); a sweep whose best LR sits at an edge of its grid goes on past that edge (x3 or /3, up
+to --max_extensions steps) until the best is interior (results.json: every LR tried, its validation accuracy and why
+the sweep stopped; <dataset>_sweeps.png). The compared rows (head, head + class token, full, memory m = 5,
+memory-masked m = 5, branches, LoRA) run ``--seeds`` seeds at their chosen LR (test: mean ± standard error). All
+settings see the same images, steps and seeds, with the paper's recipe (SGD momentum 0.9, cosine with warmup, clip
+1.0; ``--optimizer adamw``: AdamW for every row). The settings that train more than a head start from the head-only
+solution (``--head_init probe``, calibrated at this table's 124 steps; at ten times the steps masked memory does
+better from a zero head: README, masked study); LoRA's classifier starts from zero, as its users' does.
+Then each masked column's adapters of all datasets (k = 0 and the branches) are merged and each dataset is scored
+again through the merged model: the same accuracy as alone.
 ``--settings`` trains some rows only (head always: it is the reference); every run is logged as it ends, and
 ``paper_table_report.py`` makes one table of runs split that way (benchmarks/gpu_table.sh: a GPU lent by the minute).
 """
@@ -69,6 +71,7 @@ LR_GRIDS = {
     "memory": [0.03, 0.1],
     "memory-masked": [0.03, 0.1],
     "lora": [0.001, 0.003],  # AdamW whatever --optimizer says: LoRA's users' recipe (common.LORA)
+    "branch": [0.001, 0.003],  # AdamW whatever --optimizer says: its rank-r updates are LoRA's (masked study)
 }
 # --optimizer adamw: AdamW's steps are ~lr per entry whatever the gradient's scale, so its grids sit 10-100x lower
 # (the masked study's AdamW rows start from the same grid); full fine-tuning lower still, as its users run it
@@ -79,8 +82,9 @@ ADAMW_LR_GRIDS = {
     "memory": [0.001, 0.003],
     "memory-masked": [0.001, 0.003],
     "lora": [0.001, 0.003],
+    "branch": [0.001, 0.003],
 }
-SETTINGS = ["head+cls", "memory-masked", "memory", "lora", "full"]
+SETTINGS = ["head+cls", "memory-masked", "branch", "memory", "lora", "full"]
 # --preset: defaults for a whole run, each overridable by its own flag. "gpu": all images of a dataset, 4 epochs,
 # 3 seeds, bf16 autocast, batch 256, heads from zero as in the paper (at 10x the CPU table's steps, masked memory from
 # a zero head beat the same from the probe by 2.5 points: README, masked study). Measured on one H200 (README, "The
@@ -129,11 +133,20 @@ def parse_args(argv=None):
     p.add_argument("--warmup_steps", type=int, default=10)
     p.add_argument("--memory_sizes", type=int, nargs="+", default=[1, 5, 10, 20])
     p.add_argument(
+        "--branch_layers",
+        type=int,
+        nargs="+",
+        default=[2, 4],
+        help="the 'branch' rows: memory-masked m=5 with each task's own copy of the last K layers (design.md, "
+        "exact task branches), one row per K",
+    )
+    p.add_argument("--branch_rank", type=int, default=8, help="rank of the branch rows' updates of q and v")
+    p.add_argument(
         "--seeds",
         type=int,
         default=2,
-        help="seeds for the compared rows (head, head+cls, full, memory m=5, memory-masked m=5); the other "
-        "memory sizes run seed 0",
+        help="seeds for the compared rows (head, head+cls, full, memory m=5, memory-masked m=5, branches, LoRA); the "
+        "other memory sizes run seed 0",
     )
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no", help="autocast for training")
     p.add_argument(
@@ -146,8 +159,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--cache_base",
         action="store_true",
-        help="memory-masked rows train on the base keys/values of the training images, computed once per "
-        "dataset (fp16, memory_peft.cache) instead of at every step",
+        help="memory-masked and branch rows train on the base keys/values of the training images (and the base rows "
+        "where branches start), computed once per dataset (fp16, memory_peft.cache) instead of at every step",
     )
     p.add_argument(
         "--max_extensions",
@@ -236,7 +249,7 @@ def table_for(data, vit, args, accelerator, log) -> dict:
     record("head", swept, [accuracy(h, features["test"], data["test"][1]) for h in heads], began)
     init = probe if args.head_init == "probe" else None
 
-    def setting_row(column, setting, m, grid, seeds=1, cache=None):
+    def setting_row(column, setting, m, grid, seeds=1, cache=None, optimizer=None, rows_index=None, **overrides):
         began = time.perf_counter()
         steps = args.epochs * (len(data["train"][1]) // args.batch_size)
 
@@ -248,7 +261,19 @@ def table_for(data, vit, args, accelerator, log) -> dict:
                 model = run_lora(args.backbone, data, lr, seed, args, accelerator)
             else:
                 model = run_setting(
-                    vit, data, setting, m, lr, seed, init, args, accelerator, cache, optimizer=args.optimizer
+                    vit,
+                    data,
+                    setting,
+                    m,
+                    lr,
+                    seed,
+                    init,
+                    args,
+                    accelerator,
+                    cache,
+                    optimizer=optimizer or args.optimizer,
+                    rows_index=rows_index,
+                    **overrides,
                 )
             seconds = time.perf_counter() - started
             split = "val" if seed == 0 else "test"
@@ -270,12 +295,29 @@ def table_for(data, vit, args, accelerator, log) -> dict:
     adapters = {}
     if "head+cls" in args.settings:
         setting_row("head+cls", "head+cls", 0, args.grids["head+cls"], seeds=args.seeds)
-    if "memory-masked" in args.settings:
+    starts = [vit.config.num_hidden_layers - k for k in args.branch_layers] if "branch" in args.settings else []
+    if "memory-masked" in args.settings or starts:
         with tempfile.TemporaryDirectory(dir=args.output_dir) as folder:
-            cache = base_cache(vit, data, args, Path(folder, "cache")) if args.cache_base else None
-            adapters["memory-masked m=5"] = setting_row(
-                "memory-masked m=5", "memory-masked", 5, args.grids["memory-masked"], seeds=args.seeds, cache=cache
-            )
+            # one cache for both: the base rows where branches start are ~8 % of its bytes at two starts
+            cache = base_cache(vit, data, args, Path(folder, "cache"), rows_at=starts) if args.cache_base else None
+            if "memory-masked" in args.settings:
+                adapters["memory-masked m=5"] = setting_row(
+                    "memory-masked m=5", "memory-masked", 5, args.grids["memory-masked"], seeds=args.seeds, cache=cache
+                )
+            for index, k in enumerate(args.branch_layers if starts else []):
+                column = f"masked branch k={k} r={args.branch_rank}"
+                adapters[column] = setting_row(
+                    column,
+                    "memory-masked",
+                    5,
+                    args.grids["branch"],
+                    seeds=args.seeds,
+                    cache=cache,
+                    optimizer="adamw",
+                    rows_index=index if cache is not None else None,
+                    branch_layers=k,
+                    branch_rank=args.branch_rank,
+                )
     if "memory" in args.settings:
         adapters["memory m=5"] = setting_row("memory m=5", "memory", 5, args.grids["memory"], seeds=args.seeds)
     if "lora" in args.settings:
@@ -323,8 +365,8 @@ def main(argv=None):
                     title=f"memory-peft {column} on {data['name']}",
                     base_model=portable(args.backbone),
                     dataset=portable(source),
-                    setting=column.split()[0],
-                    m=int(column.split("=")[1]),
+                    setting=column.split(" m=")[0],
+                    m=model.peft_config["default"].m,
                     num_labels=data["num_labels"],
                     image_size=args.image_size,
                     steps=args.epochs * (len(data["train"][1]) // args.batch_size),
@@ -336,32 +378,35 @@ def main(argv=None):
             card.save(folder / "README.md")
             Path(args.cards_dir).mkdir(parents=True, exist_ok=True)
             card.save(Path(args.cards_dir) / f"{data['name']}-{folder.name}.md")
-        if "memory-masked m=5" in rows:
-            masked[data["name"]] = out / data["name"] / "memory-masked_m5"
-            alone_masked[data["name"]] = rows["memory-masked m=5"]["test"][0]
+        for column in (c for c in result["adapters"] if c.startswith(("memory-masked", "masked branch"))):
+            folder = column.replace(" ", "_").replace("=", "")
+            masked.setdefault(column, {})[data["name"]] = out / data["name"] / folder
+            alone_masked.setdefault(column, {})[data["name"]] = rows[column]["test"][0]
 
     merged_scores = {}
-    if len(masked) > 1:  # the masked adapters of all datasets in one model, one forward pass per batch
-        merged = merge_adapters(masked, out / "merged_masked", overwrite=True)
+    for column, folders in masked.items():  # one column's adapters of all datasets in one model, one forward a batch
+        if len(folders) < 2:
+            continue
+        merged = merge_adapters(folders, out / f"merged_{column.replace(' ', '_').replace('=', '')}", overwrite=True)
         model = load_multitask(copy.deepcopy(vit).cpu(), merged).to(accelerator.device).eval()
-        for name, data in datasets.items():
+        for name in folders:
 
-            def predict(pixels, name=name):
+            def predict(pixels, name=name, model=model):
                 output = model(pixel_values=pixels.to(accelerator.device), interpolate_pos_encoding=True)
                 return output.tasks[name].logits
 
-            merged_scores[name] = accuracy(predict, *data["test"])
+            merged_scores.setdefault(column, {})[name] = accuracy(predict, *datasets[name]["test"])
             log(
-                f"multi-task check {name}: alone {alone_masked[name] * 100:.2f} %, "
-                f"merged {merged_scores[name] * 100:.2f} %"
+                f"multi-task check {column}, {name}: alone {alone_masked[column][name] * 100:.2f} %, "
+                f"merged {merged_scores[column][name] * 100:.2f} %"
             )
     table = markdown(results, args)
     total = time.perf_counter() - started
     per_dataset = ", ".join(f"{n} {r['seconds'] / 60:.1f} min" for n, r in results.items())
     table += f"\nWall time {total / 60:.1f} min ({per_dataset})."
-    if merged_scores:
-        table += "\nMulti-task check (masked m=5 adapters of all datasets merged, one forward): " + ", ".join(
-            f"{n} alone {alone_masked[n] * 100:.2f} % / merged {merged_scores[n] * 100:.2f} %" for n in merged_scores
+    for column, scores in merged_scores.items():
+        table += f"\nMulti-task check ({column} adapters of all datasets merged, one forward): " + ", ".join(
+            f"{n} alone {alone_masked[column][n] * 100:.2f} % / merged {scores[n] * 100:.2f} %" for n in scores
         )
     log("\n" + table)
     write_text_atomically(out / "results.md", table + "\n")

@@ -35,6 +35,17 @@ COLUMNS = [
     "memory-masked m=5",
     "lora r=8",
 ]
+BRANCH = "masked branch k="  # columns "masked branch k=K r=R" (paper_table.py --branch_layers), after memory-masked
+
+
+def ordered(columns) -> list[str]:
+    """COLUMNS' order, the branch columns by depth after memory-masked m=5."""
+    present = set(columns)
+    branches = sorted((c for c in present if c.startswith(BRANCH)), key=lambda c: int(c[len(BRANCH) :].split()[0]))
+    at = COLUMNS.index("memory-masked m=5") + 1
+    return [c for c in [*COLUMNS[:at], *branches, *COLUMNS[at:]] if c in present]
+
+
 # What must agree between runs whose rows go into one table.
 BUDGET = (
     "backbone",
@@ -76,6 +87,7 @@ def comparisons(rows) -> list[tuple[str, str, float, float]]:
         ("memory m=5", "lora r=8"),
         ("memory-masked m=5", "lora r=8"),
     ]
+    pairs += [(c, "lora r=8") for c in ordered(rows) if c.startswith(BRANCH)]  # design.md: within 3 points?
     return [(a, b, *difference(rows[a]["test"], rows[b]["test"])) for a, b in pairs if a in rows and b in rows]
 
 
@@ -88,7 +100,7 @@ def cell(rows, column) -> str:
 
 
 def markdown(results: dict, args) -> str:
-    columns = [c for c in COLUMNS if any(c in r["rows"] for r in results.values())]
+    columns = ordered(c for r in results.values() for c in r["rows"])
     lines = [
         "| dataset | " + " | ".join(columns) + " | gap closure m=5 | masked gap closure |",
         "|---" * (len(columns) + 3) + "|",
@@ -120,7 +132,10 @@ def markdown(results: dict, args) -> str:
         f"{args.head_init}; seeds {args.seeds} (compared rows: mean ± standard error); mixed precision "
         f"{args.mixed_precision}. Backbone {portable(args.backbone)}. LoRA r=8: peft's LoraConfig(r=8, lora_alpha=16, "
         "target_modules=['q_proj', 'v_proj'], modules_to_save=['classifier']) on ViTForImageClassification of the "
-        "same weights, classifier from zero, AdamW (no weight decay) whatever the other rows' optimizer."
+        "same weights, classifier from zero, AdamW (no weight decay) whatever the other rows' optimizer. "
+        "Masked branch k=K r=R: memory-masked m=5 whose tasks each run their own copy of the last K layers (full "
+        "attention to their memory, rank-R updates of q and v), the base rows unchanged beside them; AdamW whatever "
+        "the other rows' optimizer."
     )
     return "\n".join(lines)
 
@@ -136,10 +151,11 @@ def _pyplot():
 
 def bar_plot(name: str, rows: dict, path: Path) -> None:
     plt = _pyplot()
-    columns = [c for c in COLUMNS if c in rows]
+    columns = ordered(rows)
     values = [statistics.mean(rows[c]["test"]) * 100 for c in columns]
     fig, ax = plt.subplots(figsize=(9, 3.5))
-    ax.bar(range(len(columns)), values, color=["#36c" if c.startswith("memory") else "#777" for c in columns])
+    colors = ["#36c" if c.startswith(("memory", "masked")) else "#777" for c in columns]  # memory rows in blue
+    ax.bar(range(len(columns)), values, color=colors)
     ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
     ax.set_ylim(max(0, min(values) - 10), min(100, max(values) + 5))
     ax.set(ylabel="test accuracy (%)", title=f"fine-tune settings on {name}")
@@ -154,7 +170,7 @@ def sweep_plot(name: str, rows: dict, path: Path) -> None:
     """Validation accuracy against LR for every setting: where each sweep looked and where it stopped."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for column in (c for c in COLUMNS if c in rows):
+    for column in ordered(rows):
         val = rows[column]["val"]
         ax.plot([float(lr) for lr in val], [100 * v for v in val.values()], marker="o", label=column)
     ax.set(xscale="log", xlabel="learning rate", ylabel="validation accuracy (%)", title=f"LR sweeps on {name}")

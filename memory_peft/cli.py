@@ -229,7 +229,6 @@ def split(args) -> int:
 
 
 def evaluate(args) -> int:
-    import torch
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
     from transformers import default_data_collator
@@ -242,7 +241,7 @@ def evaluate(args) -> int:
     datasets = task_datasets(info, tasks, args.dataset or [])  # checked before anything is loaded
     model, backbone_id = load_source(args.source, args.backbone, tasks)
     base = model.get_base_model()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator()  # accelerate picks the device (CUDA, MPS, XPU, else CPU)
     report = {}
     for dataset in dict.fromkeys(datasets.values()):  # each dataset loaded once, for the tasks trained on it
         data = load_image_data(

@@ -38,6 +38,10 @@ TINY = [
     "memory-masked=0.1,0.3",
     "--lr",
     "lora=0.003",
+    "--lr",
+    "branch=0.003",
+    "--branch_layers",
+    "1",
     "--max_extensions",
     "1",
     "--cache_base",
@@ -57,6 +61,7 @@ def test_table_files_cards_and_the_multitask_check(tmp_path):
     for name, result in results.items():
         rows = result["rows"]
         expected = ["full", "head", "head+cls", "memory m=1", "memory m=5", "memory-masked m=5", "lora r=8"]
+        expected.append("masked branch k=1 r=8")
         assert sorted(rows) == sorted(expected)
         assert len(rows["head"]["test"]) == len(rows["memory m=5"]["test"]) == 2  # two seeds
         for column, grid in (("head", {0.3, 1.0}), ("memory m=1", {0.1, 0.3}), ("memory m=5", {0.1, 0.3})):
@@ -71,11 +76,16 @@ def test_table_files_cards_and_the_multitask_check(tmp_path):
         assert (tmp_path / "out" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         card = (tmp_path / "cards" / f"{name}-memory-masked_m5.md").read_text()
         assert f"| top1 | {100 * rows['memory-masked m=5']['test'][0]:.2f} |" in card
-    assert merged == alone  # merged masked adapters score exactly what each scored alone
+    # each masked column's adapters of both datasets merged score exactly what each scored alone (branches too)
+    assert sorted(merged) == ["masked branch k=1 r=8", "memory-masked m=5"] and merged == alone
+    branch = json.loads((tmp_path / "out" / "cifar10" / "masked_branch_k1_r8" / "adapter_config.json").read_text())
+    assert (branch["branch_layers"], branch["branch_rank"], branch["m"]) == (1, 8, 5)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["multitask"]["merged"] == merged
     table = (tmp_path / "out" / "results.md").read_text()
-    assert table.startswith("| dataset | full | head | head+cls | memory m=1 | memory m=5 | memory-masked m=5 |")
+    assert table.startswith(
+        "| dataset | full | head | head+cls | memory m=1 | memory m=5 | memory-masked m=5 | masked branch k=1 r=8 |"
+    )
     for name, result in results.items():  # every compared row ran both seeds; the goals line reads their means
         rows = result["rows"]
         assert all(len(rows[c]["test"]) == 2 for c in ("head+cls", "full", "memory-masked m=5", "lora r=8"))
@@ -83,6 +93,8 @@ def test_table_files_cards_and_the_multitask_check(tmp_path):
         assert f"memory m=5 − lora r=8 {100 * d:+.1f}" in table.split(f"- {name}: ")[1].splitlines()[0]
         d = statistics.mean(rows["memory-masked m=5"]["test"]) - statistics.mean(rows["head+cls"]["test"])
         assert f"memory-masked m=5 − head+cls {100 * d:+.1f}" in table.split(f"- {name}: ")[1].splitlines()[0]
+        d = statistics.mean(rows["masked branch k=1 r=8"]["test"]) - statistics.mean(rows["lora r=8"]["test"])
+        assert f"masked branch k=1 r=8 − lora r=8 {100 * d:+.1f}" in table.split(f"- {name}: ")[1].splitlines()[0]
 
 
 def test_gpu_preset_sets_the_full_scale_run_and_each_flag_overrides_it():
