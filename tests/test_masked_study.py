@@ -296,3 +296,35 @@ def test_class_token_path_updates_start_as_the_model_and_change_only_what_the_cl
         for handle in handles:
             handle.remove()
         torch.testing.assert_close(model(base_keys_values=cached).logits, before, rtol=0, atol=1e-12)
+
+
+def test_a_row_with_a_head_lr_scale_trains_its_head_at_that_multiple_of_each_swept_lr(tmp_path, monkeypatch):
+    """'head LR x10' (why memory falls short of LoRA): the memory and class token at the swept LR, the head at ten
+    times it, in every run of the sweep."""
+    if not (SHARED / "data" / "cifar10").is_dir():
+        pytest.skip("bundled CIFAR-10 not found")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+    import masked_study
+
+    groups = []
+
+    def recording(*args, **kwargs):
+        recipe = real(*args, **kwargs)
+        named = {id(p): n for n, p in args[0].named_parameters()}
+        heads = [{"memory_head" in named[id(p)].split(".") for p in g["params"]} for g in recipe[1].param_groups]
+        groups.append([(g["initial_lr"], head) for g, head in zip(recipe[1].param_groups, heads)])
+        return recipe
+
+    real = common.paper_recipe
+    monkeypatch.setattr(common, "paper_recipe", recording)
+    name = "memory m=5, zero head, adamw, head LR x10"
+    masked_study.main(
+        [*TINY, "--seeds", "1", "--max_extensions", "0", "--output_dir", str(tmp_path), "--experiments", name]
+    )
+    grid = masked_study.EXPERIMENTS[name][4]
+    rows = groups[-len(grid) :]  # after the head probe's runs (one group: the head alone)
+    assert len(groups) > len(grid) and all(len(g) == 1 for g in groups[: -len(grid)])
+    for lr, (rest, head) in zip(grid, rows, strict=True):
+        assert rest == (pytest.approx(lr), {False})  # memory and class token at the swept LR
+        assert head == (pytest.approx(10 * lr), {True})
