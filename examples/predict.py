@@ -26,6 +26,7 @@ from memory_peft.sources import (  # noqa: E402
     describe,
     load_backbone,  # noqa: E402
     named_sources,
+    served_image_size,
 )
 from memory_peft.tuner.errors import InputError, MemoryPeftError  # noqa: E402
 
@@ -67,8 +68,7 @@ def predict(args) -> dict[str, list[list[tuple[str, float]]]]:
     model = load_multitask(vit, args.artifact) if args.artifact else load_adapters(vit, adapters)
     model.eval()
     configs = model.peft_config
-    tasks = model.base_model.active_adapters
-    size = args.image_size or configs[tasks[0]].image_size or vit.config.image_size
+    size = args.image_size or served_image_size(model)  # refuses adapters trained at different sizes
     processor = image_processor(backbone, size)
     images = [Image.open(path).convert("RGB") for path in args.images]
     pixels = processor(images, return_tensors="pt")["pixel_values"]
