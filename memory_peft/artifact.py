@@ -103,9 +103,10 @@ def retrain_masked_command(name: str, source: str, config: dict) -> str:
     its own, else one built from what its config records."""
     results = Path(source).parent / "results.json"
     try:
-        command = json.loads(results.read_text()).get("command") if is_local(source) and results.is_file() else None
+        recorded = json.loads(results.read_text()) if is_local(source) and results.is_file() else {}
+        command = recorded.get("command")
     except (OSError, ValueError, AttributeError):
-        command = None
+        recorded, command = {}, None
     if not command:
         words = ["memory-peft", "train", "--m", str(config.get("m", 5))]
         words += ["--dataset", config["dataset"]] if config.get("dataset") else []
@@ -123,6 +124,8 @@ def retrain_masked_command(name: str, source: str, config: dict) -> str:
             output_dir = value if option == "--output_dir" else output_dir
             continue
         kept.append(word)
+    if not any(word.partition("=")[0] == "--optimizer" for word in kept):  # its own optimizer, whatever the default
+        kept += ["--optimizer", recorded.get("optimizer", "sgd")]  # none recorded: run before AdamW was an option
     return shlex.join([*kept, "--setting", "memory-masked", "--output_dir", f"{output_dir.rstrip('/')}-masked"])
 
 

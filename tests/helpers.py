@@ -39,9 +39,7 @@ TRAIN_SCRIPT_TINY = [
     "0",
     "--warmup_steps",
     "1",
-    "--lr",
-    "0.05",
-]
+]  # the default optimizer and LR (AdamW, 0.003)
 
 
 def assert_identical(actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -69,11 +69,20 @@ def test_merge_refuses_bad_combinations(tmp_path):
     save_adapter(vit, tmp_path / "run" / "adapter", 1, m=2, mode="full")
     command = "python examples/train.py --setting memory --m 2 --lr 0.1 --output_dir outputs/cifar --overwrite"
     (tmp_path / "run" / "results.json").write_text(json.dumps({"command": command}))
+    # a run that records no optimizer trained before AdamW became the default: its retraining keeps SGD
     with pytest.raises(
         ValueError,
-        match=r"retrain it with `python examples/train.py --m 2 --lr 0.1 --setting "
+        match=r"retrain it with `python examples/train.py --m 2 --lr 0.1 --optimizer sgd --setting "
         r"memory-masked --output_dir outputs/cifar-masked`\.$",
     ):
+        merge_adapters({"masked": tmp_path / "masked", "cifar": tmp_path / "run" / "adapter"}, tmp_path / "out")
+    # the optimizer the run recorded; one given on its command line stays as given
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"command": command, "optimizer": "adamw"}))
+    with pytest.raises(ValueError, match=r"--lr 0.1 --optimizer adamw --setting memory-masked"):
+        merge_adapters({"masked": tmp_path / "masked", "cifar": tmp_path / "run" / "adapter"}, tmp_path / "out")
+    given = command.replace("--m 2", "--m 2 --optimizer=sgd")
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"command": given, "optimizer": "sgd"}))
+    with pytest.raises(ValueError, match=r"--m 2 --optimizer=sgd --lr 0.1 --setting memory-masked --output_dir"):
         merge_adapters({"masked": tmp_path / "masked", "cifar": tmp_path / "run" / "adapter"}, tmp_path / "out")
     with pytest.raises(ValueError, match=r"different backbones.*'hidden_size': 32.*'hidden_size': 48"):
         merge_adapters({"masked": tmp_path / "masked", "wide": tmp_path / "wide"}, tmp_path / "out")

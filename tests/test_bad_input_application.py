@@ -1,6 +1,7 @@
 """Bad input to the application (examples/train.py, the datasets it reads, the Hub, the `memory-peft` command) ends
 in one clear error that names the problem, and leaves every file on disk as it was. The library's: test_bad_input.py."""
 
+import json
 import os
 import re
 import shutil
@@ -122,10 +123,19 @@ def test_resume_from_a_checkpoint_of_other_settings(tmp_path):
         "8",
         "--warmup_steps",
         "1",
-        "--lr",
-        "0.05",
     )
     assert "was made by a run with other settings (--m 2 there, 3 now)" in error
+    assert snapshot(tmp_path) == before
+    # a checkpoint from before --optimizer existed holds SGD's state: resuming it under AdamW (now the default) fails
+    progress = next((tmp_path / "run" / "checkpoints").glob("step_*")) / "progress.json"
+    record = json.loads(progress.read_text())
+    del record["run"]["optimizer"]
+    progress.write_text(json.dumps(record))
+    before = snapshot(tmp_path)
+    same = ["--setting", "memory", "--m", "2", "--max_steps", "3", "--train_size", "48", "--eval_size", "32"]
+    same += ["--image_size", "56", "--batch_size", "8", "--warmup_steps", "1"]
+    error = run_train("--output_dir", tmp_path / "run", "--resume", *same)
+    assert "other settings (--optimizer 'sgd' there, 'adamw' now)" in error
     assert snapshot(tmp_path) == before
 
 

@@ -68,8 +68,22 @@ def test_the_training_script_takes_the_optimizer_and_its_default_lr():
     from memory_peft.recipe import DEFAULT_LR
     from memory_peft.training import parse_args
 
-    assert (parse_args([]).optimizer, parse_args([]).lr) == ("sgd", DEFAULT_LR["sgd"])
-    assert (parse_args(["--optimizer", "adamw"]).lr, parse_args(["--optimizer", "adamw", "--lr", "0.5"]).lr) == (
+    assert (parse_args([]).optimizer, parse_args([]).lr) == ("adamw", DEFAULT_LR["adamw"]) == ("adamw", 0.003)
+    assert parse_args(["--optimizer", "sgd"]).lr == DEFAULT_LR["sgd"]
+    assert (parse_args(["--optimizer", "adamw"]).lr, parse_args(["--optimizer", "adamw", "--lr", "0.02"]).lr) == (
         DEFAULT_LR["adamw"],
-        0.5,
+        0.02,
     )
+
+
+def test_an_sgd_sized_lr_with_adamw_warns_in_one_line_and_sgd_does_not(recwarn):
+    import warnings
+
+    from memory_peft.training import parse_args
+
+    with pytest.warns(UserWarning, match=r"--lr 0\.1 with AdamW .* For the paper's SGD pass --optimizer sgd\.$"):
+        parse_args(["--lr", "0.1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_args(["--optimizer", "sgd", "--lr", "0.1"])
+        parse_args(["--lr", "0.01"])

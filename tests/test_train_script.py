@@ -117,7 +117,7 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path):
         "--dynamo_backend",
         "no",
     )
-    common = ["--setting", "memory", "--m", "2", "--max_steps", "3", "--seed", "1", "--lr", "0.1"]
+    common = ["--setting", "memory", "--m", "2", "--max_steps", "3", "--seed", "1"]
     train(tmp_path / "two", *common, "--batch_size", "4", launcher=launcher)
     train(tmp_path / "one", *common, "--batch_size", "8")
     two, one = adapter_tensors(tmp_path / "two"), adapter_tensors(tmp_path / "one")
