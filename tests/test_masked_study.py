@@ -7,24 +7,10 @@ import pytest
 import torch
 from conftest import ROOT, SHARED
 
-TINY = [
-    "--train_size",
-    "64",
-    "--val_size",
-    "32",
-    "--test_size",
-    "32",
-    "--image_size",
-    "28",
-    "--epochs",
-    "1",
-    "--batch_size",
-    "16",
-    "--seeds",
-    "2",
-    "--max_extensions",
-    "1",
-]
+TINY = (
+    "--train_size 64 --val_size 32 --test_size 32 --image_size 28 --epochs 1 --batch_size 16 --seeds 2 "
+    "--max_extensions 1"
+).split()
 
 
 def test_study_records_every_run_resumes_without_retraining_and_reports_standard_errors(tmp_path, capsys):

@@ -6,46 +6,14 @@ import statistics
 import sys
 
 import pytest
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, tiny_vit
 
-TINY = [
-    "--train_size",
-    "64",
-    "--val_size",
-    "32",
-    "--test_size",
-    "32",
-    "--image_size",
-    "28",
-    "--epochs",
-    "1",
-    "--batch_size",
-    "16",
-    "--warmup_steps",
-    "1",
-    "--memory_sizes",
-    "1",
-    "5",
-    "--lr",
-    "head=0.3,1",
-    "--lr",
-    "head+cls=0.1",
-    "--lr",
-    "full=0.01",
-    "--lr",
-    "memory=0.1,0.3",
-    "--lr",
-    "memory-masked=0.1,0.3",
-    "--lr",
-    "lora=0.003",
-    "--lr",
-    "branch=0.003",
-    "--branch_layers",
-    "1",
-    "--max_extensions",
-    "1",
-    "--cache_base",
-]
+TINY = (
+    "--train_size 64 --val_size 32 --test_size 32 --image_size 28 --epochs 1 --batch_size 16 "
+    "--warmup_steps 1 --memory_sizes 1 5 --lr head=0.3,1 --lr head+cls=0.1 --lr full=0.01 --lr "
+    "memory=0.1,0.3 --lr memory-masked=0.1,0.3 --lr lora=0.003 --lr branch=0.003 --branch_layers 1 "
+    "--max_extensions 1 --cache_base"
+).split()
 
 
 def test_table_files_cards_and_the_multitask_check(tmp_path):
@@ -211,20 +179,8 @@ def test_report_combines_runs_split_over_settings_and_refuses_other_budgets(tmp_
 def tiny_vit_and_data():
     """A 2-layer random ViT and 12 random 32-px images of 3 classes, as prepare() lays them out."""
     import torch
-    from transformers import ViTConfig, ViTModel
 
-    torch.manual_seed(0)
-    vit = ViTModel(
-        ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
-        ),
-        add_pooling_layer=False,
-    ).eval()
+    vit = tiny_vit(image_size=32)
     return vit, {
         "train": (torch.randn(12, 3, 32, 32), torch.randint(0, 3, (12,))),
         "num_labels": 3,

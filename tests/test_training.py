@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_vit
 from helpers import assert_identical
 from peft import get_peft_model
 
@@ -103,23 +104,10 @@ def test_frozen_weights_cast_once_give_the_same_step_under_autocast():
     """cast_frozen_weights stores what autocast computes with anyway: same loss and gradients, fewer casts."""
     import copy
 
-    from transformers import ViTConfig, ViTModel
-
     from memory_peft.diagnostics import count_ops
     from memory_peft.settings import cast_frozen_weights
 
-    torch.manual_seed(0)
-    vit = ViTModel(
-        ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
-        ),
-        add_pooling_layer=False,
-    )
+    vit = tiny_vit(image_size=32)
     pixels, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
     plain = apply_setting(vit, "memory-masked", num_labels=CLASSES, m=3).train()
     cast = copy.deepcopy(plain)
