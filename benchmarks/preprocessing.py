@@ -20,23 +20,22 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
+from transformers.utils import is_torchvision_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memory_peft.assets import default_backbone, default_dataset, portable  # noqa: E402
-from memory_peft.data import image_transform, load_image_data, resized  # noqa: E402
+from memory_peft.data import image_processor, image_transform, load_image_data  # noqa: E402
 
 BACKENDS = ("pil", "torchvision")
 
 
 def processor_for(backbone: str, backend: str, image_size: int):
     """The backbone's image processor with the named backend, or None where that backend is not installed."""
-    from transformers import AutoImageProcessor
-    from transformers.utils import is_torchvision_available
-
     if backend == "torchvision" and not is_torchvision_available():
         return None
-    return resized(AutoImageProcessor.from_pretrained(backbone, backend=backend), image_size)
+    return image_processor(backbone, image_size, backend=backend)
 
 
 def throughput(transform, batches: list[dict], repeats: int) -> float:
@@ -70,8 +69,6 @@ def main(argv: list[str] | None = None) -> dict:
     step = args.batch_size
     starts = range(0, len(images), step)
     batches = [{data.image_column: images[i : i + step], "label": labels[i : i + step]} for i in starts]
-    import transformers
-
     print(
         f"# benchmarks/preprocessing.py: {portable(args.dataset)}, {args.images} images in batches of "
         f"{args.batch_size}, backbone {portable(args.backbone)}; torch {torch.__version__}, "

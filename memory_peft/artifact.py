@@ -23,6 +23,7 @@ from peft import PeftModel
 from torch import nn
 
 from .files import write_atomically
+from .recipe import UNRECORDED_OPTIMIZER
 from .tuner.config import verify_adapter
 from .tuner.errors import InputError, OutputExistsError
 from .tuner.multitask import load_adapters
@@ -125,7 +126,7 @@ def retrain_masked_command(name: str, source: str, config: dict) -> str:
             continue
         kept.append(word)
     if not any(word.partition("=")[0] == "--optimizer" for word in kept):  # its own optimizer, whatever the default
-        kept += ["--optimizer", recorded.get("optimizer", "sgd")]  # none recorded: run before AdamW was an option
+        kept += ["--optimizer", recorded.get("optimizer", UNRECORDED_OPTIMIZER)]
     return shlex.join([*kept, "--setting", "memory-masked", "--output_dir", f"{output_dir.rstrip('/')}-masked"])
 
 

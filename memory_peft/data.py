@@ -86,16 +86,17 @@ def load_image_data(
     return ImageData(train, evaluation, image_column, label_column, label_names)
 
 
-def image_processor(backbone: str, image_size: int):
+def image_processor(backbone: str, image_size: int, **kwargs):
     """The backbone's image processor (a local folder or Hub id), giving image_size x image_size pixels: the size an
-    adapter is trained at and served at (crop too, for processors that crop after resizing)."""
+    adapter is trained at and served at (crop too, for processors that crop after resizing). ``kwargs`` go to
+    ``AutoImageProcessor.from_pretrained`` (e.g. ``backend="pil"``)."""
     from transformers import AutoImageProcessor
 
     from .tuner.storage import from_hub
 
     try:
         with from_hub(backbone, "base model"):
-            processor = AutoImageProcessor.from_pretrained(backbone)
+            processor = AutoImageProcessor.from_pretrained(backbone, **kwargs)
     except OSError as exc:
         if isinstance(exc, MemoryPeftError):
             raise

@@ -22,6 +22,8 @@ OPTIMIZERS = (
 # memory at both of the masked study's budgets (124 steps +3.3 points, 1,240 steps +0.4) and equal for memory-masked
 # (README: which setting to pick); this module's paper_recipe keeps the paper's SGD as its default
 DEFAULT_OPTIMIZER = "adamw"
+# what a run that records no optimizer trained with: it predates the option, when SGD was the only one
+UNRECORDED_OPTIMIZER = "sgd"
 # its LR when none is given: adamw's is the one validation chose for memory m=5 at both budgets; sgd's the main job's
 DEFAULT_LR = {"sgd": 0.1, "adamw": 0.003}
 # an AdamW LR above this is an SGD-sized one (AdamW's steps are ~lr per entry whatever the gradient's scale)

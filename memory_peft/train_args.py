@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 from .checkpoints import checkpoint_dirs, run_definition
-from .recipe import ADAMW_LR_WARNING, DEFAULT_LR, DEFAULT_OPTIMIZER, GRAD_CLIP, OPTIMIZERS
+from .recipe import ADAMW_LR_WARNING, DEFAULT_LR, DEFAULT_OPTIMIZER, GRAD_CLIP, OPTIMIZERS, UNRECORDED_OPTIMIZER
 from .settings import SETTINGS
 from .tuner.errors import InputError, OutputExistsError
 
@@ -219,8 +219,7 @@ def check_output_dir(args, output_dir: Path) -> None:
             )
         checkpoint = checkpoints[-1]
         recorded = json.loads((checkpoint / "progress.json").read_text()).get("run", {})
-        # a checkpoint that records no optimizer predates --optimizer: it holds SGD's state (the default then)
-        recorded.setdefault("optimizer", "sgd")
+        recorded.setdefault("optimizer", UNRECORDED_OPTIMIZER)  # a checkpoint from before --optimizer: SGD's state
         now = run_definition(args)
         differ = [
             f"--{k} {recorded[k]!r} there, {now[k]!r} now" for k in now if k in recorded and recorded[k] != now[k]
