@@ -79,6 +79,7 @@ def fit(
     head_lr=None,
     index_device=None,
     optimizer: str = "sgd",
+    class_token_lr=None,
 ) -> None:
     """The paper's recipe over ``epochs`` seeded passes of ``n`` examples; ``loss_of(model, indices)``, the indices on
     ``index_device`` (default: the CPU). Data and indices on the GPU keep every step free of host-device copies: a
@@ -86,7 +87,7 @@ def fit(
     queue kernels ahead."""
     steps_per_epoch = n // args.batch_size
     trainable, optimizer, scheduler = paper_recipe(
-        model, lr, args.warmup_steps, args.epochs * steps_per_epoch, head_lr, optimizer
+        model, lr, args.warmup_steps, args.epochs * steps_per_epoch, head_lr, optimizer, class_token_lr
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(seed)
@@ -176,9 +177,11 @@ def run_setting(
     optimizer="sgd",
     rows_index=None,
     class_token_path=None,
+    class_token_lr=None,
     **overrides,
 ):
-    """Train one setting (``overrides``: MemoryTokenConfig fields; ``head_lr``: the head's own LR;
+    """Train one setting (``overrides``: MemoryTokenConfig fields; ``head_lr``, ``class_token_lr``: the head's and
+    the class token's own LRs;
     ``class_token_path``: ``add_class_token_path_updates``' keyword arguments, caches only); ``cache``
     (memory-masked only): the training images' base keys/values, read instead of running the base rows at every
     step; ``rows_index``: a task branch's start among the cache's ``rows_at``."""
@@ -227,6 +230,7 @@ def run_setting(
         head_lr,
         index_device=None if cache is not None else x.device,
         optimizer=optimizer,
+        class_token_lr=class_token_lr,
     )
     # scored eagerly (batches of every size, no gradients: graphs that no training step would use again)
     return accelerator.unwrap_model(model, keep_torch_compile=False)

@@ -29,6 +29,7 @@ DEFAULT_LR = {"sgd": 0.1, "adamw": 0.003}
 # an AdamW LR above this is an SGD-sized one (AdamW's steps are ~lr per entry whatever the gradient's scale)
 ADAMW_LR_WARNING = 0.03
 HEAD = "memory_head"  # the tuner's ModuleDict of task heads
+CLASS_TOKEN = "memory_class_token"  # its ParameterDict of task class tokens
 
 
 class Recipe(NamedTuple):
@@ -44,6 +45,7 @@ def paper_recipe(
     total_steps: int,
     head_lr: float | None = None,
     optimizer: str = "sgd",
+    class_token_lr: float | None = None,
 ) -> Recipe:
     """SGD (momentum 0.9; ``optimizer="adamw"``: AdamW, betas 0.9/0.999, no weight decay) over the parameters that
     require gradients, with a cosine schedule of ``total_steps`` after ``warmup_steps`` of linear warmup (steps as the
@@ -51,7 +53,9 @@ def paper_recipe(
 
     ``head_lr``: the task heads' own LR (None: ``lr``, the paper's single LR). A linear head on frozen features wants
     an LR ~100 x that of memory and class token (this repo's sweeps: 1.0 vs 0.01); with one LR, a head started from
-    the frozen-feature probe hardly follows the features that memory moves."""
+    the frozen-feature probe hardly follows the features that memory moves. ``class_token_lr``: the task class
+    tokens' own LR (None: ``lr``): under AdamW every entry moves by ~the LR per step, and a class token sits in the
+    residual stream unnormalised, where the memory is read through the layers' LayerNorm."""
     if optimizer not in OPTIMIZERS:
         raise InputError(f"Unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}.")
     make = (
@@ -60,18 +64,21 @@ def paper_recipe(
         else (lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if head_lr is None:
-        optimizer = make(trainable)
-    else:
-        heads = {id(p) for name, p in model.named_parameters() if p.requires_grad and HEAD in name.split(".")}
-        if not heads:
+    groups, taken = [], set()  # parameter groups with their own LR, after the one at ``lr``
+    for argument, part, what, part_lr in (
+        ("head_lr", HEAD, "task head", head_lr),
+        ("class_token_lr", CLASS_TOKEN, "class token", class_token_lr),
+    ):
+        if part_lr is None:
+            continue
+        ids = {id(p) for name, p in model.named_parameters() if p.requires_grad and part in name.split(".")}
+        if not ids:
             raise InputError(
-                "head_lr was given, but the model has no trainable task head (memory_head): nothing "
-                "would use it. Leave head_lr out, or train a memory-peft model."
+                f"{argument} was given, but the model has no trainable {what} ({part}): nothing would use it. "
+                f"Leave {argument} out, or train a memory-peft model."
             )
-        groups = [
-            {"params": [p for p in trainable if id(p) not in heads], "lr": lr},
-            {"params": [p for p in trainable if id(p) in heads], "lr": head_lr},
-        ]
-        optimizer = make([g for g in groups if g["params"]])
+        groups.append({"params": [p for p in trainable if id(p) in ids], "lr": part_lr})
+        taken |= ids
+    rest = {"params": [p for p in trainable if id(p) not in taken], "lr": lr}
+    optimizer = make([g for g in [rest, *groups] if g["params"]] if groups else trainable)
     return Recipe(trainable, optimizer, get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps))

@@ -78,6 +78,25 @@ def test_report_compares_with_head_and_class_token_from_a_zero_head_when_that_is
     row = next(line for line in table.splitlines() if line.startswith("| masked m=5, zero head |"))
     assert "| 71.0 ± 1.0 | 2 | -10.0 (-7.1 s.e.) |" in row  # s.e. 1.0 each, joint 1.41
     assert "difference of test means to the row 'head+cls, zero head'" in table
+    assert "| 0.01 | 71.0" in row  # one LR tried: nothing to say about its edges
+
+
+def test_report_marks_a_chosen_lr_at_the_edge_of_its_sweep(tmp_path, capsys):
+    """A sweep stopped by its extension limit with its best LR at the lowest or highest tried is marked, so a reader
+    knows a better LR may lie past it; an interior best is not."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import masked_study
+
+    sweeps = {"head+cls, zero head": {0.01: 0.7, 0.03: 0.8, 0.1: 0.75}, "memory m=5, zero head": {0.01: 0.8, 0.03: 0.7}}
+    runs = [
+        dict(experiment=name, lr=lr, seed=0, val=val, test=0.5, seconds=1)
+        for name, sweep in sweeps.items()
+        for lr, val in sweep.items()
+    ]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    masked_study.main(["--report", "--adopt", "--output_dir", str(tmp_path)])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[2] for line in capsys.readouterr().out.splitlines()[2:4]}
+    assert rows == {"head+cls, zero head": "0.03", "memory m=5, zero head": "0.01 (edge)"}
 
 
 def test_report_gives_gap_closure_only_where_full_fine_tuning_beats_head_by_two_standard_errors(tmp_path, capsys):
@@ -284,9 +303,18 @@ def test_class_token_path_updates_start_as_the_model_and_change_only_what_the_cl
         torch.testing.assert_close(model(base_keys_values=cached).logits, before, rtol=0, atol=1e-12)
 
 
-def test_a_row_with_a_head_lr_scale_trains_its_head_at_that_multiple_of_each_swept_lr(tmp_path, monkeypatch):
-    """'head LR x10' (why memory falls short of LoRA): the memory and class token at the swept LR, the head at ten
-    times it, in every run of the sweep."""
+@pytest.mark.parametrize(
+    "name, part, scale",
+    [
+        ("memory m=5, zero head, adamw, head LR x10", "memory_head", 10),
+        ("memory m=5, zero head, adamw, class token LR x0.1", "memory_class_token", 0.1),
+    ],
+)
+def test_a_row_with_an_lr_scale_trains_that_part_at_that_multiple_of_each_swept_lr(
+    tmp_path, monkeypatch, name, part, scale
+):
+    """'head LR x10', 'class token LR x0.1' (why memory falls short of LoRA): everything else at the swept LR, the
+    part named at that multiple of it, in every run of the sweep."""
     if not (SHARED / "data" / "cifar10").is_dir():
         pytest.skip("bundled CIFAR-10 not found")
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -298,19 +326,18 @@ def test_a_row_with_a_head_lr_scale_trains_its_head_at_that_multiple_of_each_swe
     def recording(*args, **kwargs):
         recipe = real(*args, **kwargs)
         named = {id(p): n for n, p in args[0].named_parameters()}
-        heads = [{"memory_head" in named[id(p)].split(".") for p in g["params"]} for g in recipe[1].param_groups]
-        groups.append([(g["initial_lr"], head) for g, head in zip(recipe[1].param_groups, heads)])
+        parts = [{part in named[id(p)].split(".") for p in g["params"]} for g in recipe[1].param_groups]
+        groups.append([(g["initial_lr"], scaled) for g, scaled in zip(recipe[1].param_groups, parts)])
         return recipe
 
     real = common.paper_recipe
     monkeypatch.setattr(common, "paper_recipe", recording)
-    name = "memory m=5, zero head, adamw, head LR x10"
     masked_study.main(
         [*TINY, "--seeds", "1", "--max_extensions", "0", "--output_dir", str(tmp_path), "--experiments", name]
     )
     grid = masked_study.EXPERIMENTS[name][4]
     rows = groups[-len(grid) :]  # after the head probe's runs (one group: the head alone)
     assert len(groups) > len(grid) and all(len(g) == 1 for g in groups[: -len(grid)])
-    for lr, (rest, head) in zip(grid, rows, strict=True):
-        assert rest == (pytest.approx(lr), {False})  # memory and class token at the swept LR
-        assert head == (pytest.approx(10 * lr), {True})
+    for lr, (rest, scaled) in zip(grid, rows, strict=True):
+        assert rest == (pytest.approx(lr), {False})  # memory and the other part at the swept LR
+        assert scaled == (pytest.approx(scale * lr), {True})

@@ -44,6 +44,27 @@ def test_one_lr_unless_the_head_gets_its_own():
 def test_head_lr_without_a_task_head_is_refused():
     with pytest.raises(InputError, match="no trainable task head"):
         paper_recipe(nn.Linear(4, 2), 0.01, 0, 10, head_lr=1.0)
+    with pytest.raises(InputError, match=r"no trainable class token \(memory_class_token\).*Leave class_token_lr out"):
+        paper_recipe(nn.Linear(4, 2), 0.01, 0, 10, class_token_lr=0.001)
+
+
+def test_the_class_token_gets_its_own_lr_beside_the_head_and_the_rest():
+    """class_token_lr: the class token's first SGD step scales with it, the head's with head_lr, the memory's with lr;
+    one group per LR, every trained parameter in exactly one."""
+    model = memory_model()
+    trainable, optimizer, scheduler = paper_recipe(model, 0.01, 0, 10, head_lr=1.0, class_token_lr=0.001)
+    assert scheduler.get_last_lr() == [0.01, 1.0, 0.001]
+    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in trainable)
+    model(pixel_values=TINY_PIXELS.double(), labels=torch.tensor([0, 1, 2])).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            lr = 1.0 if "memory_head" in name else 0.001 if "memory_class_token" in name else 0.01
+            torch.testing.assert_close(p.detach() - before[name], -lr * grads[name], rtol=1e-9, atol=1e-15)
+    assert any("memory_class_token" in name for name in grads) and any("memory_tokens" in name for name in grads)
 
 
 def test_adamw_takes_steps_of_the_lr_whatever_the_gradient_scale():
