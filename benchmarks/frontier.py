@@ -41,6 +41,7 @@ ROWS = {
     "masked branch k=1, adamw": ("branch k=1 (memory only)", "branch 1"),
     "masked branch k=2, adamw": ("branch k=2", "branch 2"),
     "masked branch k=2 r=8, adamw": ("branch k=2, r=8", "branch 2"),
+    "masked branch k=4, adamw": ("branch k=4", "branch 4"),
     "masked branch k=4 r=8, adamw": ("branch k=4, r=8", "branch 4"),
 }
 

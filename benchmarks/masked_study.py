@@ -161,6 +161,13 @@ EXPERIMENTS = {
         {"head_init": "zero", "optimizer": "adamw"},
         [0.001, 0.003],
     ),
+    "masked branch k=4, adamw": (
+        "memory-masked",
+        5,
+        {"branch_layers": 4},
+        {"head_init": "zero", "optimizer": "adamw"},
+        [0.001, 0.003],
+    ),
     "masked branch k=4 r=8, adamw": (
         "memory-masked",
         5,
@@ -469,8 +476,10 @@ def run_experiment(name: str, args, out: Path, vit, data, cached, probe, acceler
             val, test, fitted["train"] = (
                 cached_accuracy(model, splits[s], device, rows_index=rows_index) for s in ("val", "test", "train")
             )
-        else:
-            val, test = (accuracy(model_logits(model, device), *data[s]) for s in ("val", "test"))
+        else:  # train accuracy as well (seconds beside the run): how far a setting fits what it trains on
+            val, test, fitted["train"] = (
+                accuracy(model_logits(model, device), *data[s]) for s in ("val", "test", "train")
+            )
         run = record(
             out,
             dict(
