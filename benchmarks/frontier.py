@@ -41,7 +41,7 @@ ROWS = {
     "masked branch k=1, adamw": ("branch k=1 (memory only)", "branch 1"),
     "masked branch k=2, adamw": ("branch k=2 (memory only)", "branch 2"),
     "masked branch k=2 r=8, adamw": ("branch k=2, r=8", "branch 2"),
-    "masked branch k=4, adamw": ("branch k=4", "branch 4"),
+    "masked branch k=4, adamw": ("branch k=4 (memory only)", "branch 4"),
     "masked branch k=4 r=8, adamw": ("branch k=4, r=8", "branch 4"),
 }
 
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     summary = summarise(runs)
     measured = measured_costs(args.serving)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    below = ("k=2 (memory only)", "k=4", "SGD")
+    below, left = ("k=2 (memory only)", "k=4", "SGD"), ("k=1", "k=4 (memory only)")
     for name, (label, cost) in ROWS.items():
         if name not in summary:
             continue
@@ -82,10 +82,14 @@ def main(argv=None) -> None:
             f"{label} ({len(tests)} seed{'s' if len(tests) > 1 else ''})",
             (cost, 100 * mean),
             textcoords="offset points",
-            # k=1 sits beside memory-masked and k=2 memory only, k=4 beside LoRA on the last 4 layers, SGD memory under
-            # AdamW memory: their labels go below the point (k=1's to its left)
-            xytext=(-6, -12) if "k=1" in label else (6, -12) if any(k in label for k in below) else (6, 4),
-            ha="right" if "k=1" in label else "left",
+            # k=1 sits beside memory-masked and k=2 memory only, k=4 beside LoRA on the last 4 layers, k=4 memory only
+            # beside LoRA on the last 2, SGD memory under AdamW memory: their labels go below the point (some left)
+            xytext=(-6, -12)
+            if any(k in label for k in left)
+            else (6, -12)
+            if any(k in label for k in below)
+            else (6, 4),
+            ha="right" if any(k in label for k in left) else "left",
             fontsize=8,
         )
     ax.set_xscale("log")
