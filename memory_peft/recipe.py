@@ -80,5 +80,5 @@ def paper_recipe(
         groups.append({"params": [p for p in trainable if id(p) in ids], "lr": part_lr})
         taken |= ids
     rest = {"params": [p for p in trainable if id(p) not in taken], "lr": lr}
-    optimizer = make([g for g in [rest, *groups] if g["params"]] if groups else trainable)
+    optimizer = make([g for g in [rest, *groups] if g["params"]])
     return Recipe(trainable, optimizer, get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps))
