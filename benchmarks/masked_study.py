@@ -128,6 +128,14 @@ EXPERIMENTS = {
         {"head_init": "zero", "optimizer": "adamw", "warmup_steps": 100},
         [0.001, 0.003],
     ),
+    # the same warmup for LoRA: the comparison stays one recipe against one recipe
+    "lora r=8 (q, v), adamw, warmup 100": (
+        "lora",
+        0,
+        {},
+        {"head_init": "zero", "optimizer": "adamw", "warmup_steps": 100},
+        [0.000333333, 0.001],
+    ),
     # at 1,240 steps AdamW fell below SGD for head + class token (74.7 vs 76.0) where it helped at 124: under AdamW a
     # class token moves ~the LR per entry and step, unnormalised in the residual stream. The class token at a tenth of
     # the memory's LR, and frozen at its pretrained value: the LR split the LoRA issue asks about
