@@ -10,11 +10,11 @@ and never the other way round. Importing the package registers the tuner with pe
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
+from .multitask import activate, load_adapters
 from .pipelines import register as register_pipeline
 from .settings import SETTINGS, make_setting
 from .tuner import MemoryTokenConfig, MemoryTokenLayer, MemoryTokenModel
 from .tuner import register as register_tuner
-from .tuner.multitask import activate, load_adapters
 from .tuner.outputs import MultiTaskImageClassifierOutput
 from .tuner.peft_integration import MEMORY_TOKENS
 

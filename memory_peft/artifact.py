@@ -22,12 +22,13 @@ from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
 from torch import nn
 
-from .files import write_atomically
+from .files import OutputExistsError, write_atomically
+from .hub import from_hub, is_local
+from .multitask import load_adapters
 from .recipe import UNRECORDED_OPTIMIZER
 from .tuner.config import verify_adapter
-from .tuner.errors import InputError, OutputExistsError
-from .tuner.multitask import load_adapters
-from .tuner.storage import CONFIG_FILE, adapter_file, is_local, read_config_file, weight_shapes
+from .tuner.errors import InputError
+from .tuner.storage import CONFIG_FILE, adapter_file, read_config_file, weight_shapes
 
 FORMAT = "memory-peft-multitask"
 INDEX = "memory_tasks.json"
@@ -62,7 +63,9 @@ def write_handler(folder: str | os.PathLike) -> None:
 
 
 def _read_adapter(name: str, source: str) -> dict:
-    config, config_path, weights_path = verify_adapter(source)
+    is_local(source)
+    with from_hub(source):
+        config, config_path, weights_path = verify_adapter(source)
     class_token = [shape for key, shape in weight_shapes(weights_path).items() if key.endswith("memory_class_token")]
     hidden = class_token[0][0] if class_token else None
     return {
@@ -196,7 +199,8 @@ def read_index(source: str) -> dict:
             f"{source} is a single adapter ({CONFIG_FILE}), not a multi-task artifact: there is nothing "
             "to split. Load it with PeftModel.from_pretrained, or merge it with others (merge_adapters)."
         )
-    index = read_config_file(adapter_file(source, INDEX))
+    with from_hub(source):
+        index = read_config_file(adapter_file(source, INDEX))
     if index.get("format") != FORMAT:
         raise InputError(
             f"{source} is not a memory-peft multi-task artifact ({INDEX} has format {index.get('format')!r})."
@@ -215,7 +219,8 @@ def split_artifact(
         raise OutputExistsError(f"{', '.join(existing)} already exists; pass overwrite=True (--overwrite) to replace.")
     out = {}
     for task in tasks:
-        files = verify_adapter(source, subfolder=task)[1:]
+        with from_hub(source):
+            files = verify_adapter(source, subfolder=task)[1:]
 
         def fill(folder: Path, files=files):
             for path in files:

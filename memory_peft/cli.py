@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+from .files import OutputExistsError
 from .sources import describe, load_source, named_sources
 from .train_args import accept_both_spellings
-from .tuner.errors import InputError, MemoryPeftError, OutputExistsError
+from .tuner.errors import InputError, MemoryPeftError
 
 PROG = "memory-peft"
 

@@ -49,7 +49,7 @@ def load_image_data(
     seed: int = 0,
 ) -> ImageData:
     """Load train and eval splits (eval: test, else validation); subsets are a seeded shuffle of each split."""
-    from .tuner.storage import from_hub
+    from .hub import from_hub
 
     try:
         with from_hub(dataset, "dataset"):
@@ -92,7 +92,7 @@ def image_processor(backbone: str, image_size: int, **kwargs):
     ``AutoImageProcessor.from_pretrained`` (e.g. ``backend="pil"``)."""
     from transformers import AutoImageProcessor
 
-    from .tuner.storage import from_hub
+    from .hub import from_hub
 
     try:
         with from_hub(backbone, "base model"):

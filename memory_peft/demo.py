@@ -20,11 +20,11 @@ import torch
 
 from .diagnostics import memory_attention_share
 from .files import write_atomically
+from .hub import is_local
 from .pipelines import MemoryImageClassificationPipeline
 from .reporting import plot_memory_attention
 from .sources import load_source
 from .tuner.errors import InputError
-from .tuner.storage import is_local
 
 SPACE_APP = '''"""Gradio Space written by `memory-peft demo --share_ready`: every task of {source} from one forward."""
 

@@ -24,10 +24,10 @@ from peft import PeftModel
 from torch import nn
 
 from .files import write_file_atomically
+from .multitask import activate
 from .sources import base_image_processor, served_image_size
 from .tuner.errors import InputError
 from .tuner.model import MemoryTokenModel
-from .tuner.multitask import activate
 
 INPUT = "pixel_values"
 METADATA_PREFIX = "memory_peft."

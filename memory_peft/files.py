@@ -10,8 +10,16 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .tuner.errors import OutputExistsError, StorageError
+from .tuner.errors import MemoryPeftError
 from .tuner.storage import CONFIG_FILE
+
+
+class OutputExistsError(MemoryPeftError, FileExistsError):
+    """The output location already holds something we would overwrite."""
+
+
+class StorageError(MemoryPeftError, OSError):
+    """Writing failed (permission denied, disk full); whatever was there before is left as it was."""
 
 
 def write_atomically(output_dir: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False) -> Path:

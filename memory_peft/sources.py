@@ -16,14 +16,16 @@ from .tuner.errors import InputError, MemoryPeftError, UnsupportedModelError
 def describe(source: str) -> dict:
     """Per task: its config, parameter count and file size, read from the safetensors headers only."""
     from .artifact import INDEX, read_index
+    from .hub import from_hub, is_local
     from .tuner.config import verify_adapter
-    from .tuner.storage import adapter_file, is_local, weight_shapes
+    from .tuner.storage import adapter_file, weight_shapes
 
     is_artifact = (Path(source) / INDEX).is_file() if is_local(source) else _hub_has(source, INDEX)
     tasks = read_index(source)["tasks"] if is_artifact else [None]
     rows = []
     for task in tasks:
-        config, _, weights = verify_adapter(source, subfolder=task)
+        with from_hub(source):
+            config, _, weights = verify_adapter(source, subfolder=task)
         parameters = sum(math.prod(shape) for shape in weight_shapes(weights).values())
         rows.append(
             {
@@ -55,7 +57,7 @@ def _hub_has(repo_id: str, filename: str) -> bool:
     from huggingface_hub import file_exists
     from huggingface_hub.errors import HFValidationError
 
-    from .tuner.storage import from_hub
+    from .hub import from_hub
 
     try:
         with from_hub(repo_id):
@@ -83,7 +85,7 @@ def load_source(source: str, backbone=None, tasks=None):
     """An adapter or an artifact (its ``tasks``, default all) on its base model (or ``backbone``), in eval mode:
     (model, the base model's Hub id or folder)."""
     from .artifact import load_multitask
-    from .tuner.multitask import load_adapters
+    from .multitask import load_adapters
 
     info = describe(source)
     backbone_id = backbone or info["base_model"]
@@ -130,7 +132,7 @@ def load_backbone(name_or_path: str, **kwargs) -> nn.Module:
     """A supported backbone from a Hub id or local folder, chosen by its config's model_type (CLIP: vision tower)."""
     from transformers import AutoConfig, CLIPVisionModel, DeiTModel, Dinov2Model, ViTModel
 
-    from .tuner.storage import from_hub, is_local
+    from .hub import from_hub, is_local
 
     is_local(name_or_path)  # a path that names nothing: said at once, not as a network error
     try:

@@ -22,9 +22,10 @@ import warnings
 from pathlib import Path
 
 from .checkpoints import checkpoint_dirs, run_definition
+from .files import OutputExistsError
 from .recipe import ADAMW_LR_WARNING, DEFAULT_LR, DEFAULT_OPTIMIZER, GRAD_CLIP, OPTIMIZERS, UNRECORDED_OPTIMIZER
 from .settings import SETTINGS
-from .tuner.errors import InputError, OutputExistsError
+from .tuner.errors import InputError
 
 
 def accept_both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

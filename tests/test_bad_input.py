@@ -12,8 +12,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from memory_peft import MemoryTokenConfig, load_adapters
 from memory_peft.artifact import merge_adapters
-from memory_peft.files import save_adapter
-from memory_peft.tuner.errors import AdapterFileError, InputError, MemoryPeftError, OutputExistsError, StorageError
+from memory_peft.files import OutputExistsError, StorageError, save_adapter
+from memory_peft.tuner.errors import AdapterFileError, InputError, MemoryPeftError
 
 PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 

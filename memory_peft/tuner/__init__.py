@@ -2,10 +2,11 @@
 
 config (``MemoryTokenConfig``), layer (``MemoryTokenLayer``: one ViT layer whose attention also reads memory), model
 (``MemoryTokenModel``: the tuner, with per-task class tokens and heads), forward, branch (task branches), outputs,
-attention (masks, top-K), backbone (the one place that knows model classes), storage (verified reads), multitask
-(several adapters in one forward), peft_integration (every change made to peft, each naming the hook that would
-replace it upstream). Nothing here imports the application wing around it (training, data, reporting, CLI,
-pipelines, ...). Importing it registers the method with the installed peft, once, as peft's own tuners do.
+attention (masks, top-K), labels (the head described in the base config), backbone (the one place that knows model
+classes), storage (verified reads), errors, peft_integration (every change made to peft, each naming the hook that
+would replace it upstream). Nothing here imports the application wing around it (loading several adapters, Hub
+errors, writing files, training, CLI, ...). Importing it registers the method with the installed peft, once, as
+peft's own tuners do.
 """
 
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING

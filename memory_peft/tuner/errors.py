@@ -18,15 +18,3 @@ class UnsupportedModelError(MemoryPeftError, TypeError):
 
 class AdapterFileError(MemoryPeftError, ValueError):
     """An adapter folder is incomplete, truncated or corrupted."""
-
-
-class OutputExistsError(MemoryPeftError, FileExistsError):
-    """The output location already holds something we would overwrite."""
-
-
-class StorageError(MemoryPeftError, OSError):
-    """Writing failed (permission denied, disk full); whatever was there before is left as it was."""
-
-
-class HubUnreachableError(MemoryPeftError, ConnectionError):
-    """A name that is not a local folder could not be looked up on the Hub (no network, offline mode, Hub down)."""

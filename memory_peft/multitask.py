@@ -1,4 +1,5 @@
-"""Concatenation: several masked adapters on one backbone, one forward pass, one output per task."""
+"""Several masked adapters on one backbone, one forward pass, one output per task: activating them together, and
+loading them from folders or Hub ids, each verified before anything is built."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from collections.abc import Iterable, Mapping
 from peft import PeftModel
 from torch import nn
 
-from .config import verify_adapter
-from .errors import InputError
+from .hub import from_hub, is_local
+from .tuner.config import verify_adapter
+from .tuner.errors import InputError
 
 
 def activate(model: PeftModel, adapter_names: str | Iterable[str]) -> PeftModel:
@@ -36,11 +38,15 @@ def load_adapters(
     subfolders = subfolders or {}
     items = [(name, path, subfolders.get(name)) for name, path in adapters.items()]
     for _, path, subfolder in items:  # every adapter checked before anything is built
-        verify_adapter(path, subfolder)
+        is_local(path)  # a path that names nothing: said at once, not as a network error
+        with from_hub(path):
+            verify_adapter(path, subfolder)
     (first_name, first_path, first_subfolder), *rest = items
-    model = PeftModel.from_pretrained(
-        base_model, first_path, subfolder=first_subfolder, adapter_name=first_name, is_trainable=is_trainable
-    )
+    with from_hub(first_path):
+        model = PeftModel.from_pretrained(
+            base_model, first_path, subfolder=first_subfolder, adapter_name=first_name, is_trainable=is_trainable
+        )
     for name, path, subfolder in rest:
-        model.load_adapter(path, adapter_name=name, subfolder=subfolder, is_trainable=is_trainable)
+        with from_hub(path):
+            model.load_adapter(path, adapter_name=name, subfolder=subfolder, is_trainable=is_trainable)
     return activate(model, [name for name, _, _ in items])
