@@ -90,6 +90,8 @@ def test_registration_happens_once_in_the_tuner_init():
         "tuner.config",
         "tuner.layer",
         "tuner.model",
+        "hub",
+        "multitask",
         "settings",
         "pipelines",
         "training",
@@ -142,9 +144,9 @@ def test_no_tuner_module_writes_files():
     assert "def write_atomically" in (PACKAGE / "files.py").read_text()  # the check would see a move back
 
 
-# a ceiling that catches growth, set at the tuner's size when it was last reviewed (2,356 lines, 14 files), not the
-# ~1,300 lines that the upstream-ready review aimed for: what keeps it above that is said in CHANGELOG.md (Unreleased)
-TUNER_LINES, FILE_LINES = 2_400, 400
+# a ceiling that catches growth, set at the tuner's size when it was last reviewed (2,244 lines, 15 files, none over
+# 315), not the ~1,300 lines the upstream-ready review aimed for: CHANGELOG.md (Unreleased) says what keeps it above
+TUNER_LINES, FILE_LINES = 2_260, 320
 
 
 def test_the_tuner_stays_within_its_size_budget_and_each_file_states_its_job_first():

@@ -111,3 +111,33 @@ def test_a_hub_backbone_id(network_down, tmp_path):
     )
     assert_one_line_about_the_hub(code, stderr, "google/vit-base-patch32-224-in21k (base model)", mode)
     assert not (tmp_path / "run").exists()  # a run that fails before training leaves nothing behind
+
+
+LIBRARY = (
+    NO_RETRIES
+    + """
+import sys
+from memory_peft import load_adapters
+from memory_peft.hub import HubUnreachableError
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_vit
+try:
+    load_adapters(tiny_vit(), {"task": "someone/adapter"})
+except HubUnreachableError as error:
+    print(error, file=sys.stderr)
+    sys.exit(1)
+"""
+)
+
+
+def test_load_adapters_from_python_says_the_hub_could_not_be_reached(network_down, tmp_path):
+    """The library call too, not only the command: memory_peft.hub says why the tuner's download failed."""
+    mode, env = network_down
+    tests = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, "-c", LIBRARY, tests], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    message = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert message.startswith("someone/adapter is not a local folder and the Hub could not be reached"), message
+    assert ("HF_HUB_OFFLINE" in message) == (mode == "offline"), message

@@ -109,7 +109,7 @@ def _with_low_rank_updates(layer, names, normed, query, value, tokens: int):
 
 
 def run_with_branches(layers, layout, masks: dict, embedded: torch.Tensor, tokens: list, streams: bool, keep: bool):
-    """The masked forward of ``layout`` (``forward.Layout``) when some tasks have branches: the masked rows and the
+    """The masked forward of ``layout`` (``layout.Layout``) when some tasks have branches: the masked rows and the
     branches layer by layer.
 
     embedded (B, n, D); tokens: T x (B, 1, D) task class tokens; ``streams``: base rows without autograd (training),
@@ -148,25 +148,3 @@ def run_with_branches(layers, layout, masks: dict, embedded: torch.Tensor, token
         if states is not None:
             states.append(current())
     return current(), tuple(states) if states is not None else None
-
-
-def run_cached_with_branches(layers, layout, masks: dict, cached: torch.Tensor, tokens: torch.Tensor, base_rows):
-    """``run_with_branches`` from a cache: the masked task rows read the cached base keys/values (B, L, 2, n, D), the
-    branches (one start) start from the cached base rows entering that layer (B, n, D). tokens (B, T, D) -> the task
-    rows after the last layer (B, T, D), each branched task's its branch's class token."""
-    start = layout.groups[0].start
-    stop = len(layers) if len(layers) in layout.starts else start  # the masked rows matter only below the branches
-    branches: dict[int, torch.Tensor] = {}
-    for i, layer in enumerate(layers):
-        if i == start:
-            branches = {
-                g: branch_rows(tokens[:, list(group.tasks)], base_rows) for g, group in enumerate(layout.groups)
-            }
-        if i < stop:
-            tokens = layer.forward_task_rows(
-                tokens, cached[:, i, 0], cached[:, i, 1], layout.plans[i], masks[layout.masks[i]]
-            )
-        for g in branches:
-            branches[g] = forward_branch(layer, branches[g], layout.groups[g].names)
-    own = {t: branches[g][j, :, 0] for g in branches for j, t in enumerate(layout.groups[g].tasks)}
-    return torch.stack([own[t] if t in own else tokens[:, t] for t in range(tokens.shape[1])], 1)

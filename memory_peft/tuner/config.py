@@ -13,6 +13,15 @@ from .peft_integration import MEMORY_TOKENS, PEFT_TYPE_NAME
 from .storage import CONFIG_FILE, WEIGHTS_FILE, adapter_file, read_config_file, verify_weights
 
 MODES = ("full", "masked")
+# the integer fields: (least value, None allowed, what they count), checked alike
+_COUNTS = {
+    "m": (0, False, "memory tokens per layer"),
+    "num_labels": (1, True, "classes of the head"),
+    "top_k": (1, True, "memory entries each query reads"),
+    "image_size": (1, True, "pixels"),
+    "branch_layers": (0, False, "layers of the task's branch"),
+    "branch_rank": (0, False, "rank of the branch's updates"),
+}
 
 
 @dataclass
@@ -102,54 +111,34 @@ class MemoryTokenConfig(PeftConfig):
 
     def validate(self) -> None:
         """Raise a ValueError that names the bad field; called on creation and before injection."""
-        if isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 0:
-            raise InputError(f"MemoryTokenConfig.m must be an int >= 0 (memory tokens per layer), got {self.m!r}.")
+        for name, (least, optional, what) in _COUNTS.items():
+            value = getattr(self, name)
+            if not (optional and value is None) and (
+                isinstance(value, bool) or not isinstance(value, int) or value < least
+            ):
+                either = "None or " if optional else ""
+                raise InputError(f"MemoryTokenConfig.{name} must be {either}an int >= {least} ({what}), got {value!r}.")
         if self.mode not in MODES:
             raise InputError(f"MemoryTokenConfig.mode must be one of {MODES}, got {self.mode!r}.")
-        if self.num_labels is not None and (
-            isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 1
-        ):
-            raise InputError(f"MemoryTokenConfig.num_labels must be None or an int >= 1, got {self.num_labels!r}.")
         if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
             raise InputError(f"MemoryTokenConfig.init_std must be a number >= 0, got {self.init_std!r}.")
-        if self.extends is not None:
-            if self.mode != "masked":
-                raise InputError("MemoryTokenConfig.extends (extension mode) needs mode='masked'.")
-            if not isinstance(self.extends, (list, tuple)) or not all(isinstance(n, str) for n in self.extends):
-                raise InputError(f"MemoryTokenConfig.extends must be a list of adapter names, got {self.extends!r}.")
-            self.extends = list(self.extends)
-        if self.top_k is not None and (
-            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k
+        if self.branch_alpha is not None and (
+            isinstance(self.branch_alpha, bool) or not isinstance(self.branch_alpha, (int, float))
         ):
-            raise InputError(f"MemoryTokenConfig.top_k must be None or an int >= 1, got {self.top_k!r}.")
-        if self.top_k is not None and self.top_k >= self.m:
-            # top-K would keep every memory entry and do nothing: the user asked for something this cannot give
-            raise InputError(
-                f"MemoryTokenConfig.top_k={self.top_k} with m={self.m}: each query would read all "
-                f"{self.m} memory entries, so top-K does nothing. Use top_k < m, or top_k=None."
-            )
-        self._validate_branch()
+            raise InputError(f"MemoryTokenConfig.branch_alpha must be None or a number, got {self.branch_alpha!r}.")
         for flag in ("train_class_token", "memory_layernorm"):
             if not isinstance(getattr(self, flag), bool):
                 raise InputError(f"MemoryTokenConfig.{flag} must be true or false, got {getattr(self, flag)!r}.")
-        if self.image_size is not None and (
-            isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1
-        ):
-            raise InputError(f"MemoryTokenConfig.image_size must be None or an int >= 1, got {self.image_size!r}.")
         if self.dataset is not None and not isinstance(self.dataset, str):
             raise InputError(f"MemoryTokenConfig.dataset must be None or a Hub id / folder name, got {self.dataset!r}.")
-        if self.label_names is not None and not (
-            isinstance(self.label_names, (list, tuple)) and all(isinstance(n, str) for n in self.label_names)
-        ):
-            raise InputError(f"MemoryTokenConfig.label_names must be a list of strings, got {self.label_names!r}.")
-        if self.label_names is not None and self.num_labels is None:
-            self.num_labels = len(self.label_names)  # the names imply the count
-        if self.label_names is not None and len(self.label_names) != self.num_labels:
-            raise InputError(
-                f"MemoryTokenConfig.label_names has {len(self.label_names)} names for num_labels={self.num_labels}."
-            )
-        if self.layers_to_transform is not None:
-            layers = self.layers_to_transform
+        for name in ("extends", "label_names"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value)):
+                raise InputError(f"MemoryTokenConfig.{name} must be a list of names, got {value!r}.")
+        if self.extends is not None:
+            self.extends = list(self.extends)
+        layers = self.layers_to_transform
+        if layers is not None:
             if not isinstance(layers, (list, tuple)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in layers
             ):
@@ -157,23 +146,24 @@ class MemoryTokenConfig(PeftConfig):
                     f"MemoryTokenConfig.layers_to_transform must be a list of layer indices, got {layers!r}."
                 )
             self.layers_to_transform = sorted(set(layers))
-
-    def _validate_branch(self) -> None:
-        for name in ("branch_layers", "branch_rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InputError(f"MemoryTokenConfig.{name} must be an int >= 0, got {value!r}.")
-        if self.branch_alpha is not None and (
-            isinstance(self.branch_alpha, bool) or not isinstance(self.branch_alpha, (int, float))
-        ):
-            raise InputError(f"MemoryTokenConfig.branch_alpha must be None or a number, got {self.branch_alpha!r}.")
+        if self.label_names is not None:
+            self.num_labels = len(self.label_names) if self.num_labels is None else self.num_labels  # names imply it
+            if len(self.label_names) != self.num_labels:
+                raise InputError(
+                    f"MemoryTokenConfig.label_names has {len(self.label_names)} names for num_labels={self.num_labels}."
+                )
+        if self.top_k is not None and self.top_k >= self.m:
+            # top-K would keep every memory entry and do nothing: the user asked for something this cannot give
+            raise InputError(
+                f"MemoryTokenConfig.top_k={self.top_k} with m={self.m}: each query would read all "
+                f"{self.m} memory entries, so top-K does nothing. Use top_k < m, or top_k=None."
+            )
+        needs_masked = [name for name in ("extends", "branch_layers") if getattr(self, name)]
+        if needs_masked and self.mode != "masked":
+            # with full attention every token reads the memory and every layer is already the task's own
+            raise InputError(f"MemoryTokenConfig.{needs_masked[0]} needs mode='masked'.")
         if self.branch_rank and not self.branch_layers:
             raise InputError("MemoryTokenConfig.branch_rank needs branch_layers >= 1: the updates live in the branch.")
-        if self.branch_layers and self.mode != "masked":
-            raise InputError(
-                "MemoryTokenConfig.branch_layers needs mode='masked' (with full attention every layer is already the "
-                "task's own)."
-            )
         for other in ("extends", "top_k"):
             if self.branch_layers and getattr(self, other) is not None:
                 raise InputError(f"MemoryTokenConfig.branch_layers cannot be combined with {other} (not supported).")

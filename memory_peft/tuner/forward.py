@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -16,27 +15,17 @@ from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .attention import with_base_columns
-from .branch import BranchGroup, run_cached_with_branches, run_with_branches
+from .branch import run_with_branches
+from .cached import CachedForward
 from .errors import InputError
-from .layer import MemoryPlan
+from .layout import Layout
 from .outputs import SEVERAL_TASKS, MultiTaskImageClassifierOutput, SeveralTasksError, single_task
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How the backbone runs for one set of active adapters (no tensors: the mask rows are buffers of the tuner)."""
-
-    names: tuple[str, ...]
-    masked: bool
-    plans: tuple[MemoryPlan, ...]  # per layer
-    masks: tuple[str | None, ...]  # per layer: name of its task-mask rows in ``tuner.task_masks`` (masked mode)
-    starts: tuple[int, ...] = ()  # per task: the first layer of its branch (the number of layers: none)
-    groups: tuple[BranchGroup, ...] = ()  # the tasks with a branch, grouped to run batched
-
-
-class MemoryForward:
+class MemoryForward(CachedForward):
     """The forward half of ``MemoryTokenModel``: reads the backbone's parts (``_backbone``), the layout prepared at
-    activation (``_layout_for``), the task class tokens and heads (``memory_class_token``, ``memory_head``)."""
+    activation (``_layout_for``), the task class tokens and heads (``memory_class_token``, ``memory_head``); the
+    forward from cached base keys/values is ``cached.CachedForward``'s."""
 
     # --- forward -----------------------------------------------------------------------------------------------------
     def memory_forward(
@@ -133,76 +122,6 @@ class MemoryForward:
             hidden_states=hidden_states,
             attentions=attentions,
         )
-
-    @torch.no_grad()
-    def base_keys_values(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None, rows_at: tuple[int, ...] = ()
-    ):
-        """(B, num_layers, 2, n, D): every layer's keys and values of the base rows. In masked mode they depend on the
-        image alone (the base rows never read task rows or memory): what ``memory_peft.cache`` stores. With
-        ``rows_at``: (that, (B, len(rows_at), n, D) the base rows entering those layers), where task branches start."""
-        backbone = self._backbone
-        interpolate = self._interpolates(pixel_values, self.active_adapters, interpolate_pos_encoding)
-        pixel_values = backbone.check_pixels(pixel_values, interpolate)
-        base = backbone.embed(pixel_values.to(backbone.final_norm.weight.dtype), interpolate)
-        per_layer, rows = [], {}
-        for i, layer in enumerate(backbone.layers):
-            if i in rows_at:
-                rows[i] = base
-            base, key, value = layer.forward_base(base)
-            per_layer.append(torch.stack([key, value], 1))
-        keys_values = torch.stack(per_layer, 1)
-        return (keys_values, torch.stack([rows[i] for i in rows_at], 1)) if rows_at else keys_values
-
-    def forward_cached(
-        self,
-        base_keys_values: torch.Tensor,
-        labels: Any = None,
-        num_items_in_batch: int | None = None,
-        base_rows: torch.Tensor | None = None,
-    ) -> MultiTaskImageClassifierOutput:
-        """Masked adapters from cached base keys/values (``base_keys_values``' output, any float dtype): only the
-        class-token path runs, with the same result as the forward on the images (up to the cache's precision).
-        Adapters with task branches (all starting at one layer) also take ``base_rows`` (B, n, D), the base rows
-        entering that layer (``base_keys_values(..., rows_at=(start,))``): their branches then run on them."""
-        names = self.active_adapters
-        if not names:
-            raise InputError("No adapter is active: activate one or more with memory_peft.activate(model, names).")
-        layout = self._layout_for(list(names))
-        if not layout.masked:
-            raise InputError(
-                f"Adapter(s) {names} use full attention: their class token changes the base rows, so "
-                "base keys/values cannot be cached. Caching needs mode='masked' adapters."
-            )
-        branched = [n for g in layout.groups for n in g.names]
-        if branched and base_rows is None:
-            raise InputError(
-                f"Adapter(s) {branched} have task branches (branch_layers): a branch starts from the base rows "
-                "entering its first layer, which base keys/values do not hold. Pass base_rows too (a cache built "
-                "with rows_at=(that layer,); train.py --cache_base builds it), or train on the images."
-            )
-        if len({g.start for g in layout.groups}) > 1:
-            raise InputError(
-                f"Adapter(s) {branched} have branches starting at different layers "
-                f"{sorted({g.start for g in layout.groups})}: one cache holds the base rows of one: train them apart."
-            )
-        backbone = self._backbone
-        if base_keys_values.dim() != 5 or base_keys_values.shape[1:3] != (len(backbone.layers), 2):
-            raise InputError(
-                f"base_keys_values must be (batch, {len(backbone.layers)} layers, 2, tokens, width), "
-                f"got {tuple(base_keys_values.shape)}."
-            )
-        dtype = backbone.final_norm.weight.dtype
-        cached = base_keys_values.to(dtype)
-        batch, n = cached.shape[0], cached.shape[3]
-        tokens = torch.stack([self.memory_class_token[name] for name in names]).to(dtype).expand(batch, -1, -1)
-        masks = self._task_masks(layout, n, tokens, base_rows=False)
-        if layout.groups:
-            tokens = run_cached_with_branches(backbone.layers, layout, masks, cached, tokens, base_rows.to(dtype))
-            return self._task_outputs(names, backbone.final_norm(tokens), labels, num_items_in_batch)
-        for i, (layer, plan, mask) in enumerate(zip(backbone.layers, layout.plans, layout.masks)):
-            tokens = layer.forward_task_rows(tokens, cached[:, i, 0], cached[:, i, 1], plan, masks[mask])
-        return self._task_outputs(names, backbone.final_norm(tokens), labels, num_items_in_batch)
 
     def encode(
         self, pixel_values: torch.Tensor, adapter_names: list[str], interpolate_pos_encoding: bool | None = None

@@ -12,14 +12,13 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .attention import task_mask_rows
 from .backbone import Backbone, check_signature, describe_backbone, layer_parts, relative_to_backbone
-from .branch import branch_groups
 from .config import MemoryTokenConfig
 from .errors import AdapterFileError, InputError
-from .forward import Layout, MemoryForward
+from .forward import MemoryForward
 from .labels import base_classifier, describe_classifier, resolve_num_labels
 from .layer import NOT_MERGEABLE, MemoryTokenLayer
+from .layout import Layout, memory_reads, plan_layout
 from .peft_integration import PREFIX, install_forward, remove_forward
 
 _MODEL_PREFIX = "base_model.model."  # where a PeftModel's state dict keeps the base model's entries
@@ -212,52 +211,21 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         self._describe_classifier()
 
     # --- layout: what every layer reads for the active adapters, prepared outside the forward ------------------------
-    def _prepare_layout(self, names: list[str]) -> Layout:
-        """Per layer: which memories, in which column order, and (masked mode) the task-mask rows, as buffers that
-        follow ``.to()``. Built when adapters are activated, so that no forward creates state that outlives it."""
+    def _prepare_layout(self, names: list[str]) -> Layout | None:
+        """Plan the layout of these adapters (layout.py) and keep its task-mask rows as buffers that follow ``.to()``.
+        Built when adapters are activated, so that no forward creates state that outlives it."""
         for buffer in list(self.task_masks._buffers):
             delattr(self.task_masks, buffer)
-        layers = self._backbone.layers
         self._describe_classifier(names)
-        if not names or any(n not in self.memory_class_token for n in names):
-            self._layout = None
-            return None
-        masked = self.peft_config[names[0]].mode == "masked"
-        try:
-            memory_names, reads = self._memory_reads(names) if masked else (list(names), [])
-        except InputError:  # extension mode before its earlier adapters are loaded: the forward will say so
-            self._layout = None
-            return None
-        # a task's memory in its branch layers is read by its branch (branch.py), not by its row among the masked ones
-        starts = tuple(self.peft_config[n].branch_start(len(layers)) if masked else len(layers) for n in names)
-        branched = [{n for n, start in zip(names, starts) if start <= i} for i in range(len(layers))]
-        plans = tuple(layer.plan([n for n in memory_names if n not in branched[i]]) for i, layer in enumerate(layers))
-        masks = []
-        if masked:
+        self._layout = None
+        if names and all(n in self.memory_class_token for n in names):
             reference = self.memory_class_token[names[0]]
-            dtype = self._backbone.final_norm.weight.dtype
-            keys = {}  # layers that read the same memories share their mask
-            for plan in plans:
-                if plan not in keys:
-                    keys[plan] = f"rows_{len(keys)}"
-                    blocks = [
-                        [plan.names.index(memory_names[i]) for i in task_reads if memory_names[i] in plan.names]
-                        for task_reads in reads
-                    ]
-                    # structure only: never on the meta device (low_cpu_mem_usage), whatever the weights are on
-                    device = reference.device if not reference.is_meta else torch.device("cpu")
-                    rows = task_mask_rows(len(names), list(plan.sizes), blocks, dtype, device)
-                    self.task_masks.register_buffer(keys[plan], rows, persistent=False)
-                masks.append(keys[plan])
-        self._layout = Layout(
-            tuple(names),
-            masked,
-            plans,
-            tuple(masks) if masked else (None,) * len(plans),
-            starts,
-            branch_groups(list(names), list(starts), layers),
-        )
-        self.prepare_inference()
+            planned = plan_layout(self._backbone, self.peft_config, names, reference)
+            if planned is not None:
+                self._layout, rows = planned
+                for key, value in rows.items():
+                    self.task_masks.register_buffer(key, value, persistent=False)
+                self.prepare_inference()
         return self._layout
 
     def prepare_inference(self) -> None:
@@ -292,7 +260,7 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         if layout is None or layout.names != tuple(names):  # activated around set_adapter (e.g. peft internals)
             layout = self._prepare_layout(names)
         if layout is None:
-            self._memory_reads(names)  # raises the error that names what is missing
+            memory_reads(self.peft_config, names)  # raises the error that names what is missing
         return layout
 
     def _check_merge_allowed(self):
@@ -319,22 +287,6 @@ class MemoryTokenModel(MemoryForward, BaseTuner):
         enabled = getattr(self, "_memory_enabled", True)  # not yet set while the first adapter is injected
         one = names[0] if len(names) == 1 and names[0] in self.memory_head and enabled else None
         describe_classifier(getattr(self.model, "config", None), one and self.peft_config[one], self._base_classifier)
-
-    def _memory_reads(self, adapter_names: list[str]) -> tuple[list[str], list[list[int]]]:
-        """Memory blocks side by side (the tasks' own, then those read only through extension) and, per task, the
-        blocks it reads: its own plus those of the adapters it extends."""
-        memory_names = list(adapter_names)
-        reads = []
-        for name in adapter_names:
-            extends = self.peft_config[name].extends or []
-            missing = [s for s in extends if s not in self.peft_config]
-            if missing:
-                raise InputError(
-                    f"Adapter '{name}' extends {missing}, which are not loaded: load them under these names first."
-                )
-            memory_names += [s for s in extends if s not in memory_names]
-            reads.append([memory_names.index(name)] + [memory_names.index(s) for s in extends])
-        return memory_names, reads
 
 
 def _names_of(model: nn.Module, module: nn.Module) -> list[str]:
