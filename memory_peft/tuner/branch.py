@@ -5,7 +5,8 @@ The branch's rows are the task's class token (from the masked rows below the bra
 depth where it starts. Nothing of the base reads them, so the base rows go on unchanged beside the branches and
 adapters trained alone concatenate exactly. Tasks whose branches have the same shape (start, memory rows per layer,
 updates or not) run as one group: one LayerNorm and one GEMM per projection over all their rows, the per-task parts
-(memory, low-rank factors) batched over the group.
+(memory, low-rank factors) batched over the group. ``run_masked`` runs the masked rows layer by layer, with the
+branches beside them where there are any (training, inference, or from cached base keys/values).
 
 Shapes: G tasks of a group, B batch, n = 1 + N rows of a branch, m memory rows per task in a layer, D hidden, r rank.
 """
@@ -108,43 +109,47 @@ def _with_low_rank_updates(layer, names, normed, query, value, tokens: int):
     return query, value + value_update
 
 
-def run_with_branches(layers, layout, masks: dict, embedded: torch.Tensor, tokens: list, streams: bool, keep: bool):
-    """The masked forward of ``layout`` (``layout.Layout``) when some tasks have branches: the masked rows and the
-    branches layer by layer.
+def run_masked(layers, layout, masks: dict, tokens, base, streams: bool, keep: bool = True, hidden=False, cached=None):
+    """The masked rows and the task branches (``layout``: a ``layout.Layout``), layer by layer.
 
-    embedded (B, n, D); tokens: T x (B, 1, D) task class tokens; ``streams``: base rows without autograd (training),
-    else one stream of all rows. ``keep``: the base rows are wanted to the last layer (else the masked rows stop
-    where the last branch starts, when every task has one). -> (rows (B, n + T, D) after the last layer, each task's
-    row its branch's class token, before the final norm; hidden states: the same rows entering each layer and
-    leaving the last (one stream only, else None)).
+    tokens (B, T, D): the task class tokens. The base rows ``base`` (B, n, D) run beside them without autograd
+    (``streams``: training) or in one stream with them (inference). With ``cached`` (B, L, 2, n, D), every layer's
+    base keys and values, they do not run: the task rows read those, and ``base`` is the base rows entering the
+    branches' first layer. ``keep``: the base rows are wanted to the last layer (else they stop where the last branch
+    starts, when every task has one). -> (the base rows after the last layer they ran through (None from a cache),
+    the task rows (B, T, D), each branched task's its branch's class token, before the final norm; with ``hidden``
+    (one stream) the rows (B, n + T, D) entering each layer and leaving the last, else None).
     """
-    n, num_layers = embedded.shape[1], len(layers)
+    num_tasks, num_layers = tokens.shape[1], len(layers)
     stop = num_layers if keep or num_layers in layout.starts else max(layout.starts)
-    base, rows = (embedded, torch.cat(tokens, 1)) if streams else (None, torch.cat([embedded, *tokens], 1))
+    one_stream = not streams and cached is None
+    x = torch.cat([base, tokens], 1) if one_stream else tokens
     branches: dict[int, torch.Tensor] = {}  # group -> (G, B, n, D)
 
-    def current() -> torch.Tensor:  # (B, n + T, D): each branched task's row is its branch's class token
-        stream = rows if not streams else torch.cat([base, rows], 1)
-        if not branches:
-            return stream
-        own = {t: branches[g][j, :, 0] for g in branches for j, t in enumerate(layout.groups[g].tasks)}
-        tasks = [own[t] if t in own else stream[:, n + t] for t in range(stream.shape[1] - n)]
-        return torch.cat([stream[:, :n], torch.stack(tasks, 1)], 1)
+    def split():  # -> (base rows, task rows, each branched task's its branch's class token)
+        front, rows = (x[:, :-num_tasks], x[:, -num_tasks:]) if one_stream else (base, x)
+        if branches:
+            own = {t: branches[g][j, :, 0] for g in branches for j, t in enumerate(layout.groups[g].tasks)}
+            rows = torch.stack([own[t] if t in own else rows[:, t] for t in range(num_tasks)], 1)
+        return front, rows
 
-    states = [rows] if not streams else None
+    states = [x] if hidden else None
     for i, layer in enumerate(layers):
         for g, group in enumerate(layout.groups):
             if group.start == i:
-                task_rows = rows if streams else rows[:, n:]
-                branches[g] = branch_rows(task_rows[:, list(group.tasks)], base if streams else rows[:, :n])
+                front, rows = (x[:, :-num_tasks], x[:, -num_tasks:]) if one_stream else (base, x)
+                branches[g] = branch_rows(rows[:, list(group.tasks)], front)
         if i < stop:
             plan, mask = layout.plans[i], masks[layout.masks[i]]
-            if streams:
-                base, rows = layer.forward_streams(base, rows, plan, mask)
+            if cached is not None:
+                x = layer.forward_task_rows(x, cached[:, i, 0], cached[:, i, 1], plan, mask)
+            elif streams:
+                base, x = layer.forward_streams(base, x, plan, mask)
             else:
-                rows, _ = layer.forward_rows(rows, plan, mask)
+                x, _ = layer.forward_rows(x, plan, mask)
         for g in branches:
             branches[g] = forward_branch(layer, branches[g], layout.groups[g].names)
-        if states is not None:
-            states.append(current())
-    return current(), tuple(states) if states is not None else None
+        if hidden:
+            states.append(torch.cat(split(), 1))
+    front, rows = split()
+    return None if cached is not None else front, rows, tuple(states) if hidden else None

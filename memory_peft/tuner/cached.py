@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .branch import branch_rows, forward_branch
+from .branch import run_masked
 from .errors import InputError
 from .outputs import MultiTaskImageClassifierOutput
 
@@ -82,31 +82,6 @@ class CachedForward:
         batch, n = cached.shape[0], cached.shape[3]
         tokens = torch.stack([self.memory_class_token[name] for name in names]).to(dtype).expand(batch, -1, -1)
         masks = self._task_masks(layout, n, tokens, base_rows=False)
-        if layout.groups:
-            tokens = run_cached_with_branches(backbone.layers, layout, masks, cached, tokens, base_rows.to(dtype))
-            return self._task_outputs(names, backbone.final_norm(tokens), labels, num_items_in_batch)
-        for i, (layer, plan, mask) in enumerate(zip(backbone.layers, layout.plans, layout.masks)):
-            tokens = layer.forward_task_rows(tokens, cached[:, i, 0], cached[:, i, 1], plan, masks[mask])
+        start_rows = base_rows.to(dtype) if base_rows is not None else None
+        _, tokens, _ = run_masked(backbone.layers, layout, masks, tokens, start_rows, False, False, cached=cached)
         return self._task_outputs(names, backbone.final_norm(tokens), labels, num_items_in_batch)
-
-
-def run_cached_with_branches(layers, layout, masks: dict, cached: torch.Tensor, tokens: torch.Tensor, base_rows):
-    """``run_with_branches`` from a cache: the masked task rows read the cached base keys/values (B, L, 2, n, D), the
-    branches (one start) start from the cached base rows entering that layer (B, n, D). tokens (B, T, D) -> the task
-    rows after the last layer (B, T, D), each branched task's its branch's class token."""
-    start = layout.groups[0].start
-    stop = len(layers) if len(layers) in layout.starts else start  # the masked rows matter only below the branches
-    branches: dict[int, torch.Tensor] = {}
-    for i, layer in enumerate(layers):
-        if i == start:
-            branches = {
-                g: branch_rows(tokens[:, list(group.tasks)], base_rows) for g, group in enumerate(layout.groups)
-            }
-        if i < stop:
-            tokens = layer.forward_task_rows(
-                tokens, cached[:, i, 0], cached[:, i, 1], layout.plans[i], masks[layout.masks[i]]
-            )
-        for g in branches:
-            branches[g] = forward_branch(layer, branches[g], layout.groups[g].names)
-    own = {t: branches[g][j, :, 0] for g in branches for j, t in enumerate(layout.groups[g].tasks)}
-    return torch.stack([own[t] if t in own else tokens[:, t] for t in range(tokens.shape[1])], 1)

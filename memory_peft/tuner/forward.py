@@ -15,7 +15,7 @@ from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .attention import with_base_columns
-from .branch import run_with_branches
+from .branch import run_masked
 from .cached import CachedForward
 from .errors import InputError
 from .layout import Layout
@@ -164,25 +164,20 @@ class MemoryForward(CachedForward):
             torch.is_grad_enabled() and not backbone.layers[0].attention_weights_train() and not hidden and not weights
         )
         masks = self._task_masks(layout, n, embedded, base_rows=not streams)
-        if layout.groups:
-            if weights:
-                raise InputError(
-                    f"output_attentions is not available with task branches (adapters {list(adapter_names)} with "
-                    "branch_layers): a branch's attention is another sequence than the masked rows'."
-                )
-            x, states = run_with_branches(
-                backbone.layers, layout, masks, embedded, tokens, streams, with_base or hidden
+        if layout.groups and weights:
+            raise InputError(
+                f"output_attentions is not available with task branches (adapters {list(adapter_names)} with "
+                "branch_layers): a branch's attention is another sequence than the masked rows'."
             )
-            x = backbone.final_norm(x)
-            return _Encoded(x[:, :n] if with_base else None, x[:, n:], states if hidden else None)
-        if streams:
-            base, tokens = embedded, torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
-            for layer, plan, mask in zip(backbone.layers, layout.plans, layout.masks):
-                base, tokens = layer.forward_streams(base, tokens, plan, masks[mask])
+        if layout.groups or streams:
+            tokens = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
+            keep = with_base or hidden
+            base, tokens, states = run_masked(backbone.layers, layout, masks, tokens, embedded, streams, keep, hidden)
             if with_base:
-                with torch.no_grad():
+                with torch.set_grad_enabled(torch.is_grad_enabled() and not streams):  # base rows: out of autograd
                     base = backbone.final_norm(base)
-            return _Encoded(base if with_base else None, backbone.final_norm(tokens))
+            return _Encoded(base if with_base else None, backbone.final_norm(tokens), states)
+        # one stream without branches: the rows of every layer's attention probabilities too
         x, states, probabilities = self._run_rows(torch.cat([embedded, *tokens], dim=1), layout, masks, hidden, weights)
         x = backbone.final_norm(x)
         return _Encoded(x[:, :n], x[:, n:], states, probabilities)
