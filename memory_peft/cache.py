@@ -192,8 +192,8 @@ def load_cache(
         raise InputError(
             f"The cache at {folder} was computed with another {', '.join(wrong)} "
             f"({', '.join(f'{k}: {recorded.get(k)!s:.16} here {expected.get(k)!s:.16}' for k in wrong)}): "
-            "its keys/values would be wrong for this model. Build it again (another folder, or "
-            "--overwrite)."
+            "its keys/values would be wrong for this model. Give another folder, or remove this one: a missing "
+            "cache is built again from the images (train.py --cache_base, benchmarks/masked_study.py)."
         )
     return BaseCache(folder, recorded["shape"], recorded.get("rows_shape"))
 
