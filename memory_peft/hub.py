@@ -77,14 +77,15 @@ def _network_failure(exc: BaseException) -> BaseException | None:
 def from_hub(source: str | os.PathLike, what: str = "") -> Iterator[None]:
     """Around a Hub lookup of ``source`` (a name that is not a local folder): a failure to reach the Hub becomes one
     ``HubUnreachableError`` line that says so, whatever library raised it (huggingface_hub's httpx errors,
-    transformers' OSError, datasets' ConnectionError), with or without ``HF_HUB_OFFLINE``."""
+    transformers' OSError, datasets' ConnectionError), with or without ``HF_HUB_OFFLINE``. Around a local folder it
+    changes nothing: whatever fails there, the message would be wrong."""
     try:
         yield
     except HubUnreachableError:
         raise
     except Exception as exc:
         network = _network_failure(exc)
-        if network is None:
+        if network is None or Path(source).is_dir():
             raise
         offline = "offline mode (HF_HUB_OFFLINE) is on" if _offline() else type(network).__name__
         raise HubUnreachableError(

@@ -262,3 +262,20 @@ def test_mode_is_a_deprecated_alias_of_setting(capsys):
     assert parse_args([]).setting == "memory" and parse_args(["--setting", "head+cls"]).setting == "head+cls"
     with pytest.raises(ValueError, match="--mode head and --setting full disagree: give --setting only"):
         parse_args(["--mode", "head", "--setting", "full"])
+
+
+def test_from_hub_speaks_of_the_hub_only_for_names_that_are_not_local_folders(tmp_path, monkeypatch):
+    from memory_peft.hub import HubUnreachableError, from_hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    with pytest.raises(HubUnreachableError, match=r"^user/model \(base model\) is not a local folder and the Hub"):
+        with from_hub("user/model", "base model"):
+            raise OSError("could not load") from ConnectionError("refused")
+    with pytest.raises(OSError, match="could not load") as raised:  # a local folder: the error as it was
+        with from_hub("here"):
+            raise OSError("could not load") from ConnectionError("refused")
+    assert not isinstance(raised.value, HubUnreachableError)
+    with pytest.raises(KeyError):  # not a network failure: as it was
+        with from_hub("user/model"):
+            raise KeyError("x")
