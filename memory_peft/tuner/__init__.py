@@ -1,6 +1,7 @@
 """The peft tuner: what could go upstream into peft as ``tuners/memory_tokens/``.
 
-config (``MemoryTokenConfig``), layer (``MemoryTokenLayer``: one ViT layer whose attention also reads memory), model
+config (``MemoryTokenConfig``), layer (``MemoryTokenLayer``: one ViT layer whose attention also reads memory;
+constants: its memory keys/values as constants in eager inference), model
 (``MemoryTokenModel``: the tuner, with per-task class tokens and heads), forward, cached (the forward from cached
 base keys/values), layout (what each layer reads for the active adapters), branch (task branches), outputs,
 attention (masks, top-K), labels (the head described in the base config), backbone (the one place that knows model

@@ -9,22 +9,19 @@ per image) and three extra ops per layer over the stock layer (the row concatena
 concatenations). Nothing produced in a forward is kept, so the layer is the same under eager,
 ``torch.compile(fullgraph=True)`` and CUDA graphs.
 
-Eager inference saves one more op per layer: the memory keys/values are constants there, computed outside any forward
-(when adapters are activated, the model is put in eval mode, moved or copied; ``prepare_constants``) and used only
-while every weight they come from is unchanged (same storage, same version counter); otherwise the forward computes
-them inline.
+Eager inference saves one more op per layer: the memory keys/values as constants (``constants.py``).
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from . import constants
 from .attention import attend, restrict_to_top_k
 from .errors import InputError
 
@@ -50,16 +47,6 @@ NOT_MERGEABLE = (
 NO_MEMORY = MemoryPlan()  # the base rows' plan: the stock layer
 
 
-class MemoryConstants(NamedTuple):
-    """A layer's memory keys/values for one plan, computed outside any forward, and what they were computed from."""
-
-    plan: MemoryPlan
-    sources: tuple[torch.Tensor, ...]
-    stamp: tuple  # (version, storage) of each source when computed
-    key: torch.Tensor  # (M, D)
-    value: torch.Tensor  # (M, D)
-
-
 class MemoryTokenLayer(nn.Module, BaseTunerLayer):
     """Wraps a pre-LN ViT-family layer (norm -> attention -> norm -> MLP; part names from ``LayerParts``)."""
 
@@ -80,7 +67,7 @@ class MemoryTokenLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = []
-        self._constants: MemoryConstants | None = None
+        self._constants: constants.MemoryConstants | None = None
         # the wrapped modules, found once: the forward runs per layer per call and nn.Module lookups cost host time
         self._resolved = _Resolved(base_layer, parts)
 
@@ -176,42 +163,14 @@ class MemoryTokenLayer(nn.Module, BaseTunerLayer):
             return query, key, value, None, None
         return query, key, value, k[tokens:], v[tokens:]
 
-    # --- eager inference: memory keys/values as constants ------------------------------------------------------------
-    def _sources(self, plan: MemoryPlan) -> tuple[torch.Tensor, ...]:
-        """Every tensor the memory keys/values of ``plan`` are computed from."""
-        norm, key, value = self.norm_before, self._resolved.key, self._resolved.value
-        weights = [norm.weight, norm.bias, key.weight, key.bias, value.weight, value.bias]
-        return tuple(t for t in weights if t is not None) + tuple(self.memory_tokens[name] for name in plan.names)
-
-    @staticmethod
-    def _stamp(sources: tuple[torch.Tensor, ...]) -> tuple:
-        # in-place updates bump a tensor's version; moves and casts give it new storage
-        return tuple((t._version, t.data_ptr()) for t in sources)
-
-    @torch.no_grad()
+    # --- eager inference: memory keys/values as constants (constants.py) ---------------------------------------------
     def prepare_constants(self, plan: MemoryPlan) -> None:
         """Compute this layer's memory keys/values for ``plan`` now (called outside any forward)."""
-        self._constants = None
-        reference = self.norm_before.weight
-        # weights of mixed dtypes (cast_frozen_weights) only run under autocast, which computes them inline anyway
-        sources = self._sources(plan)
-        # peft's low_cpu_mem_usage injects adapters on the meta device and loads their weights after
-        if plan.sizes and self._resolved.key.weight.dtype == reference.dtype and not any(t.is_meta for t in sources):
-            empty = reference.new_zeros(1, 0, reference.shape[0])
-            _, _, _, memory_key, memory_value = self._project(empty, plan)
-            self._constants = MemoryConstants(plan, sources, self._stamp(sources), memory_key, memory_value)
+        self._constants = None  # so that computing them runs the projections inline
+        self._constants = constants.compute(self, plan)
 
     def _constants_hold(self, plan: MemoryPlan, x: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling() or torch.is_grad_enabled() or self._constants is None:
-            return False  # compiled and training forwards compute them inline: no state crosses calls
-        constants = self._constants
-        return (
-            constants.plan is plan
-            and constants.key.dtype == x.dtype
-            and constants.key.device == x.device
-            and not torch.is_autocast_enabled(x.device.type)
-            and constants.stamp == self._stamp(constants.sources)
-        )
+        return constants.hold(self._constants, plan, x)
 
     def _attend(
         self,
