@@ -18,14 +18,14 @@ def describe(source: str) -> dict:
     from .artifact import INDEX, read_index
     from .hub import from_hub, is_local
     from .tuner.config import verify_adapter
-    from .tuner.storage import adapter_file, weight_shapes
+    from .tuner.storage import weight_shapes
 
     is_artifact = (Path(source) / INDEX).is_file() if is_local(source) else _hub_has(source, INDEX)
     tasks = read_index(source)["tasks"] if is_artifact else [None]
     rows = []
     for task in tasks:
         with from_hub(source):
-            config, _, weights = verify_adapter(source, subfolder=task)
+            config, config_path, weights = verify_adapter(source, subfolder=task)
         parameters = sum(math.prod(shape) for shape in weight_shapes(weights).values())
         rows.append(
             {
@@ -40,7 +40,7 @@ def describe(source: str) -> dict:
                 "image_size": config.get("image_size"),
                 "labels": config.get("label_names"),
                 "dataset": config.get("dataset"),
-                "bytes": weights.stat().st_size + adapter_file(source, "adapter_config.json", task).stat().st_size,
+                "bytes": weights.stat().st_size + config_path.stat().st_size,
             }
         )
     base = config.get("base_model_name_or_path")

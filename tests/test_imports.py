@@ -144,7 +144,7 @@ def test_no_tuner_module_writes_files():
     assert "def write_atomically" in (PACKAGE / "files.py").read_text()  # the check would see a move back
 
 
-# a ceiling that catches growth, set at the tuner's size when it was last reviewed (2,241 lines, 16 files, none over
+# a ceiling that catches growth, set at the tuner's size when it was last reviewed (2,245 lines, 16 files, none over
 # 309), not the ~1,300 lines the upstream-ready review aimed for: CHANGELOG.md (Unreleased) says what keeps it above
 TUNER_LINES, FILE_LINES = 2_260, 310
 

@@ -126,8 +126,11 @@ def run_masked(layers, layout, masks: dict, tokens, base, streams: bool, keep: b
     x = torch.cat([base, tokens], 1) if one_stream else tokens
     branches: dict[int, torch.Tensor] = {}  # group -> (G, B, n, D)
 
-    def split():  # -> (base rows, task rows, each branched task's its branch's class token)
-        front, rows = (x[:, :-num_tasks], x[:, -num_tasks:]) if one_stream else (base, x)
+    def parts():  # -> (base rows, task rows) as they run
+        return (x[:, :-num_tasks], x[:, -num_tasks:]) if one_stream else (base, x)
+
+    def split():  # -> parts(), each branched task's row its branch's class token
+        front, rows = parts()
         if branches:
             own = {t: branches[g][j, :, 0] for g in branches for j, t in enumerate(layout.groups[g].tasks)}
             rows = torch.stack([own[t] if t in own else rows[:, t] for t in range(num_tasks)], 1)
@@ -137,7 +140,7 @@ def run_masked(layers, layout, masks: dict, tokens, base, streams: bool, keep: b
     for i, layer in enumerate(layers):
         for g, group in enumerate(layout.groups):
             if group.start == i:
-                front, rows = (x[:, :-num_tasks], x[:, -num_tasks:]) if one_stream else (base, x)
+                front, rows = parts()
                 branches[g] = branch_rows(rows[:, list(group.tasks)], front)
         if i < stop:
             plan, mask = layout.plans[i], masks[layout.masks[i]]

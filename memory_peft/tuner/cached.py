@@ -83,5 +83,7 @@ class CachedForward:
         tokens = torch.stack([self.memory_class_token[name] for name in names]).to(dtype).expand(batch, -1, -1)
         masks = self._task_masks(layout, n, tokens, base_rows=False)
         start_rows = base_rows.to(dtype) if base_rows is not None else None
-        _, tokens, _ = run_masked(backbone.layers, layout, masks, tokens, start_rows, False, False, cached=cached)
+        _, tokens, _ = run_masked(
+            backbone.layers, layout, masks, tokens, start_rows, streams=False, keep=False, cached=cached
+        )
         return self._task_outputs(names, backbone.final_norm(tokens), labels, num_items_in_batch)
