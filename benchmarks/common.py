@@ -272,13 +272,14 @@ LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], modules_to_
 
 
 def lora_model(backbone: str, data, seed: int, **lora):
-    """peft's LoRA on ``ViTForImageClassification`` of the same pretrained weights, its classifier from zero (as every
+    """peft's LoRA on the backbone's own image-classification model (``ViTForImageClassification``,
+    ``Dinov2ForImageClassification``, ...) of the same pretrained weights, its classifier from zero (as every
     memory-peft row's head): the row PEFT users compare memory with."""
     from peft import LoraConfig, get_peft_model
-    from transformers import ViTForImageClassification
+    from transformers import AutoModelForImageClassification
 
     torch.manual_seed(seed)
-    classifier = ViTForImageClassification.from_pretrained(
+    classifier = AutoModelForImageClassification.from_pretrained(
         backbone, num_labels=data["num_labels"], id2label=dict(enumerate(data["label_names"]))
     )
     nn.init.zeros_(classifier.classifier.weight), nn.init.zeros_(classifier.classifier.bias)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import statistics
 import sys
@@ -34,7 +35,6 @@ from common import (  # noqa: E402
     cached_accuracy,
     cached_lora_accuracy,
     difference,
-    frozen_features,
     mean_and_error,
     model_logits,
     prepare,
@@ -48,6 +48,15 @@ from memory_peft.assets import default_backbone, default_dataset, portable  # no
 from memory_peft.cache import load_cache  # noqa: E402
 from memory_peft.data import image_processor  # noqa: E402
 from memory_peft.files import write_text_atomically  # noqa: E402
+from memory_peft.probe import (  # noqa: E402
+    PROBE_LRS,
+    PROBE_WEIGHT_DECAYS,
+    chosen_layers,
+    fit_probe,
+    flatten,
+    layer_features,
+    probe_accuracy,
+)
 from memory_peft.settings import apply_setting  # noqa: E402
 from memory_peft.sources import load_backbone  # noqa: E402
 from memory_peft.sweep import sweep_learning_rate  # noqa: E402
@@ -242,6 +251,14 @@ EXPERIMENTS = {
     ),
 }
 
+# linear probes trained to convergence (memory_peft.probe): AdamW with weight decay on standardised frozen features,
+# LR x weight decay chosen on validation. name -> (layers, tokens: 0 the final-normed class token, 1 the mean patch)
+PROBES = {
+    "linear probe (converged)": ("last", (0,)),
+    "linear probe, last 4 layers": (4, (0, 1)),
+    "linear probe, every layer": ("all", (0, 1)),
+}
+
 # the head probe is cheap (cached features) and is the start of every run "from the probe": it always sweeps this far
 PROBE_EXTENSIONS = 4
 
@@ -267,7 +284,11 @@ def parse_args(argv=None):
         f"the same head whatever this is",
     )
     p.add_argument(
-        "--experiments", nargs="+", default=None, choices=["head", *EXPERIMENTS], help="default: all, head first"
+        "--experiments",
+        nargs="+",
+        default=None,
+        choices=["head", *PROBES, *EXPERIMENTS],
+        help="default: all, head first",
     )
     p.add_argument(
         "--lr",
@@ -295,7 +316,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.backbone = args.backbone or default_backbone()
     args.dataset = args.dataset or default_dataset("cifar10")
-    args.experiments = args.experiments or ["head", *EXPERIMENTS]
+    args.experiments = args.experiments or ["head", *PROBES, *EXPERIMENTS]
     args.grids = {name: row[4] for name, row in EXPERIMENTS.items()}
     for item in args.lr:
         name, _, values = item.rpartition("=")
@@ -351,10 +372,14 @@ def claim_study(out: Path, args, report_only: bool = False) -> None:
 
 
 def recorded_runs(out: Path) -> dict:
-    """(experiment, lr, seed) -> run, from runs.jsonl."""
+    """(experiment, lr, seed) -> run, from runs.jsonl; a probe's "lr" is (lr, weight decay)."""
     path = out / "runs.jsonl"
     runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return {(r["experiment"], r["lr"], r["seed"]): r for r in runs}
+    return {(r["experiment"], hyper(r), r["seed"]): r for r in runs}
+
+
+def hyper(run: dict):
+    return (run["lr"], run["weight_decay"]) if "weight_decay" in run else run["lr"]
 
 
 def record(out: Path, run: dict) -> dict:
@@ -404,7 +429,8 @@ def run_study(args) -> None:
     vit = load_backbone(args.backbone).to(device).eval()
     data = prepare(args.dataset, args, image_processor(args.backbone, args.image_size))
     began = time.perf_counter()
-    features = {split: frozen_features(vit, data[split][0], device) for split in ("train", "val", "test")}
+    every_layer = {split: layer_features(vit, data[split][0]).float() for split in ("train", "val", "test")}
+    features = {split: every_layer[split][:, -1, 0] for split in every_layer}  # the final-normed class token
     print(
         f"{data['name']}: {len(data['train'][1])} train / {len(data['val'][1])} val / {len(data['test'][1])} test, "
         f"features in {time.perf_counter() - began:.0f} s",
@@ -437,6 +463,8 @@ def run_study(args) -> None:
                             seconds=0,
                         ),
                     )
+    for name in (e for e in args.experiments if e in PROBES):
+        run_probe(name, args, out, every_layer, data)
     layers = vit.config.num_hidden_layers
     on_caches = [e for e in args.experiments if cached_setting(e)]
     rows_at = branch_starts(layers)
@@ -445,9 +473,36 @@ def run_study(args) -> None:
         cached["plain"] = caches(vit, data, args, out)
     if any(rows_start(e, layers) is not None for e in on_caches):
         cached["rows"] = caches(vit, data, args, out, rows_at)
-    for name in (e for e in args.experiments if e != "head"):
+    for name in (e for e in args.experiments if e in EXPERIMENTS):
         run_experiment(name, args, out, vit, data, cached, probe, accelerator)
     print(report(out, args), flush=True)
+
+
+def run_probe(name: str, args, out: Path, every_layer: dict, data) -> None:
+    """A linear probe trained to convergence: its LR x weight-decay grid at seed 0 (seconds a point, on frozen
+    features; each point recorded as it ends), then the other seeds at the point validation chose."""
+    layer_spec, tokens = PROBES[name]
+    layers = chosen_layers(every_layer["train"].shape[1], layer_spec)
+    x = {split: flatten(every_layer[split], layers, tokens) for split in every_layer}
+    y = {split: data[split][1] for split in every_layer}
+    labels = data["num_labels"]
+
+    def train_one(lr, weight_decay, seed=0):
+        if (name, (lr, weight_decay), seed) in recorded_runs(out):
+            return
+        started = time.perf_counter()
+        probe = fit_probe(x["train"], y["train"], labels, lr, weight_decay, seed)
+        run = dict(experiment=name, lr=lr, weight_decay=weight_decay, seed=seed)
+        run.update({split: probe_accuracy(probe, x[split], y[split]) for split in ("val", "test", "train")})
+        record(out, dict(run, trainable=trainable_parameters(probe), seconds=round(time.perf_counter() - started)))
+        print(f"  {name:<40} lr {lr:g} wd {weight_decay:g} seed {seed}  val {100 * run['val']:5.1f}", flush=True)
+
+    for lr, weight_decay in itertools.product(PROBE_LRS, PROBE_WEIGHT_DECAYS):
+        train_one(lr, weight_decay)
+    sweep = {h: r["val"] for (e, h, seed), r in recorded_runs(out).items() if e == name and seed == 0}
+    lr, weight_decay = max(sweep, key=sweep.get)  # ties: the first in grid order
+    for seed in range(1, args.seeds):
+        train_one(lr, weight_decay, seed)
 
 
 def cached_setting(name: str) -> bool:
@@ -541,7 +596,7 @@ def summarise(runs: dict) -> dict:
     """Per experiment: (test accuracies at the chosen LR, one per seed; the chosen LR; {LR: validation accuracy} of the
     seed-0 sweep; train accuracies; trainable parameters or None)."""
     summary = {}
-    for name in ["head", *EXPERIMENTS]:
+    for name in ["head", *PROBES, *EXPERIMENTS]:
         sweep = {lr: r["val"] for (e, lr, seed), r in runs.items() if e == name and seed == 0}
         if not sweep:
             continue
@@ -579,7 +634,19 @@ def report(out: Path, args) -> str:
     )
     closes = 0 < full_error and full_gap > 2 * full_error
     for name, (tests, lr, sweep, fitted, trainable) in summary.items():
-        tried = ", ".join(f"{x:g} ({100 * v:.1f})" for x, v in sorted(sweep.items()))
+        if name in PROBES:  # a grid of LR x weight decay: its extent and the range of validation scores
+            lrs, decays = sorted({h[0] for h in sweep}), sorted({h[1] for h in sweep})
+            tried = (
+                f"{'/'.join(f'{x:g}' for x in lrs)} x wd {'/'.join(f'{x:g}' for x in decays)} "
+                f"({100 * min(sweep.values()):.1f}–{100 * max(sweep.values()):.1f})"
+            )
+            edge = " (edge)" if lr[0] in (lrs[0], lrs[-1]) or lr[1] in (decays[0], decays[-1]) else ""
+            lr_text = f"{lr[0]:g}, wd {lr[1]:g}{edge}"
+        else:
+            tried = ", ".join(f"{x:g} ({100 * v:.1f})" for x, v in sorted(sweep.items()))
+            # a best LR at the end of a swept grid says the sweep stopped early: a better LR may lie past it
+            edge = " (edge)" if len(sweep) > 1 and lr in (min(sweep), max(sweep)) else ""
+            lr_text = f"{lr:g}{edge}"
         mean, error = mean_and_error(tests)
         versus = ""
         if reference and name != reference:
@@ -592,10 +659,8 @@ def report(out: Path, args) -> str:
             if closes and name != "head" and name not in fulls
             else "—"
         )
-        # a best LR at the end of a swept grid says the sweep stopped early: a better LR may lie past it
-        edge = " (edge)" if len(sweep) > 1 and lr in (min(sweep), max(sweep)) else ""
         lines.append(
-            f"| {name} | {tried} | {lr:g}{edge} | {100 * mean:.1f}{spread} | {len(tests)} | {versus} "
+            f"| {name} | {tried} | {lr_text} | {100 * mean:.1f}{spread} | {len(tests)} | {versus} "
             f"| {closure} | {train} | {f'{trainable:,}' if trainable else '—'} |"
         )
     steps = args.epochs * (args.train_size // args.batch_size)

@@ -1,7 +1,8 @@
-"""The ``memory-peft`` command: train, evaluate, merge, split, inspect, export, demo.
+"""The ``memory-peft`` command: train, evaluate, predict, merge, split, inspect, export, demo.
 
 memory-peft train --setting memory --m 5 --output_dir outputs/cifar
 memory-peft evaluate outputs/cifar/adapter --dataset ../shared/data/cifar10
+memory-peft predict outputs/merged cat.png photos/
 memory-peft merge cifar=outputs/cifar/adapter fashion=user/fashion-memory --output outputs/merged
 memory-peft split outputs/merged --output outputs/single
 memory-peft inspect outputs/merged
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from .files import OutputExistsError
 from .sources import describe, load_source, named_sources
-from .train_args import accept_both_spellings
+from .train_args import DEFAULT_TRAIN_VAL_SPLIT, accept_both_spellings, quiet_foreign_deprecations
 from .tuner.errors import InputError, MemoryPeftError
 
 PROG = "memory-peft"
@@ -52,10 +53,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="score a seeded subset of this many images (0: the whole split; on 2 CPU cores CIFAR-10's "
         "10,000 test images take ~2 min per task at 98 px, ~10 min at 224 px)",
     )
+    evaluate.add_argument(
+        "--train_val_split",
+        type=float,
+        default=None,
+        help="a dataset without an evaluation split: score the fraction of train held out at training (default: "
+        f"as the task's config records, else {DEFAULT_TRAIN_VAL_SPLIT}; the same images as training held out)",
+    )
     evaluate.add_argument("--image_size", type=int, default=None, help="default: the adapter's training size")
     evaluate.add_argument("--batch_size", type=int, default=32)
     evaluate.add_argument("--image_column", default=None)
     evaluate.add_argument("--label_column", default=None)
+
+    predict = commands.add_parser("predict", help="top-k classes of image files for every task, in one forward")
+    predict.add_argument("source", help="adapter or merged artifact: local folder or Hub id")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of them")
+    predict.add_argument("--backbone", default=None, help="default: the adapter's base_model_name_or_path")
+    predict.add_argument("--task", action="append", default=None, help="artifact tasks to run (default: all)")
+    predict.add_argument("--top_k", type=int, default=3, help="classes listed per task")
+    predict.add_argument("--image_size", type=int, default=None, help="default: the adapters' training size")
+    predict.add_argument("--json", action="store_true", help="one JSON object: predictions and problems per file")
 
     merge = commands.add_parser("merge", help="merge masked adapters into one multi-task artifact")
     merge.add_argument("adapters", nargs="+", metavar="TASK=PATH", help="task name = adapter folder or Hub id")
@@ -124,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    quiet_foreign_deprecations()
     if argv[:1] == ["train"]:  # the training script owns its options (and --help)
         from .training import main as train_main
 
@@ -133,6 +151,7 @@ def main(argv=None) -> int:
     try:
         commands = {
             "evaluate": evaluate,
+            "predict": predict,
             "merge": merge,
             "split": split,
             "inspect": inspect,
@@ -245,8 +264,11 @@ def evaluate(args) -> int:
     accelerator = Accelerator()  # accelerate picks the device (CUDA, MPS, XPU, else CPU)
     report = {}
     for dataset in dict.fromkeys(datasets.values()):  # each dataset loaded once, for the tasks trained on it
+        recorded = [model.peft_config[t].train_val_split for t in tasks if datasets[t] == dataset]
+        split = next((r for r in recorded if r), DEFAULT_TRAIN_VAL_SPLIT)
+        split = split if args.train_val_split is None else args.train_val_split
         data = load_image_data(
-            dataset, args.image_column, args.label_column, train_size=1, eval_size=args.eval_size or None
+            dataset, args.image_column, args.label_column, 1, args.eval_size or None, train_val_split=split
         )
         for task in [t for t in tasks if datasets[t] == dataset]:
             config = model.peft_config[task]
@@ -268,6 +290,37 @@ def evaluate(args) -> int:
             )
     print(json.dumps(report, indent=2))
     return 0
+
+
+def predict(args) -> int:
+    """Exit status 1 when a file could not be read (each named in one line), after the others were predicted."""
+    from .data import image_processor
+    from .predict import image_files, predict_files
+    from .sources import served_image_size
+
+    if args.top_k < 1:
+        raise InputError(f"--top_k {args.top_k}: give a count of classes >= 1.")
+    files, problems = image_files(args.images)
+    if not files:
+        raise InputError(f"no image to predict: {'; '.join(problems.values())}.")
+    model, backbone_id = load_source(args.source, args.backbone, args.task)
+    processor = image_processor(backbone_id, args.image_size or served_image_size(model))
+    predictions, unreadable = predict_files(model, processor, files, args.top_k)
+    problems.update(unreadable)
+    if args.json:
+        ranked = {
+            f: {t: [{"label": c, "score": p} for c, p in r] for t, r in tasks.items()}
+            for f, tasks in predictions.items()
+        }
+        print(json.dumps({"predictions": ranked, "problems": problems}, indent=2))
+    else:
+        for file, tasks in predictions.items():
+            print(file)
+            for task, ranked in tasks.items():
+                print(f"  {task}: " + ", ".join(f"{label} {100 * p:.1f}%" for label, p in ranked))
+    for problem in problems.values():
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def task_datasets(info: dict, tasks: list[str], given: list[str]) -> dict[str, str]:

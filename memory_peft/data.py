@@ -10,6 +10,7 @@ import torch
 from .tuner.errors import InputError, MemoryPeftError
 
 EVAL_SPLITS = ("test", "validation", "valid", "val")
+CARVE_SEED = 0  # the held-out images of a dataset without an evaluation split: the same for every run and seed
 
 
 @dataclass
@@ -19,6 +20,7 @@ class ImageData:
     image_column: str
     label_column: str
     label_names: list[str]
+    carved: float | None = None  # the fraction of train held out as ``eval`` (no evaluation split), else None
 
     @property
     def num_labels(self) -> int:
@@ -47,8 +49,13 @@ def load_image_data(
     train_size: int | None = None,
     eval_size: int | None = None,
     seed: int = 0,
+    train_val_split: float = 0.0,
 ) -> ImageData:
-    """Load train and eval splits (eval: test, else validation); subsets are a seeded shuffle of each split."""
+    """Load train and eval splits (eval: test, else validation); subsets are a seeded shuffle of each split.
+
+    A dataset without an evaluation split (e.g. a folder of class subfolders, datasets' ``imagefolder``) gets one
+    carved from train where ``train_val_split`` > 0: that fraction, always the same images (seed ``CARVE_SEED``),
+    before any subset is taken; 0 refuses such a dataset."""
     from .hub import from_hub
 
     try:
@@ -66,9 +73,22 @@ def load_image_data(
     if "train" not in splits:
         raise InputError(f"Dataset {dataset!r} has no 'train' split; its splits are {list(splits)}.")
     eval_name = next((name for name in EVAL_SPLITS if name in splits), None)
-    if eval_name is None:
-        raise InputError(f"Dataset {dataset!r} has no evaluation split (one of {EVAL_SPLITS}); found {list(splits)}.")
-    train, evaluation = splits["train"], splits[eval_name]
+    train, carved = splits["train"], None
+    if eval_name is not None:
+        evaluation = splits[eval_name]
+    elif not 0 < train_val_split < 1:
+        raise InputError(
+            f"Dataset {dataset!r} has no evaluation split (one of {EVAL_SPLITS}); found {list(splits)}. Hold out "
+            "part of train with --train_val_split (e.g. 0.15), or add a test split."
+        )
+    elif len(train) * train_val_split < 1 or len(train) * (1 - train_val_split) < 1:
+        raise InputError(
+            f"Dataset {dataset!r} has {len(train)} training images: --train_val_split {train_val_split} leaves no "
+            "image on one side. Add images, or give the dataset a test split."
+        )
+    else:
+        held_out = train.train_test_split(test_size=train_val_split, seed=CARVE_SEED)
+        train, evaluation, carved, eval_name = held_out["train"], held_out["test"], train_val_split, "held-out"
     image_column = _find_column(train, image_column, datasets.Image, ("image", "img", "pixel_values"), "image")
     label_column = _find_column(train, label_column, datasets.ClassLabel, ("label", "labels", "fine_label"), "label")
     for name, split in (("train", train), (eval_name, evaluation)):
@@ -83,7 +103,7 @@ def load_image_data(
         train = train.shuffle(seed=seed).select(range(min(train_size, len(train))))
     if eval_size:
         evaluation = evaluation.shuffle(seed=seed).select(range(min(eval_size, len(evaluation))))
-    return ImageData(train, evaluation, image_column, label_column, label_names)
+    return ImageData(train, evaluation, image_column, label_column, label_names, carved)
 
 
 def image_processor(backbone: str, image_size: int, **kwargs):

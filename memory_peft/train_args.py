@@ -27,6 +27,17 @@ from .recipe import ADAMW_LR_WARNING, DEFAULT_LR, DEFAULT_OPTIMIZER, GRAD_CLIP, 
 from .settings import SETTINGS
 from .tuner.errors import InputError
 
+DEFAULT_TRAIN_VAL_SPLIT = 0.15  # transformers' image-classification example's default
+
+
+def quiet_foreign_deprecations() -> None:
+    """Where the command line starts: hide the one deprecation that peft 0.21 raises on every load against
+    transformers 5.x (peft asks for ``is_gradient_checkpointing``, which transformers renamed): nothing a user of
+    this command can act on. Library users see it as peft raises it."""
+    warnings.filterwarnings(
+        "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning, module="transformers"
+    )
+
 
 def accept_both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Every long option (of ``parser`` and its subcommands) also answers to its other spelling: ``--batch_size`` and
@@ -50,6 +61,13 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     p.add_argument("--label_column", default=None)
     p.add_argument("--train_size", type=int, default=2000, help="train subset (0: all)")
     p.add_argument("--eval_size", type=int, default=1000, help="eval subset (0: all)")
+    p.add_argument(
+        "--train_val_split",
+        type=float,
+        default=DEFAULT_TRAIN_VAL_SPLIT,
+        help="a dataset without an evaluation split (e.g. a folder of class subfolders): hold out this fraction "
+        "of train for evaluation, always the same images (0: refuse such a dataset)",
+    )
     p.add_argument("--image_size", type=int, default=98, help="square input size; multiple of the patch size")
     p.add_argument(
         "--setting", default=None, choices=sorted(SETTINGS), help="the paper's fine-tune setting (default: memory)"
@@ -149,6 +167,8 @@ def parse_args(argv=None, prog=None):
     args = build_parser(prog).parse_args(argv)
     if args.checkpoint_total_limit < 0:
         raise InputError(f"--checkpoint_total_limit {args.checkpoint_total_limit}: give a count >= 1, or 0 for all.")
+    if not 0 <= args.train_val_split < 1:
+        raise InputError(f"--train_val_split {args.train_val_split}: give a fraction in [0, 1), e.g. 0.15.")
     if args.log_every < 0:
         raise InputError(f"--log_every {args.log_every}: give a number of steps, or 0 for the default.")
     if args.cache_base and (args.setting or args.mode) != "memory-masked":

@@ -29,7 +29,12 @@ from .recipe import paper_recipe
 from .reporting import JSONLinesTracker, model_card, plot_curves, plot_memory_attention, read_log
 from .settings import apply_setting, cast_frozen_weights
 from .sources import load_backbone
-from .train_args import check_output_dir, command_line, parse_args  # noqa: F401  (parse_args: re-exported)
+from .train_args import (  # noqa: F401  (parse_args: re-exported)
+    check_output_dir,
+    command_line,
+    parse_args,
+    quiet_foreign_deprecations,
+)
 from .tuner.errors import InputError, MemoryPeftError
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
@@ -64,6 +69,7 @@ def recorded_dataset(dataset: str, given: bool) -> str:
 
 def main(argv=None, prog=None):
     """Run training; bad input ends in one ``error: ...`` line (exit status 1), not a traceback."""
+    quiet_foreign_deprecations()
     try:
         args = parse_args(argv, prog)
         args.command = command_line(list(sys.argv[1:] if argv is None else argv), prog)
@@ -91,12 +97,26 @@ def train(args):
     args.backbone = args.backbone or default_backbone()
     given, args.dataset = args.dataset is not None, args.dataset or default_dataset("cifar10")
     output_dir = Path(args.output_dir)
+    check_output_dir(args, output_dir)  # before any work: never two runs in one folder
+    data = load_image_data(
+        args.dataset,
+        args.image_column,
+        args.label_column,
+        args.train_size or None,
+        args.eval_size or None,
+        args.seed,
+        args.train_val_split,
+    )
+    if data.carved:
+        print(
+            f"{args.dataset} has no evaluation split: {100 * data.carved:g} % of train held out for evaluation "
+            f"(--train_val_split {data.carved:g}, the same images every run; {len(data.eval)} used)",
+            file=sys.stderr,
+        )
+    check_batch_fits(args, len(data.train))  # before any folder is made
     accelerator = make_accelerator(args, output_dir)
     set_seed(args.seed)
 
-    data = load_image_data(
-        args.dataset, args.image_column, args.label_column, args.train_size or None, args.eval_size or None, args.seed
-    )
     vit = load_backbone(args.backbone)  # first: it says when the Hub cannot be reached (the processor's loader cannot)
     processor = image_processor(args.backbone, args.image_size)
     train = data.train.with_transform(image_transform(processor, data.image_column, data.label_column, args.augment))
@@ -115,6 +135,7 @@ def train(args):
         label_names=data.label_names,
         image_size=args.image_size,
         dataset=recorded,
+        train_val_split=data.carved,
         **(
             {"branch_layers": args.branch_layers, "branch_rank": args.branch_rank}
             if args.branch_layers or args.branch_rank
@@ -126,7 +147,7 @@ def train(args):
         train_loader = DataLoader(cache, shuffle=True, drop_last=True, collate_fn=cache.collate, **loader_args)
     if accelerator.mixed_precision in ("bf16", "fp16"):  # a frozen weight is cast once here, not at every use
         cast_frozen_weights(model, torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
-    total_steps = args.max_steps or args.epochs * steps_per_epoch(args, train_loader, len(data.train), accelerator)
+    total_steps = args.max_steps or args.epochs * steps_per_epoch(args, train_loader, accelerator)
     # accelerate steps a prepared scheduler once per process at each optimizer step: count in those units
     processes = accelerator.num_processes
     trainable, optimizer, scheduler = paper_recipe(
@@ -185,7 +206,7 @@ def train(args):
                 break
         else:
             epoch, batches_done = epoch + 1, 0
-        if step == args.stop_after and step < total_steps:
+        if args.stop_after and step == args.stop_after and step < total_steps:
             save_checkpoint(accelerator, args, output_dir, step, epoch, batches_done, args.checkpoint_total_limit)
             accelerator.print(f"stopped after step {step}; continue with --resume")
             accelerator.end_training()
@@ -205,12 +226,11 @@ def train(args):
 
 
 def make_accelerator(args, output_dir: Path) -> Accelerator:
-    """The run's Accelerator, once the output folder is checked (by the main process, the others waiting)."""
+    """The run's Accelerator (the output folder checked before, ``check_output_dir``)."""
     # Several processes without CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on CPUs): accelerate
     # uses gloo only when told that the processes are CPU ones.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     PartialState(cpu=cpu_processes)  # before the tracker, whose main-process check would set up the state first
-    check_output_dir(args, output_dir)
     PartialState().wait_for_everyone()
     compile_plugin = TorchDynamoPlugin(backend="inductor", mode=args.compile, fullgraph=True) if args.compile else None
     return Accelerator(
@@ -224,17 +244,22 @@ def make_accelerator(args, output_dir: Path) -> Accelerator:
     )
 
 
-def steps_per_epoch(args, train_loader, images: int, accelerator) -> int:
-    """Optimizer steps in one pass over the training data, or an error when there is not one full step."""
-    steps = len(train_loader) // (args.grad_accum * accelerator.num_processes)
-    if steps == 0:  # drop_last: not one full optimizer step in the data, and no progress ever
-        per_step = args.batch_size * args.grad_accum * accelerator.num_processes
+def check_batch_fits(args, images: int) -> None:
+    """One full optimizer step needs batch x accumulation x processes images (the loader drops a last partial
+    batch): say so at once, whatever ``--max_steps`` says, rather than train no step at all."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = args.batch_size * args.grad_accum * processes
+    if images < per_step:
         raise InputError(
             f"{images} training images make no full optimizer step of {per_step} images "
             f"(--batch_size {args.batch_size} x --grad_accum {args.grad_accum} x "
-            f"{accelerator.num_processes} process(es)): lower --batch_size or raise --train_size."
+            f"{processes} process(es)): lower --batch_size or raise --train_size."
         )
-    return steps
+
+
+def steps_per_epoch(args, train_loader, accelerator) -> int:
+    """Optimizer steps in one pass over the training data (at least one: ``check_batch_fits``)."""
+    return max(1, len(train_loader) // (args.grad_accum * accelerator.num_processes))
 
 
 def model_inputs(batch: dict) -> dict:
@@ -304,6 +329,7 @@ def finish(model, args, data, scores, step, train_seconds, output_dir: Path, sha
         "metrics": scores,
         "backbone": args.backbone,
         "dataset": args.dataset,
+        "train_val_split": data.carved,  # None: the dataset's own evaluation split
         "command": command,
     }
     title = f"memory-peft {args.setting} adapter on {Path(args.dataset).name}"

@@ -221,6 +221,22 @@ def test_fewer_training_images_than_one_batch(tiny_dataset, tmp_path):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize(
+    "setting, extra, per_step",
+    [
+        ("head", ["--batch_size", "8", "--max_steps", "3"], 8),  # --max_steps once skipped the check (exit 0)
+        ("memory-masked", ["--batch_size", "8", "--max_steps", "3", "--cache_base", "CACHE"], 8),
+        ("memory", ["--batch_size", "2", "--grad_accum", "3"], 6),
+    ],
+)
+def test_a_batch_larger_than_the_data_stops_before_any_folder_is_made(tiny_dataset, tmp_path, setting, extra, per_step):
+    extra = [tmp_path / "cache" if e == "CACHE" else e for e in extra]
+    error = run_train("--dataset", tiny_dataset, "--output_dir", tmp_path / "out", "--setting", setting, *extra)
+    assert f"4 training images make no full optimizer step of {per_step} images" in error
+    assert "lower --batch_size or raise --train_size" in error
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
 def test_a_mistyped_local_path_is_refused_at_once_not_looked_up_on_the_hub(tmp_path, monkeypatch, capsys):
     from memory_peft.cli import main as cli
 

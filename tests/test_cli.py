@@ -122,7 +122,8 @@ def test_predict_uses_the_adapters_base_model_and_ends_errors_in_one_line(tmp_pa
     get_peft_model(vit, MemoryTokenConfig(m=2, num_labels=3, mode="masked")).save_pretrained(tmp_path / "adapter")
     Image.new("RGB", (20, 20), "blue").save(tmp_path / "a.png")
     predictions = predict.main(["--adapter", f"task={tmp_path / 'adapter'}", "--images", str(tmp_path / "a.png")])
-    assert len(predictions["task"][0]) == 3  # loaded onto tmp_path/base: the bundled ViT-S/14 would refuse it
+    # loaded onto tmp_path/base: the bundled ViT-S/14 would refuse it
+    assert len(predictions[str(tmp_path / "a.png")]["task"]) == 3
     with pytest.raises(SystemExit, match=r"^error: .*nope: no such folder") as exit_info:
         predict.main(["--adapter", f"task={tmp_path / 'nope'}", "--images", str(tmp_path / "a.png")])
     assert "\n" not in str(exit_info.value.code)

@@ -25,11 +25,17 @@ class Architecture:
     interpolates: bool = False  # Dinov2: the embeddings always interpolate the position embedding (no flag)
     wrapper: str = ""  # where a task model (e.g. ViTForImageClassification) keeps the backbone: "vit."
     classifier: str | None = None  # a task model's own head: its config's num_labels/id2label describe the task
+    extra_tokens: int = 0  # DeiT: base tokens between the class token and the patches (its distillation token)
 
 
-def _vit(wrapper: str = "", classifier: str | None = None) -> Architecture:
+def _vit(wrapper: str = "", classifier: str | None = None, extra_tokens: int = 0) -> Architecture:
     return Architecture(
-        f"{wrapper}embeddings", f"{wrapper}layers", f"{wrapper}layernorm", wrapper=wrapper, classifier=classifier
+        f"{wrapper}embeddings",
+        f"{wrapper}layers",
+        f"{wrapper}layernorm",
+        wrapper=wrapper,
+        classifier=classifier,
+        extra_tokens=extra_tokens,
     )
 
 
@@ -38,7 +44,7 @@ def _vit(wrapper: str = "", classifier: str | None = None) -> Architecture:
 ARCHITECTURES = {
     "ViTModel": _vit(),
     "ViTForImageClassification": _vit("vit.", classifier="classifier"),
-    "DeiTModel": _vit(),
+    "DeiTModel": _vit(extra_tokens=1),
     "Dinov2Model": Architecture("embeddings", "encoder.layer", "layernorm", interpolates=True),
     "CLIPVisionModel": Architecture("embeddings", "encoder.layers", "post_layernorm", pre_norm="pre_layrnorm"),
 }

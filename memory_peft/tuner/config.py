@@ -65,6 +65,8 @@ class MemoryTokenConfig(PeftConfig):
         image_size: the input size the adapter was trained at; pipelines, ``evaluate`` and exports serve at it, and
             a forward at another size warns once.
         dataset: the training dataset as it was given (Hub id or path), which ``memory-peft evaluate`` scores on.
+        train_val_split: where that dataset has no evaluation split, the fraction of its training split held out
+            for evaluation (always the same images), so that ``memory-peft evaluate`` scores the same ones.
         backbone: recorded by the tuner (hidden size, depth, patch size of the base model it was created on); an
             adapter refuses to load onto a base model of another shape.
     """
@@ -96,6 +98,9 @@ class MemoryTokenConfig(PeftConfig):
     label_names: list[str] | None = field(default=None, metadata={"help": "class names of the head, in order"})
     image_size: int | None = field(default=None, metadata={"help": "input size the adapter was trained at"})
     dataset: str | None = field(default=None, metadata={"help": "Hub id or folder of the training dataset"})
+    train_val_split: float | None = field(
+        default=None, metadata={"help": "fraction of train held out for evaluation (no evaluation split)"}
+    )
     backbone: dict | None = field(
         default=None, metadata={"help": "set by the tuner: hidden_size, num_layers, patch_size of the trained-on base"}
     )
@@ -129,6 +134,9 @@ class MemoryTokenConfig(PeftConfig):
         for flag in ("train_class_token", "memory_layernorm"):
             if not isinstance(getattr(self, flag), bool):
                 raise InputError(f"MemoryTokenConfig.{flag} must be true or false, got {getattr(self, flag)!r}.")
+        split = self.train_val_split
+        if split is not None and (isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 < split < 1):
+            raise InputError(f"MemoryTokenConfig.train_val_split must be None or a fraction in (0, 1), got {split!r}.")
         if self.dataset is not None and not isinstance(self.dataset, str):
             raise InputError(f"MemoryTokenConfig.dataset must be None or a Hub id / folder name, got {self.dataset!r}.")
         for name in ("extends", "label_names"):
