@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from .files import write_text_atomically
+from .files import raise_storage_error, write_text_atomically
 from .tuner.errors import InputError
 
 # the arguments a checkpoint must share with the run that resumes it
@@ -82,7 +82,11 @@ def save_checkpoint(
     """Write ``checkpoints/step_<step>``; ``keep`` > 0: then remove the oldest complete ones beyond that many (an
     incomplete one is never counted, and the newest complete one is never removed)."""
     path = output_dir / "checkpoints" / f"step_{step}"
-    accelerator.save_state(str(path))
+    try:
+        accelerator.save_state(str(path))
+    except OSError as exc:  # disk full: this checkpoint never became complete; the earlier ones stay as they were
+        shutil.rmtree(path, ignore_errors=True)
+        raise_storage_error(exc, path, "The earlier checkpoints are intact: free space, then --resume.")
     if accelerator.is_main_process:  # written last: a checkpoint without it is incomplete and never resumed from
         progress = {"step": step, "epoch": epoch, "batches_done": batches_done, "run": run_definition(args)}
         write_text_atomically(path / "progress.json", json.dumps(progress))  # never half-written: resume reads it

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from .tuner.errors import MemoryPeftError
 from .tuner.storage import CONFIG_FILE
@@ -20,6 +21,9 @@ class OutputExistsError(MemoryPeftError, FileExistsError):
 
 class StorageError(MemoryPeftError, OSError):
     """Writing failed (permission denied, disk full); whatever was there before is left as it was."""
+
+    def __str__(self) -> str:  # the message alone: OSError's own str() puts "[Errno N]" before it
+        return self.strerror or super().__str__()
 
 
 def write_atomically(output_dir: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
@@ -48,24 +52,29 @@ def write_atomically(output_dir: str | os.PathLike, fill: Callable[[Path], None]
     except OSError as exc:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        reason = {
-            errno.ENOSPC: "no space left on device",
-            errno.EACCES: "permission denied",
-            errno.EROFS: "read-only file system",
-            errno.EPERM: "operation not permitted",
-        }.get(exc.errno)
-        if reason is None:
-            raise
-        raise StorageError(
-            exc.errno,
-            f"Could not write {output_dir}: {reason} ({exc.filename or output_dir}). "
-            "Nothing was changed there; choose a writable location with free space.",
-        ) from exc
+        raise_storage_error(exc, output_dir, "Nothing was changed there; choose a writable location with free space.")
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EACCES: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def raise_storage_error(exc: OSError, target: str | os.PathLike, advice: str) -> NoReturn:
+    """Raise a write's ``OSError`` as one line naming ``target``, the reason and ``advice`` (a ``StorageError``), or
+    ``exc`` itself where it is not about the storage."""
+    reason = _REASONS.get(exc.errno)
+    if reason is None:
+        raise exc
+    raise StorageError(exc.errno, f"Could not write {target}: {reason} ({exc.filename or target}). {advice}") from exc
 
 
 def write_file_atomically(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -163,14 +164,45 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     return accept_both_spellings(p)
 
 
-def parse_args(argv=None, prog=None):
-    args = build_parser(prog).parse_args(argv)
-    if args.checkpoint_total_limit < 0:
-        raise InputError(f"--checkpoint_total_limit {args.checkpoint_total_limit}: give a count >= 1, or 0 for all.")
+# the integer options: (least value, greatest value or None, what to give), checked alike before any work
+_COUNTS = {
+    "train_size": (0, None, "a number of images, or 0 for all"),
+    "eval_size": (0, None, "a number of images, or 0 for all"),
+    "image_size": (1, None, "a size in pixels, a multiple of the patch size"),
+    "m": (0, None, "a number of memory tokens"),
+    "branch_layers": (0, None, "a number of layers, or 0 for none"),
+    "branch_rank": (0, None, "a rank, or 0 for none"),
+    "batch_size": (1, None, "a number of images per process"),
+    "grad_accum": (1, None, "a number of batches per optimizer step"),
+    "epochs": (1, None, "a number of passes over the data"),
+    "max_steps": (0, None, "a number of optimizer steps, or 0 for --epochs"),
+    "warmup_steps": (0, None, "a number of steps"),
+    "seed": (0, 2**32 - 1, "a seed in 0..4294967295"),
+    "eval_every": (0, None, "a number of steps, or 0 for only at the end"),
+    "checkpoint_every": (0, None, "a number of steps, or 0 for none"),
+    "checkpoint_total_limit": (0, None, "a count >= 1, or 0 for all"),
+    "log_every": (0, None, "a number of steps, or 0 for the default"),
+    "num_workers": (-1, None, "a number of workers, or -1 for the default"),
+    "stop_after": (0, None, "a number of steps, or 0 for none"),
+}
+
+
+def _check_numbers(args) -> None:
+    for name, (least, most, what) in _COUNTS.items():
+        value = getattr(args, name)
+        if value < least or (most is not None and value > most):
+            raise InputError(f"--{name} {value}: give {what}.")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise InputError(f"--lr {args.lr}: give a learning rate > 0.")
+    if not (math.isfinite(args.grad_clip) and args.grad_clip >= 0):
+        raise InputError(f"--grad_clip {args.grad_clip}: give a gradient norm, or 0 for no clipping.")
     if not 0 <= args.train_val_split < 1:
         raise InputError(f"--train_val_split {args.train_val_split}: give a fraction in [0, 1), e.g. 0.15.")
-    if args.log_every < 0:
-        raise InputError(f"--log_every {args.log_every}: give a number of steps, or 0 for the default.")
+
+
+def parse_args(argv=None, prog=None):
+    args = build_parser(prog).parse_args(argv)
+    _check_numbers(args)
     if args.cache_base and (args.setting or args.mode) != "memory-masked":
         raise InputError(
             "--cache_base needs --setting memory-masked: only there are the base rows' keys/values "

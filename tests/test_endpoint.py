@@ -105,3 +105,38 @@ def test_the_handler_serves_a_plain_adapter_folder_too(artifact, images):
     single = MemoryEndpointHandler(str(artifact / "cifar"))
     answer = single({"inputs": Image.open(images[0]), "parameters": {"top_k": 2}})
     assert list(answer) == ["default"] and len(answer["default"]) == 2
+
+
+def _under_load(call, requests, clients: int = 8):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        return list(pool.map(call, requests))
+
+
+def _same_answers(concurrent, alone):
+    for got, expected in zip(concurrent, alone, strict=True):
+        assert list(got) == list(expected)
+        for task in expected:
+            assert [r["label"] for r in got[task]] == [r["label"] for r in expected[task]]
+            assert [r["score"] for r in got[task]] == pytest.approx([r["score"] for r in expected[task]], abs=1e-5)
+
+
+def test_the_handler_gives_the_same_answers_to_8_concurrent_clients_as_one_at_a_time(handler, images):
+    from PIL import Image
+
+    requests = [{"inputs": Image.open(images[i % len(images)]), "parameters": {"top_k": 1 + i % 3}} for i in range(16)]
+    alone = [handler(request) for request in requests]
+    _same_answers(_under_load(handler, requests), alone)
+
+
+def test_the_demos_predict_gives_the_same_answers_to_8_concurrent_clients(artifact, images):
+    from PIL import Image
+
+    from memory_peft.demo import Demo
+
+    demo = Demo(str(artifact))
+    requests = [(Image.open(images[i % len(images)]), 1 + i % 3) for i in range(8)]
+    alone = [demo.predict(image, top_k, repeats=1)[0] for image, top_k in requests]
+    # its timing runs the base model with the adapters disabled: never while another client's tasks run
+    _same_answers(_under_load(lambda r: demo.predict(*r, repeats=1)[0], requests), alone)

@@ -144,9 +144,10 @@ def test_no_tuner_module_writes_files():
     assert "def write_atomically" in (PACKAGE / "files.py").read_text()  # the check would see a move back
 
 
-# a ceiling that catches growth, set at the tuner's size when it was last reviewed (2,245 lines, 16 files, none over
-# 309), not the ~1,300 lines the upstream-ready review aimed for: CHANGELOG.md (Unreleased) says what keeps it above
-TUNER_LINES, FILE_LINES = 2_260, 310
+# a ceiling that catches growth, set at the tuner's size when it was last reviewed (2,290 lines, 16 files, none over
+# 309: 2,245 plus the checks of every adapter_config.json field that fuzzing found unchecked, DeiT's token count and
+# train_val_split), not the <= 1,600 in <= 12 files of the house issue, which is still open: CHANGELOG.md (Unreleased)
+TUNER_LINES, FILE_LINES = 2_300, 310
 
 
 def test_the_tuner_stays_within_its_size_budget_and_each_file_states_its_job_first():

@@ -29,14 +29,8 @@ class Architecture:
 
 
 def _vit(wrapper: str = "", classifier: str | None = None, extra_tokens: int = 0) -> Architecture:
-    return Architecture(
-        f"{wrapper}embeddings",
-        f"{wrapper}layers",
-        f"{wrapper}layernorm",
-        wrapper=wrapper,
-        classifier=classifier,
-        extra_tokens=extra_tokens,
-    )
+    parts = (f"{wrapper}{part}" for part in ("embeddings", "layers", "layernorm"))
+    return Architecture(*parts, wrapper=wrapper, classifier=classifier, extra_tokens=extra_tokens)
 
 
 # DeiT: the distillation token (position 1) is a base token like the patches: every class token reads it, nothing in

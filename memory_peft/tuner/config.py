@@ -8,7 +8,7 @@ from pathlib import Path
 
 from peft.config import PeftConfig
 
-from .errors import AdapterFileError, InputError
+from .errors import AdapterFileError, InputError, MemoryPeftError
 from .peft_integration import MEMORY_TOKENS, PEFT_TYPE_NAME
 from .storage import CONFIG_FILE, WEIGHTS_FILE, adapter_file, read_config_file, verify_weights
 
@@ -22,6 +22,37 @@ _COUNTS = {
     "branch_layers": (0, False, "layers of the task's branch"),
     "branch_rank": (0, False, "rank of the branch's updates"),
 }
+
+
+# the other fields a JSON file may hold (peft's own among them), when not None: (name, check, what to give)
+_OTHER_FIELDS = tuple(
+    (name, lambda v, kind=kind: isinstance(v, kind), what)
+    for name, kind, what in (
+        ("task_type", str, "a peft task type name"),
+        ("auto_mapping", dict, "an object"),
+        ("peft_version", str, "a version string"),
+        ("base_model_name_or_path", str, "a Hub id / folder name"),
+        ("revision", str, "a revision name"),
+        ("inference_mode", bool, "true or false"),
+        ("dataset", str, "a Hub id / folder name"),
+    )
+) + (
+    ("target_modules", lambda v: isinstance(v, str) or _names(v), "a name or a list of names"),
+    ("train_val_split", lambda v: _number(v) and 0 < v < 1, "a fraction in (0, 1)"),
+    ("backbone", lambda v: isinstance(v, dict) and all(_count(n) for n in v.values()), "counts (set by the tuner)"),
+)
+
+
+def _names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(n, str) for n in value)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass
@@ -134,11 +165,9 @@ class MemoryTokenConfig(PeftConfig):
         for flag in ("train_class_token", "memory_layernorm"):
             if not isinstance(getattr(self, flag), bool):
                 raise InputError(f"MemoryTokenConfig.{flag} must be true or false, got {getattr(self, flag)!r}.")
-        split = self.train_val_split
-        if split is not None and (isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 < split < 1):
-            raise InputError(f"MemoryTokenConfig.train_val_split must be None or a fraction in (0, 1), got {split!r}.")
-        if self.dataset is not None and not isinstance(self.dataset, str):
-            raise InputError(f"MemoryTokenConfig.dataset must be None or a Hub id / folder name, got {self.dataset!r}.")
+        for name, fits, what in _OTHER_FIELDS:
+            if getattr(self, name) is not None and not fits(getattr(self, name)):
+                raise InputError(f"MemoryTokenConfig.{name} must be None or {what}, got {getattr(self, name)!r}.")
         for name in ("extends", "label_names"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value)):
@@ -246,7 +275,15 @@ def verify_adapter(source: str | os.PathLike, subfolder: str | None = None, **hu
             f"{source!s} is a {config.get('peft_type')!r} adapter, not a memory-tokens adapter "
             f"(adapter_config.json: peft_type={config.get('peft_type')!r})."
         )
-    checked = MemoryTokenConfig(**MemoryTokenConfig.check_kwargs(**config))  # unknown keys, wrong types
+    try:
+        checked = MemoryTokenConfig(**MemoryTokenConfig.check_kwargs(**config))  # unknown keys, wrong types
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, MemoryPeftError):
+            raise
+        # peft's own fields (task_type, ...) checked by peft: its message, as one line naming the file
+        raise AdapterFileError(
+            f"{config_path}: {str(exc).splitlines()[0]} Fix that field, or save the adapter again."
+        ) from None
     weights_path = adapter_file(source, WEIGHTS_FILE, subfolder, **hub_kwargs)
     verify_weights(weights_path, checked.m, (checked.backbone or {}).get("hidden_size"), checked.branch_rank)
     return config, config_path, weights_path
