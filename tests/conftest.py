@@ -62,3 +62,14 @@ def tiny_vit(seed: int = 0, **overrides):
     )
     config.update(overrides)
     return ViTModel(ViTConfig(**config), add_pooling_layer=False).eval()
+
+
+@pytest.fixture
+def tiny_backbone(tmp_path):
+    """A tiny ViT saved as a folder with its image processor (28 px, 2 x 2 patches): a --backbone for the commands."""
+    from transformers import ViTImageProcessor
+
+    folder = tmp_path / "backbone"
+    tiny_vit(image_size=28, patch_size=14).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 28, "width": 28}).save_pretrained(folder)
+    return folder

@@ -162,3 +162,15 @@ def merged_bundled_artifact(folder: Path) -> Path:
         train(folder / task, "--setting", "memory-masked", "--m", "2", "--max_steps", "3", "--dataset",
               str(SHARED / "data" / dataset))  # fmt: skip
     return merge_adapters({task: folder / task / "adapter" for task in BUNDLED_TASKS}, folder / "merged")
+
+
+def image_folder(root: Path, with_train_folder: bool = False, per_class: int = 10) -> Path:
+    """root/[train/]{cat,dog}/i.png, images of several sizes: the folder of class subfolders a user brings."""
+    from PIL import Image
+
+    base = root / "train" if with_train_folder else root
+    for name, colour in (("cat", "red"), ("dog", "blue")):
+        (base / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (20 + i, 20), colour).save(base / name / f"{i}.png")
+    return root

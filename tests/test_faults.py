@@ -12,8 +12,7 @@ import time
 
 import pytest
 from conftest import ROOT, tiny_vit
-from helpers import save_adapter, snapshot
-from PIL import Image
+from helpers import image_folder, save_adapter, snapshot
 from transformers import ViTImageProcessor
 
 from memory_peft.artifact import load_multitask, merge_adapters
@@ -26,20 +25,8 @@ def disk_full(path):
 
 
 @pytest.fixture
-def backbone(tmp_path):
-    folder = tmp_path / "backbone"
-    tiny_vit(image_size=28, patch_size=14).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 28, "width": 28}).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
 def pets(tmp_path):
-    for name, colour in (("cat", "red"), ("dog", "blue")):
-        (tmp_path / "pets" / name).mkdir(parents=True)
-        for i in range(8):
-            Image.new("RGB", (20 + i, 20), colour).save(tmp_path / "pets" / name / f"{i}.png")
-    return tmp_path / "pets"
+    return image_folder(tmp_path / "pets", per_class=8)
 
 
 def train(backbone, pets, out, *extra):
@@ -52,7 +39,7 @@ def train(backbone, pets, out, *extra):
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_earlier_checkpoint_resumes(
-    tmp_path, backbone, pets, monkeypatch
+    tmp_path, tiny_backbone, pets, monkeypatch
 ):
     import accelerate.checkpointing
 
@@ -67,7 +54,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_earlier_checkpoint_resu
 
     monkeypatch.setattr(accelerate.checkpointing, "save", fills_at_step_2)
     out = tmp_path / "run"
-    error = train(backbone, pets, out)
+    error = train(tiny_backbone, pets, out)
     step_2 = out / "checkpoints" / "step_2"
     assert error == (
         f"error: Could not write {step_2}: no space left on device ({step_2 / 'model.safetensors'}). The earlier "
@@ -76,7 +63,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_earlier_checkpoint_resu
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]
     assert (out / "checkpoints" / "step_1" / "progress.json").is_file()
     monkeypatch.setattr(accelerate.checkpointing, "save", real_save)  # space freed
-    assert train(backbone, pets, out, "--resume") in (0, None)
+    assert train(tiny_backbone, pets, out, "--resume") in (0, None)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 

@@ -38,7 +38,7 @@ def save_in_hub_layout(cache, repo_id: str, *objects) -> None:
 def stand_ins(cache) -> None:
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model, ViTConfig, ViTImageProcessor, ViTModel
 
-    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    tiny = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4)  # 4: the "last 4 layers" probe
     vit = ViTModel(ViTConfig(intermediate_size=64, image_size=224, patch_size=32, **tiny))
     save_in_hub_layout(cache, "google/vit-base-patch32-224-in21k", vit, ViTImageProcessor())
     dinov2 = Dinov2Model(Dinov2Config(mlp_ratio=2, image_size=518, patch_size=14, **tiny))

@@ -8,30 +8,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_vit
+from conftest import ROOT
+from helpers import image_folder
 from PIL import Image
-from transformers import ViTImageProcessor
 
 from memory_peft.cli import main as cli
 from memory_peft.data import load_image_data
-
-
-def image_folder(root, with_train_folder: bool, per_class: int = 10):
-    """root/[train/]{cat,dog}/i.png: what a user brings."""
-    base = root / "train" if with_train_folder else root
-    for name, colour in (("cat", "red"), ("dog", "blue")):
-        (base / name).mkdir(parents=True)
-        for i in range(per_class):
-            Image.new("RGB", (20 + i, 20), colour).save(base / name / f"{i}.png")
-    return root
-
-
-@pytest.fixture
-def backbone(tmp_path):
-    folder = tmp_path / "backbone"
-    tiny_vit(image_size=28, patch_size=14).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 28, "width": 28}).save_pretrained(folder)
-    return folder
 
 
 def run(argv, capsys):
@@ -46,11 +28,11 @@ def run(argv, capsys):
 
 @pytest.mark.parametrize("with_train_folder", [False, True])
 def test_a_folder_of_class_subfolders_trains_on_a_held_out_split_and_evaluate_finds_it(
-    tmp_path, backbone, capsys, with_train_folder
+    tmp_path, tiny_backbone, capsys, with_train_folder
 ):
     data = image_folder(tmp_path / "pets", with_train_folder)
     out = tmp_path / "run"
-    train = ["train", "--backbone", backbone, "--dataset", data, "--output_dir", out, "--setting", "memory-masked"]
+    train = ["train", "--backbone", tiny_backbone, "--dataset", data, "--output_dir", out, "--setting", "memory-masked"]
     code, _, err = run([*train, "--image_size", 28, "--batch_size", 4, "--max_steps", 2, "--num_workers", 0], capsys)
     assert code in (0, None), err[-2000:]
     assert "has no evaluation split: 15 % of train held out for evaluation (--train_val_split 0.15" in err
@@ -70,9 +52,9 @@ def test_a_folder_of_class_subfolders_trains_on_a_held_out_split_and_evaluate_fi
     )  # the same images whatever subset of train is taken
 
 
-def test_no_held_out_split_keeps_the_refusal(tmp_path, backbone, capsys):
+def test_no_held_out_split_keeps_the_refusal(tmp_path, tiny_backbone, capsys):
     data = image_folder(tmp_path / "pets", False)
-    argv = ["train", "--backbone", backbone, "--dataset", data, "--output_dir", tmp_path / "run"]
+    argv = ["train", "--backbone", tiny_backbone, "--dataset", data, "--output_dir", tmp_path / "run"]
     code, _, _ = run([*argv, "--train_val_split", 0], capsys)
     assert "has no evaluation split" in code and "--train_val_split (e.g. 0.15)" in code and "\n" not in code
     assert not (tmp_path / "run").exists()
@@ -80,10 +62,10 @@ def test_no_held_out_split_keeps_the_refusal(tmp_path, backbone, capsys):
     assert code == "error: --train_val_split 1.5: give a fraction in [0, 1), e.g. 0.15."
 
 
-def test_a_first_run_prints_no_warning_a_user_cannot_act_on(tmp_path, backbone):
+def test_a_first_run_prints_no_warning_a_user_cannot_act_on(tmp_path, tiny_backbone):
     data = image_folder(tmp_path / "pets", True)
-    argv = ["train", "--backbone", backbone, "--dataset", data, "--output_dir", tmp_path / "run", "--max_steps", "1"]
-    argv += ["--image_size", "28", "--batch_size", "4", "--num_workers", "0"]
+    argv = ["train", "--backbone", tiny_backbone, "--dataset", data, "--output_dir", tmp_path / "run"]
+    argv += ["--max_steps", "1", "--image_size", "28", "--batch_size", "4", "--num_workers", "0"]
     env = {**os.environ, "PYTHONWARNINGS": "default"}  # every warning shown once, as a user's shell shows them
     finished = subprocess.run(
         [sys.executable, "-m", "memory_peft.cli", *map(str, argv)], capture_output=True, text=True, env=env
@@ -100,7 +82,7 @@ def test_the_package_license_is_an_spdx_expression():
 
 
 @pytest.fixture
-def merged(tmp_path, backbone):
+def merged(tmp_path, tiny_backbone):
     """Two masked tasks on the tiny backbone, merged into one artifact."""
     from peft import get_peft_model
     from transformers import ViTModel
@@ -111,7 +93,7 @@ def merged(tmp_path, backbone):
     folders = {}
     for seed, (task, labels) in enumerate((("pets", ["cat", "dog"]), ("colours", ["red", "green", "blue"]))):
         torch.manual_seed(seed)
-        vit = ViTModel.from_pretrained(backbone, add_pooling_layer=False)
+        vit = ViTModel.from_pretrained(tiny_backbone, add_pooling_layer=False)
         config = MemoryTokenConfig(m=2, mode="masked", label_names=labels, image_size=28, init_std=1.0)
         model = get_peft_model(vit, config)
         torch.nn.init.normal_(model.base_model.memory_head["default"].weight)
