@@ -108,6 +108,8 @@ def test_a_hub_backbone_id(network_down, tmp_path):
         "run",
         "--backbone",
         "google/vit-base-patch32-224-in21k",
+        "--batch_size",  # one full step in the two images: the backbone is what fails
+        "2",
     )
     assert_one_line_about_the_hub(code, stderr, "google/vit-base-patch32-224-in21k (base model)", mode)
     assert not (tmp_path / "run").exists()  # a run that fails before training leaves nothing behind

@@ -95,16 +95,29 @@ def test_save_load_round_trip_and_selected_adapters(mode, head, tmp_path):
 
 
 @pytest.mark.parametrize("mode,head", CASES)
-def test_a_pickled_save_is_refused_before_anything_is_written(mode, head, tmp_path):
+def test_a_pickled_save_loads_as_peft_loads_it_without_running_code(mode, head, tmp_path, monkeypatch):
+    """safe_serialization=False, as for every peft method: adapter_model.bin, read with weights_only=True."""
+    import pickle
+
     model = build(mode, head)
-    with pytest.raises(InputError, match="safetensors only.*drop safe_serialization=False"):
-        model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
-    assert not (tmp_path / "pickled").exists()
-    folder = tmp_path / "legacy"  # a folder a pickled save elsewhere left: the error names the real problem
-    model.save_pretrained(folder)
-    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
-    with pytest.raises(AdapterFileError, match="adapter_model.bin, a pickle .*safetensors only"):
-        PeftModel.from_pretrained(tiny_vit(), folder)
+    expected = seen(model)
+    model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    saved = sorted(p.name for p in (tmp_path / "pickled").iterdir())
+    assert saved == ["README.md", "adapter_config.json", "adapter_model.bin"]
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or real_load(*a, **k))
+    loaded = PeftModel.from_pretrained(tiny_vit(), tmp_path / "pickled").double().eval()
+    assert_same(seen(loaded), expected)
+    assert loads and all(loads)  # every read weights-only: no code unpickled
+
+    class Runs:  # a pickle that would run code when loaded
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    (tmp_path / "pickled" / "adapter_model.bin").write_bytes(pickle.dumps({"x": Runs()}))
+    with pytest.raises(AdapterFileError, match=r"adapter_model.bin is not a weights-only PyTorch file .*never run"):
+        PeftModel.from_pretrained(tiny_vit(), tmp_path / "pickled")
 
 
 @pytest.mark.parametrize("mode,head", CASES)

@@ -16,17 +16,16 @@ from peft.utils import register_peft_method
 from .config import MemoryTokenConfig
 from .layer import MemoryTokenLayer
 from .model import MemoryTokenModel
-from .peft_integration import MEMORY_TOKENS, PEFT_TYPE_NAME, PREFIX, guard_save_pretrained
+from .peft_integration import MEMORY_TOKENS, PEFT_TYPE_NAME, PREFIX
 
 
 def register() -> None:
-    """Register config and tuner with the installed peft, as peft's own tuners do in their ``__init__.py``, and guard
-    ``save_pretrained`` (peft_integration.py); idempotent, done on import."""
+    """Register config and tuner with the installed peft, as peft's own tuners do in their ``__init__.py``; idempotent,
+    done on import."""
     if PEFT_TYPE_TO_TUNER_MAPPING.get(MEMORY_TOKENS) is not MemoryTokenModel:
         register_peft_method(
             name=PEFT_TYPE_NAME.lower(), config_cls=MemoryTokenConfig, model_cls=MemoryTokenModel, prefix=PREFIX
         )
-    guard_save_pretrained()
 
 
 register()

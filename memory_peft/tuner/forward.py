@@ -6,7 +6,6 @@ Shapes: B batch, n = 1 + N base tokens, T active tasks, D hidden.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Any, NamedTuple
 
@@ -19,7 +18,7 @@ from .branch import run_masked
 from .cached import CachedForward
 from .errors import InputError
 from .layout import Layout
-from .outputs import SEVERAL_TASKS, MultiTaskImageClassifierOutput, SeveralTasksError, single_task
+from .outputs import MultiTaskImageClassifierOutput, single_task
 
 
 class MemoryForward(CachedForward):
@@ -73,9 +72,6 @@ class MemoryForward(CachedForward):
         if len(output.tasks) == 1:
             output = single_task(output)
             return output if return_dict is not False else output.to_tuple()
-        if not torch.compiler.is_compiling() and _called_by_a_pipeline():
-            # a transformers pipeline reads one "logits" from a plain copy of the output (a KeyError there otherwise)
-            raise SeveralTasksError(SEVERAL_TASKS.format(tasks=list(output.tasks)))
         return output if return_dict is not False else output.as_tuple()
 
     def forward_tasks(
@@ -275,22 +271,6 @@ class _Encoded(NamedTuple):
     features: torch.Tensor  # (B, T, D) final-normed task class tokens
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-
-
-def _called_by_a_pipeline(depth: int = 12) -> bool:
-    """Whether a transformers ``Pipeline`` called this forward (within ``depth`` frames): the stock pipelines are
-    single-task consumers; "memory-image-classification" calls ``forward_tasks`` instead."""
-    from transformers.pipelines import Pipeline
-
-    frame = sys._getframe(2)
-    for _ in range(depth):
-        if frame is None:
-            return False
-        # a code object's file name is free to read; a frame's locals are built on request: only there
-        if "pipelines" in frame.f_code.co_filename and isinstance(frame.f_locals.get("self"), Pipeline):
-            return True
-        frame = frame.f_back
-    return False
 
 
 def _labels_for(labels: Any, name: str, names: list[str]) -> torch.Tensor | None:

@@ -2,20 +2,16 @@
 which peft hook would replace it if the tuner went upstream as ``src/peft/tuners/memory_tokens/``.
 
 1. ``MEMORY_TOKENS``: a member added to peft's ``PeftType`` enum (upstream: one line in ``peft/utils/peft_types.py``).
-2. ``guard_save_pretrained()``: ``PeftModel.save_pretrained`` wrapped to refuse ``safe_serialization=False`` for
-   memory adapters only (upstream: a per-method "safetensors only" check in ``save_pretrained``).
-3. ``install_forward``: a bound method on the base model instance that routes its forward to the tuner (upstream:
+2. ``install_forward``: a bound method on the base model instance that routes its forward to the tuner (upstream:
    ``PeftModel.forward`` calling the tuner's ``forward``, as prompt-learning methods are special-cased today).
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import types
 import weakref
 
-from peft import PeftModel
 from peft.utils import PeftType
 from torch import nn
 
@@ -47,32 +43,7 @@ def _add_peft_type_member(name: str) -> PeftType:
 MEMORY_TOKENS = _add_peft_type_member(PEFT_TYPE_NAME)
 
 
-# --- 2. the safetensors-only save (registration itself is peft's own call, in the tuner's __init__.py) ------------
-def guard_save_pretrained() -> None:
-    """Wrap ``PeftModel.save_pretrained`` once (idempotent)."""
-    if not getattr(PeftModel.save_pretrained, "refuses_pickled_memory_adapters", False):
-        PeftModel.save_pretrained = _safetensors_only(PeftModel.save_pretrained)
-
-
-def _safetensors_only(save_pretrained):
-    """peft's save_pretrained, refusing ``safe_serialization=False`` for memory adapters before anything is written.
-    peft offers tuners no hook at save time, and a pickled adapter is one memory-peft will not load (unpickling can
-    run code), so the refusal has to come here; every other peft method passes straight through."""
-
-    @functools.wraps(save_pretrained)
-    def wrapper(self, save_directory, safe_serialization: bool = True, *args, **kwargs):
-        if not safe_serialization and isinstance(self.base_model, MemoryForward):
-            raise InputError(
-                "memory-peft saves adapters as safetensors only (a pickled adapter_model.bin is a file "
-                "it will not load, since unpickling can run code): drop safe_serialization=False."
-            )
-        return save_pretrained(self, save_directory, safe_serialization, *args, **kwargs)
-
-    wrapper.refuses_pickled_memory_adapters = True
-    return wrapper
-
-
-# --- 3. the base model's forward, routed to the tuner --------------------------------------------------------------
+# --- 2. the base model's forward, routed to the tuner --------------------------------------------------------------
 class _TunerRoute(nn.Module):
     """Where a base model's forward goes: its tuner, by weak reference (no model <-> tuner cycle). An ``nn.Module``,
     never registered as a submodule (it lives in a bound method), because torch.compile guards a module by what the

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
+import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -19,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from .errors import AdapterFileError
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PICKLED_FILE = "adapter_model.bin"  # peft's save_pretrained(safe_serialization=False): read with weights_only=True
 
 
 def adapter_file(source: str | os.PathLike, filename: str, subfolder: str | None = None, **hub_kwargs) -> Path:
@@ -27,15 +30,8 @@ def adapter_file(source: str | os.PathLike, filename: str, subfolder: str | None
     """
     folder = Path(source, subfolder or "")
     if Path(source).is_dir():
-        pickled = folder / "adapter_model.bin"
-        if filename == WEIGHTS_FILE and not (folder / filename).is_file() and pickled.is_file():
-            raise AdapterFileError(
-                f"{folder} holds {pickled.name}, a pickle (saved with safe_serialization=False), and no "
-                f"{WEIGHTS_FILE}: "
-                "memory-peft loads safetensors only, since unpickling a file can run code. Save the adapter again with "
-                "save_pretrained(folder) (safetensors is the default), or, for a file you trust, convert it: "
-                "safetensors.torch.save_file(torch.load(path, weights_only=True), folder/'adapter_model.safetensors')."
-            )
+        if filename == WEIGHTS_FILE and not (folder / filename).is_file() and (folder / PICKLED_FILE).is_file():
+            return folder / PICKLED_FILE  # saved with safe_serialization=False: read weights-only, as peft does
         if not (folder / filename).is_file():
             present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
             raise AdapterFileError(
@@ -48,6 +44,11 @@ def adapter_file(source: str | os.PathLike, filename: str, subfolder: str | None
     except LocalEntryNotFoundError:  # an EntryNotFoundError too, but it means the Hub could not be reached
         raise
     except (HFValidationError, RepositoryNotFoundError, EntryNotFoundError) as exc:
+        if filename == WEIGHTS_FILE and isinstance(exc, EntryNotFoundError):  # a repo holding a pickled save?
+            try:
+                return adapter_file(source, PICKLED_FILE, subfolder, **hub_kwargs)
+            except AdapterFileError:
+                pass
         raise AdapterFileError(
             f"{source!s} is neither a local folder nor a Hub repo holding "
             f"{Path(subfolder or '', filename)} ({exc.__class__.__name__})."
@@ -57,7 +58,8 @@ def adapter_file(source: str | os.PathLike, filename: str, subfolder: str | None
 def verify_weights(
     path: Path, expected_m: int | None = None, hidden_size: int | None = None, branch_rank: int | None = None
 ) -> None:
-    """Check that a safetensors file is complete and holds memory-token tensors of the configured shapes."""
+    """Check that a weights file (safetensors, or a pickled save read weights-only) is complete and holds memory-token
+    tensors of the configured shapes."""
     shapes = weight_shapes(path)
     foreign = [key for key in shapes if ".memory_" not in key]
     if foreign or not shapes:
@@ -85,7 +87,19 @@ def verify_weights(
 
 
 def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """``{tensor name: shape}`` of a safetensors file, from its header alone (nothing is loaded), or a clear error."""
+    """``{tensor name: shape}`` of a safetensors file, from its header alone (nothing is loaded), or of a pickled
+    ``adapter_model.bin`` read weights-only onto the meta device (no code runs, no memory is used), or a clear error."""
+    if Path(path).name == PICKLED_FILE:
+        try:
+            tensors = torch.load(path, map_location="meta", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+            raise AdapterFileError(
+                f"{path} is not a weights-only PyTorch file ({str(exc).splitlines()[0][:200]}): it is truncated, "
+                "corrupted, or holds code (never run). Save the adapter again, as safetensors."
+            ) from None
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise AdapterFileError(f"{path} does not hold a dict of tensors: save the adapter again.")
+        return {key: tuple(tensor.shape) for key, tensor in tensors.items()}
     try:
         with safe_open(str(path), "pt") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
