@@ -15,8 +15,8 @@ from .pipelines import register as register_pipeline
 from .settings import SETTINGS, make_setting
 from .tuner import MemoryTokenConfig, MemoryTokenLayer, MemoryTokenModel
 from .tuner import register as register_tuner
+from .tuner.config import MEMORY_TOKENS
 from .tuner.outputs import MultiTaskImageClassifierOutput
-from .tuner.peft_integration import MEMORY_TOKENS
 
 
 def register() -> None:

@@ -13,10 +13,10 @@ with the installed peft, once, as peft's own tuners do.
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
-from .config import MemoryTokenConfig
+from .config import MEMORY_TOKENS, PEFT_TYPE_NAME, MemoryTokenConfig
 from .layer import MemoryTokenLayer
 from .model import MemoryTokenModel
-from .peft_integration import MEMORY_TOKENS, PEFT_TYPE_NAME, PREFIX
+from .peft_integration import PREFIX
 
 
 def register() -> None:

@@ -7,11 +7,30 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from peft.config import PeftConfig
+from peft.utils import PeftType
 
 from .errors import AdapterFileError, InputError, MemoryPeftError
-from .peft_integration import MEMORY_TOKENS, PEFT_TYPE_NAME
 from .storage import CONFIG_FILE, WEIGHTS_FILE, adapter_file, read_config_file, verify_weights
 
+PEFT_TYPE_NAME = "MEMORY_TOKENS"
+
+
+def _add_peft_type_member(name: str) -> PeftType:
+    """peft's ``register_peft_method`` needs ``name`` to be a ``PeftType`` member already, and an outside package cannot
+    edit that enum's source: add the member the way ``enum`` builds members, once (upstream: one line in peft)."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = member._value_ = name
+    member.__objclass__ = PeftType
+    member.__init__(name)
+    type.__setattr__(PeftType, name, member)
+    PeftType._member_map_[name] = PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    return member
+
+
+MEMORY_TOKENS = _add_peft_type_member(PEFT_TYPE_NAME)
 MODES = ("full", "masked")
 # the integer fields: (least value, None allowed, what they count), checked alike
 _COUNTS = {

@@ -1,7 +1,8 @@
 """Every change this package makes to peft, in one place: what peft offers an outside tuner no hook for. Each part says
 which peft hook would replace it if the tuner went upstream as ``src/peft/tuners/memory_tokens/``.
 
-1. ``MEMORY_TOKENS``: a member added to peft's ``PeftType`` enum (upstream: one line in ``peft/utils/peft_types.py``).
+1. ``MEMORY_TOKENS``: a member added to peft's ``PeftType`` enum (upstream: one line in ``peft/utils/peft_types.py``);
+   it lives in ``config.py``, beside the config it types, so that the config imports nothing of the forward.
 2. ``install_forward``: a bound method on the base model instance that routes its forward to the tuner (upstream:
    ``PeftModel.forward`` calling the tuner's ``forward``, as prompt-learning methods are special-cased today).
 """
@@ -12,35 +13,12 @@ import inspect
 import types
 import weakref
 
-from peft.utils import PeftType
 from torch import nn
 
 from .errors import InputError
 from .forward import MemoryForward
 
-PEFT_TYPE_NAME = "MEMORY_TOKENS"
 PREFIX = "memory_"
-
-
-# --- 1. the peft type ----------------------------------------------------------------------------------------------
-def _add_peft_type_member(name: str) -> PeftType:
-    """peft's ``register_peft_method`` requires ``name.upper()`` to be a ``PeftType`` member already, and an outside
-    package cannot edit that enum's source: add the member the way ``enum`` itself builds members, once."""
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    member.__objclass__ = PeftType
-    member.__init__(name)
-    type.__setattr__(PeftType, name, member)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    return member
-
-
-MEMORY_TOKENS = _add_peft_type_member(PEFT_TYPE_NAME)
 
 
 # --- 2. the base model's forward, routed to the tuner --------------------------------------------------------------
