@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .files import OutputExistsError
 from .sources import describe, load_source, named_sources
-from .train_args import DEFAULT_TRAIN_VAL_SPLIT, accept_both_spellings, quiet_foreign_deprecations
+from .train_args import DEFAULT_TRAIN_VAL_SPLIT, accept_both_spellings, quiet_foreign_noise
 from .tuner.errors import InputError, MemoryPeftError
 
 PROG = "memory-peft"
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-    quiet_foreign_deprecations()
+    quiet_foreign_noise()
     if argv[:1] == ["train"]:  # the training script owns its options (and --help)
         from .training import main as train_main
 

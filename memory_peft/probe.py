@@ -24,7 +24,7 @@ from .tuner.backbone import describe_backbone
 from .tuner.errors import InputError
 
 # the probe's default grid: AdamW LRs for standardised features, and decoupled weight decays (shrink lr * wd a step)
-PROBE_LRS = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+PROBE_LRS = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 PROBE_WEIGHT_DECAYS = (1e-4, 1e-2, 1e-1, 1.0, 3.0, 10.0, 30.0)
 PROBE_EPOCHS = 100  # 2,000 images in batches of 128: 1,500 steps; the training loss has flattened well before
 

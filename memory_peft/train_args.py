@@ -31,13 +31,17 @@ from .tuner.errors import InputError
 DEFAULT_TRAIN_VAL_SPLIT = 0.15  # transformers' image-classification example's default
 
 
-def quiet_foreign_deprecations() -> None:
-    """Where the command line starts: hide the one deprecation that peft 0.21 raises on every load against
-    transformers 5.x (peft asks for ``is_gradient_checkpointing``, which transformers renamed): nothing a user of
-    this command can act on. Library users see it as peft raises it."""
+def quiet_foreign_noise() -> None:
+    """Where the command line starts: hide what a user of the command cannot act on, the deprecation peft 0.21 raises
+    on every load against transformers 5.x (peft asks for ``is_gradient_checkpointing``, which transformers renamed)
+    and transformers' weight-loading progress bar (a local load takes well under a second). Library users see both as
+    the libraries raise them."""
+    from transformers.utils import logging
+
     warnings.filterwarnings(
         "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning, module="transformers"
     )
+    logging.disable_progress_bar()
 
 
 def accept_both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ from .train_args import (  # noqa: F401  (parse_args: re-exported)
     check_output_dir,
     command_line,
     parse_args,
-    quiet_foreign_deprecations,
+    quiet_foreign_noise,
 )
 from .tuner.errors import InputError, MemoryPeftError
 
@@ -69,7 +69,7 @@ def recorded_dataset(dataset: str, given: bool) -> str:
 
 def main(argv=None, prog=None):
     """Run training; bad input ends in one ``error: ...`` line (exit status 1), not a traceback."""
-    quiet_foreign_deprecations()
+    quiet_foreign_noise()
     try:
         args = parse_args(argv, prog)
         args.command = command_line(list(sys.argv[1:] if argv is None else argv), prog)

@@ -72,6 +72,7 @@ def test_a_first_run_prints_no_warning_a_user_cannot_act_on(tmp_path, tiny_backb
     )
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "Warning" not in finished.stderr, finished.stderr  # peft's is_gradient_checkpointing one: silenced
+    assert "Loading weights" not in finished.stderr  # transformers' bar for a sub-second local load
 
 
 def test_the_package_license_is_an_spdx_expression():
