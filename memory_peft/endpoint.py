@@ -51,15 +51,17 @@ class MemoryEndpointHandler:
     def __call__(self, data: dict) -> dict | list[dict]:
         try:
             images, top_k, tasks = self._request(data)
-            results = [self._classify(image, top_k, tasks) for image in images]
+            results = self._classify(images, top_k, tasks)
         except (MemoryPeftError, ValueError) as exc:
             return {"error": str(exc).splitlines()[0]}
         return results if isinstance(data.get("inputs"), list) else results[0]
 
-    def _classify(self, image: Image.Image, top_k: int, tasks: list[str]) -> dict:
-        ranked = self.pipeline(image, top_k=top_k)
-        ranked = ranked if isinstance(ranked, dict) else {self.tasks[0]: ranked}
-        return {task: ranked[task] for task in tasks}
+    def _classify(self, images: list[Image.Image], top_k: int, tasks: list[str]) -> list[dict]:
+        """Every image of a request in one batched forward (1.3 x the throughput of one forward per image for 8 images
+        on a CPU: docs/benchmarks.md)."""
+        ranked = self.pipeline(images, top_k=top_k, batch_size=len(images))
+        ranked = [r if isinstance(r, dict) else {self.tasks[0]: r} for r in ranked]
+        return [{task: r[task] for task in tasks} for r in ranked]
 
     def _request(self, data) -> tuple[list[Image.Image], int, list[str]]:
         if not isinstance(data, dict) or "inputs" not in data:

@@ -128,6 +128,9 @@ def test_the_handler_gives_the_same_answers_to_8_concurrent_clients_as_one_at_a_
     requests = [{"inputs": Image.open(images[i % len(images)]), "parameters": {"top_k": 1 + i % 3}} for i in range(16)]
     alone = [handler(request) for request in requests]
     _same_answers(_under_load(handler, requests), alone)
+    # a list of images in one request: one batched forward, each image's answer as alone
+    batched = handler({"inputs": [r["inputs"] for r in requests[:4]], "parameters": {"top_k": 3}})
+    _same_answers(batched, [handler({"inputs": r["inputs"], "parameters": {"top_k": 3}}) for r in requests[:4]])
 
 
 def test_the_demos_predict_gives_the_same_answers_to_8_concurrent_clients(artifact, images):
