@@ -601,7 +601,8 @@ def summarise(runs: dict) -> dict:
         if not sweep:
             continue
         seeded = [x for (e, x, seed) in runs if e == name and seed > 0]  # the other seeds ran at the chosen LR
-        lr = seeded[0] if seeded else max(sweep, key=sweep.get)
+        # a probe's grid may grow (run_probe seeds validation's best point then): its best point is the chosen one
+        lr = seeded[0] if seeded and name not in PROBES else max(sweep, key=sweep.get)
         chosen = [r for (e, x, _), r in sorted(runs.items()) if e == name and x == lr and r["test"] is not None]
         summary[name] = (
             [r["test"] for r in chosen],
