@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .files import OutputExistsError
-from .sources import describe, load_source, named_sources
+from .sources import describe, load_source, named_sources, served_image_size
 from .train_args import DEFAULT_TRAIN_VAL_SPLIT, accept_both_spellings, quiet_foreign_noise
 from .tuner.errors import InputError, MemoryPeftError
 
@@ -206,7 +206,6 @@ def inspect(args) -> int:
 def export(args) -> int:
     from .data import image_processor
     from .export import export_onnx
-    from .sources import served_image_size
 
     output = Path(args.output)
     if output.exists() and not args.overwrite:
@@ -296,7 +295,6 @@ def predict(args) -> int:
     """Exit status 1 when a file could not be read (each named in one line), after the others were predicted."""
     from .data import image_processor
     from .predict import image_files, predict_files
-    from .sources import served_image_size
 
     if args.top_k < 1:
         raise InputError(f"--top_k {args.top_k}: give a count of classes >= 1.")

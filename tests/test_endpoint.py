@@ -114,7 +114,7 @@ def _under_load(call, requests, clients: int = 8):
         return list(pool.map(call, requests))
 
 
-def _same_answers(concurrent, alone):
+def assert_same_answers(concurrent, alone):
     for got, expected in zip(concurrent, alone, strict=True):
         assert list(got) == list(expected)
         for task in expected:
@@ -127,10 +127,10 @@ def test_the_handler_gives_the_same_answers_to_8_concurrent_clients_as_one_at_a_
 
     requests = [{"inputs": Image.open(images[i % len(images)]), "parameters": {"top_k": 1 + i % 3}} for i in range(16)]
     alone = [handler(request) for request in requests]
-    _same_answers(_under_load(handler, requests), alone)
+    assert_same_answers(_under_load(handler, requests), alone)
     # a list of images in one request: one batched forward, each image's answer as alone
     batched = handler({"inputs": [r["inputs"] for r in requests[:4]], "parameters": {"top_k": 3}})
-    _same_answers(batched, [handler({"inputs": r["inputs"], "parameters": {"top_k": 3}}) for r in requests[:4]])
+    assert_same_answers(batched, [handler({"inputs": r["inputs"], "parameters": {"top_k": 3}}) for r in requests[:4]])
 
 
 def test_the_demos_predict_gives_the_same_answers_to_8_concurrent_clients(artifact, images):
@@ -142,4 +142,4 @@ def test_the_demos_predict_gives_the_same_answers_to_8_concurrent_clients(artifa
     requests = [(Image.open(images[i % len(images)]), 1 + i % 3) for i in range(8)]
     alone = [demo.predict(image, top_k, repeats=1)[0] for image, top_k in requests]
     # its timing runs the base model with the adapters disabled: never while another client's tasks run
-    _same_answers(_under_load(lambda r: demo.predict(*r, repeats=1)[0], requests), alone)
+    assert_same_answers(_under_load(lambda r: demo.predict(*r, repeats=1)[0], requests), alone)
