@@ -500,7 +500,7 @@ def run_probe(name: str, args, out: Path, every_layer: dict, data) -> None:
     for lr, weight_decay in itertools.product(PROBE_LRS, PROBE_WEIGHT_DECAYS):
         train_one(lr, weight_decay)
     sweep = {h: r["val"] for (e, h, seed), r in recorded_runs(out).items() if e == name and seed == 0}
-    lr, weight_decay = max(sweep, key=sweep.get)  # ties: the first in grid order
+    lr, weight_decay = max(sweep, key=sweep.get)  # ties: the first recorded (grid order, older grids first)
     for seed in range(1, args.seeds):
         train_one(lr, weight_decay, seed)
 
