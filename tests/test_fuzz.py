@@ -9,7 +9,7 @@ from dataclasses import fields
 import pytest
 from conftest import tiny_vit
 from helpers import save_adapter, snapshot
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from memory_peft import MemoryTokenConfig, load_adapters
@@ -17,7 +17,13 @@ from memory_peft.train_args import _COUNTS
 from memory_peft.training import main as train_main
 from memory_peft.tuner.errors import MemoryPeftError
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same cases on every machine, so a CI run tests what a local run tested
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 JSON_VALUES = st.recursive(
     st.none()
     | st.booleans()
@@ -43,6 +49,8 @@ def one_line(error: BaseException) -> bool:
 
 @FUZZ
 @given(field=st.sampled_from(CONFIG_FIELDS), value=JSON_VALUES)
+@example(field="num_labels", value=10**12)  # a head of 10**12 rows: refused from the file's header, never allocated
+@example(field="m", value=10**12)
 def test_any_value_of_any_config_field_loads_or_is_refused_in_one_line(saved, tmp_path_factory, field, value):
     folder = tmp_path_factory.mktemp("case") / "adapter"
     shutil.copytree(saved, folder)

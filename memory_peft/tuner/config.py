@@ -279,9 +279,7 @@ class MemoryTokenConfig(PeftConfig):
         hub_kwargs = {k: v for k, v in cls._split_kwargs(kwargs)[0].items() if k not in ("subfolder", "user_agent")}
         source = str(pretrained_model_name_or_path)
         config = super().from_pretrained(source, subfolder=subfolder, **kwargs)
-        hidden = (config.backbone or {}).get("hidden_size")
-        weights = adapter_file(source, WEIGHTS_FILE, subfolder, **hub_kwargs)
-        verify_weights(weights, config.m, hidden, config.branch_rank)
+        verify_weights(adapter_file(source, WEIGHTS_FILE, subfolder, **hub_kwargs), config)
         return config
 
 
@@ -304,5 +302,5 @@ def verify_adapter(source: str | os.PathLike, subfolder: str | None = None, **hu
             f"{config_path}: {str(exc).splitlines()[0]} Fix that field, or save the adapter again."
         ) from None
     weights_path = adapter_file(source, WEIGHTS_FILE, subfolder, **hub_kwargs)
-    verify_weights(weights_path, checked.m, (checked.backbone or {}).get("hidden_size"), checked.branch_rank)
+    verify_weights(weights_path, checked)
     return config, config_path, weights_path

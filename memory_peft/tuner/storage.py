@@ -55,35 +55,27 @@ def adapter_file(source: str | os.PathLike, filename: str, subfolder: str | None
         ) from None
 
 
-def verify_weights(
-    path: Path, expected_m: int | None = None, hidden_size: int | None = None, branch_rank: int | None = None
-) -> None:
-    """Check that a weights file (safetensors, or a pickled save read weights-only) is complete and holds memory-token
-    tensors of the configured shapes."""
+def verify_weights(path: Path, config) -> None:
+    """Check that a weights file (safetensors, or a pickled save read weights-only) is complete and holds the tensors
+    ``config`` implies (memory tokens, head, class token, branch), from the header alone: a config that disagrees
+    with its weights (say ``num_labels`` edited to 10**9) is refused before anything of that size is allocated."""
     shapes = weight_shapes(path)
     foreign = [key for key in shapes if ".memory_" not in key]
     if foreign or not shapes:
         raise AdapterFileError(f"{path} does not hold memory-token weights (unexpected tensors {foreign[:5]}).")
+    hidden = (config.backbone or {}).get("hidden_size")
     for key, shape in shapes.items():
-        if "memory_tokens" in key and expected_m is not None and shape[0] != expected_m:
-            raise AdapterFileError(
-                f"{path}: {key} has {shape[0]} memory tokens but adapter_config.json says "
-                f"m={expected_m}; the files do not belong together."
-            )
-        if "memory_branch_" in key and branch_rank is not None and branch_rank not in shape:
-            raise AdapterFileError(
-                f"{path}: {key} has shape {shape} but adapter_config.json says branch_rank={branch_rank}; the files "
-                "do not belong together."
-            )
-        if (
-            hidden_size is not None
-            and key.endswith(("memory_class_token", "memory_tokens"))
-            and shape[-1] != hidden_size
-        ):
-            raise AdapterFileError(
-                f"{path}: {key} has width {shape[-1]} but the adapter was recorded for "
-                f"hidden_size={hidden_size}; the files do not belong together."
-            )
+        problem = None
+        if key.endswith("memory_tokens") and shape[0] != config.m:
+            problem = f"has {shape[0]} memory tokens but adapter_config.json says m={config.m}"
+        elif key.endswith("memory_head.weight") and config.num_labels is not None and shape[0] != config.num_labels:
+            problem = f"has {shape[0]} classes but adapter_config.json says num_labels={config.num_labels}"
+        elif "memory_branch_" in key and config.branch_rank is not None and config.branch_rank not in shape:
+            problem = f"has shape {shape} but adapter_config.json says branch_rank={config.branch_rank}"
+        elif hidden is not None and key.endswith(("memory_class_token", "memory_tokens")) and shape[-1] != hidden:
+            problem = f"has width {shape[-1]} but the adapter was recorded for hidden_size={hidden}"
+        if problem:
+            raise AdapterFileError(f"{path}: {key} {problem}; the files do not belong together.")
 
 
 def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
