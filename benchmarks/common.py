@@ -246,8 +246,8 @@ def add_class_token_path_updates(model, rank: int, targets=("query", "fc1", "fc2
     scale = (2 * rank if alpha is None else alpha) / rank
     factors = nn.ParameterDict()
     handles = []
-    for index, layer in enumerate(model.base_model._backbone.layers):
-        parts = layer._resolved
+    for index, layer in enumerate(model.base_model.backbone.layers):
+        parts = layer.parts
         linears = {"query": parts.query, "fc1": parts.mlp.fc1, "fc2": parts.mlp.fc2}
         for target in targets:
             linear = linears[target]

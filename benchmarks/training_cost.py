@@ -75,7 +75,7 @@ def build(name: str, vit, args) -> tuple[torch.nn.Module, dict]:
     model = apply_setting(copy.deepcopy(vit), setting, num_labels=args.num_labels, m=5, **fields).train()
     inputs = {"pixel_values": pixels, "interpolate_pos_encoding": True, "labels": labels}
     if branch_depth is not None:
-        tuner, layers = model.base_model, model.base_model._backbone.num_layers
+        tuner, layers = model.base_model, model.base_model.backbone.num_layers
         start = layers - branch_depth if branch_depth > 0 else None
         with torch.no_grad():
             cached = tuner.base_keys_values(pixels, True, rows_at=(start,) if start is not None else ())

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from memory_peft.tuner.attention import task_mask_rows, with_base_columns  # noqa: E402
+from memory_peft.tuner.layout import task_mask_rows, with_base_columns  # noqa: E402
 
 PATCHES, TASKS, M = 6, 3, 2  # a small picture: 6 patches, 3 merged tasks of 2 memory rows each
 

@@ -35,7 +35,6 @@ from .train_args import (  # noqa: F401  (parse_args: re-exported)
     parse_args,
     quiet_foreign_noise,
 )
-from .tuner.backbone import describe_backbone
 from .tuner.errors import InputError, MemoryPeftError
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
@@ -288,8 +287,8 @@ def base_cache(args, model, data, processor, accelerator):
     absent, checked against this run's backbone, image size, processor and training images either way."""
     folder, dtype, built = Path(args.cache_base), getattr(torch, args.cache_dtype), None
     # a task branch starts from the base rows entering its first layer: the cache holds those too
-    config, depth = model.peft_config["default"], describe_backbone(model.get_base_model()).num_layers
-    rows_at = (config.branch_start(depth),) if config.branch_layers else ()  # the start as the config owns it
+    config = model.peft_config["default"]
+    rows_at = (config.branch_start,) if config.branch_layers else ()
     if accelerator.is_main_process and not (folder / INFO).exists():
         started = time.time()
         built = build_cache(

@@ -89,7 +89,7 @@ def test_tasks_with_mixed_branches_together_equal_each_alone(real_vit, pixels):
         base, together = tuner.encode(pixels, list(TASKS), interpolate_pos_encoding=True)
         tuner.set_adapter(list(TASKS))
         out = model.base_model.forward_tasks(pixels, interpolate_pos_encoding=True)
-    assert len(tuner._layout_for(list(TASKS)).groups) == 3  # b and d batched as one group
+    assert len(tuner.layout.groups) == 3  # b and d batched as one group
     assert_identical(base, stock)
     for t, name in enumerate(TASKS):
         assert_identical(together[:, t], alone[name])

@@ -77,14 +77,15 @@ def test_the_tuner_never_imports_the_application_around_it():
 
 
 def test_the_config_is_at_the_bottom_it_reaches_none_of_the_forward():
-    """config.py imports, directly or through its imports, only the tuner's errors and file reading."""
+    """config.py imports, directly or through its imports, only the tuner's errors, file reading and the peft
+    changes (its PeftType member)."""
     graph = package_imports()
     reached, todo = set(), ["tuner.config"]
     while todo:
         for name in graph[todo.pop()] - reached:
             reached.add(name)
             todo.append(name)
-    assert reached <= {"tuner.errors", "tuner.storage"}, reached
+    assert reached <= {"tuner.errors", "tuner.storage", "tuner.peft_integration"}, reached
     assert "tuner.forward" in set().union(*(graph[n] for n in graph if n.startswith("tuner.")))  # the walk sees it
 
 
@@ -166,13 +167,14 @@ def test_no_tuner_module_writes_files():
 # a ceiling that catches growth, set at the tuner's size when it was last reviewed (2,245 lines, 16 files, none over
 # 309; 2,251 after the checks of every adapter_config.json field that fuzzing found unchecked came and the save wrapper
 # and call-stack inspection went), not the <= 1,600 in <= 12 files of the house issue, still open: CHANGELOG.md
-TUNER_LINES, FILE_LINES = 2_260, 310
+TUNER_LINES, FILE_LINES, TUNER_FILES = 2_000, 360, 12
 
 
 def test_the_tuner_stays_within_its_size_budget_and_each_file_states_its_job_first():
     files = sorted((PACKAGE / "tuner").glob("*.py"))
     lines = {path.name: len(path.read_text().splitlines()) for path in files}
     assert sum(lines.values()) <= TUNER_LINES, lines
+    assert len(files) <= TUNER_FILES, lines
     assert max(lines.values()) <= FILE_LINES, lines
     for path in files:
         docstring = ast.get_docstring(ast.parse(path.read_text())) or ""

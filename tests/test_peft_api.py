@@ -133,10 +133,6 @@ def test_a_deep_copy_computes_with_its_own_weights(mode):
         torch.nn.init.normal_(model.base_model.memory_head["default"].weight)
         before = model(pixel_values=PIXELS).logits
         twin = copy.deepcopy(model)
-        # the copy reads its memory keys/values as constants prepared from its own weights, as the original does
-        twin_layers = twin.base_model.model.layers
-        assert all(layer._constants_hold(layer._constants.plan, PIXELS) for layer in twin_layers if layer._constants)
-        assert twin_layers[0]._constants.sources[-1] is twin_layers[0].memory_tokens["default"]
         assert torch.equal(twin(pixel_values=PIXELS).logits, before)
         twin.base_model.model.layers[0].memory_tokens["default"].add_(1.0)
         torch.nn.init.normal_(twin.base_model.memory_head["default"].weight)

@@ -1,4 +1,4 @@
-"""Multi-task serving: reused computation with cached memory K/V, extension mode, top-K memory."""
+"""Multi-task serving: every forward path against the plain reference, extension mode, top-K memory."""
 
 import copy
 
@@ -17,10 +17,10 @@ TASKS = [("a", 4, None), ("b", 2, [1, 4, 7]), ("c", 0, None), ("d", 6, [0, 11])]
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_every_forward_path_equals_plain_masked_reference(implementation, images):
-    """Eager inference with memory constants, inline memory (compiled or stale constants), training's two streams."""
+    """Inference (all rows in one stream) and training (the base rows apart, out of autograd)."""
     pixels = images[0][:3].to(DTYPES[implementation])
     model = masked_model(real_vit_in(implementation), TASKS).to(DTYPES[implementation])
-    tuner, layers = model.base_model, model.base_model.model.layers
+    tuner = model.base_model
     for count in (1, 2, 3, 4):
         active = [name for name, _, _ in TASKS[:count]]
         with torch.no_grad():
@@ -30,36 +30,30 @@ def test_every_forward_path_equals_plain_masked_reference(implementation, images
                 [memories_of(model, n) for n in active],
                 pixels,
             )
-            with_constants = tuner.encode(pixels, active, interpolate_pos_encoding=True)
-            assert layers[0]._constants is not None  # prepared on activation (eval mode)
-            for layer in layers:
-                layer._constants = None
-            inline = tuner.encode(pixels, active, interpolate_pos_encoding=True)
+            inference = tuner.encode(pixels, active, interpolate_pos_encoding=True)
         streams = tuner.encode(pixels, active, interpolate_pos_encoding=True)  # grad mode: base rows apart
-        for base, tasks in (with_constants, inline, streams):
+        for base, tasks in (inference, streams):
             assert_matches(implementation, base, ref_base)
             assert_matches(implementation, tasks, ref_tasks)
-    assert layers[0]._constants is None  # cleared above; activating again prepares them
     tuner.set_adapter(active)
-    plan, memory_key = layers[0]._constants.plan, layers[0]._constants.key
+    plan = tuner.layout.plans[0]
     assert plan.names == ("a", "d") and plan.sizes == (4, 6)  # c has no memory, b none in layer 0
-    assert memory_key.shape == (10, 384)
 
 
-def test_memory_constants_follow_weight_changes():
+def test_a_forward_reads_the_memory_as_it_is_now():
+    """Nothing computed from the weights outlives a forward: a change in place, a move or a copy is seen at once."""
     model = masked_model(tiny_vit().double(), [("a", 3, None)]).double()
     pixels = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     with torch.no_grad():
         before = model(pixel_values=pixels).logits
         memory = model.base_model.model.layers[1].memory_tokens["a"]
         memory.add_(torch.randn(memory.shape, dtype=torch.float64))  # in place (not a scale: LayerNorm ignores it)
-        after = model(pixel_values=pixels).logits  # stale constants: computed inline
-        model.base_model.prepare_inference()
-        prepared = model(pixel_values=pixels).logits
-        model.base_model.model.to(torch.float32).to(torch.float64)  # a move gives new storage: prepared again
+        after = model(pixel_values=pixels).logits
+        copied = copy.deepcopy(model)(pixel_values=pixels).logits
+        model.base_model.model.to(torch.float32).to(torch.float64)
         moved = model(pixel_values=pixels).logits
     assert (before - after).abs().max() > 1e-3
-    assert_identical(prepared, after)
+    assert_identical(copied, after)
     assert_identical(moved, after)
 
 
@@ -120,7 +114,7 @@ def test_top_k_equals_dense_when_k_is_m_and_selects_otherwise(mode):
         model.load_state_dict(state, strict=False)
         for layer in describe_backbone(model.get_base_model()).layers:  # k = m: refused by the config, so set here
             layer.memory_top_k["default"] = k
-        model.base_model._prepare_layout(["default"])
+        model.base_model.set_adapter("default")  # plans the layout again
         with torch.no_grad():
             results[k] = model(pixel_values=pixels).logits
     with torch.no_grad():
@@ -131,7 +125,7 @@ def test_top_k_equals_dense_when_k_is_m_and_selects_otherwise(mode):
 
 def test_top_k_reads_exactly_the_best_entries():
     """One full-attention layer: top-K equals attention over base keys plus only the k best memory keys."""
-    from memory_peft.tuner.attention import split_heads
+    from memory_peft.tuner.layer import split_heads
 
     torch.manual_seed(1)
     vit = tiny_vit(num_hidden_layers=1)

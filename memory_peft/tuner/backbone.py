@@ -132,7 +132,8 @@ class Backbone:
         return {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "patch_size": self.patch_size}
 
     def embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> torch.Tensor:
-        """(B, C, H, W) -> the first layer's input (B, 1 + extra + N, D)."""
+        """(B, C, H, W), any float dtype -> the first layer's input (B, 1 + extra + N, D) in the model's dtype."""
+        pixel_values = pixel_values.to(self.final_norm.weight.dtype)
         if self.architecture.interpolates:
             embedded = self.embeddings(pixel_values)
         else:

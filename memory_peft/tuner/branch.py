@@ -4,49 +4,18 @@ the layer again, with full attention to its memory and its low-rank updates of t
 The branch's rows are the task's class token (from the masked rows below the branch) and the base patches of the
 depth where it starts. Nothing of the base reads them, so the base rows go on unchanged beside the branches and
 adapters trained alone concatenate exactly. Tasks whose branches have the same shape (start, memory rows per layer,
-updates or not) run as one group: one LayerNorm and one GEMM per projection over all their rows, the per-task parts
-(memory, low-rank factors) batched over the group. ``run_masked`` runs the masked rows layer by layer, with the
-branches beside them where there are any (training, inference, or from cached base keys/values).
+updates or not) run as one group (``layout.BranchGroup``): one LayerNorm and one GEMM per projection over all their
+rows, the per-task parts (memory, low-rank factors) batched over the group. ``run_masked`` runs the masked rows layer
+by layer, with the branches beside them where there are any (training, inference, or from cached base keys/values).
 
 Shapes: G tasks of a group, B batch, n = 1 + N rows of a branch, m memory rows per task in a layer, D hidden, r rank.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .attention import attend
-
-
-@dataclass(frozen=True)
-class BranchGroup:
-    """Tasks whose branches run batched together (no tensors)."""
-
-    names: tuple[str, ...]
-    tasks: tuple[int, ...]  # their positions among the active adapters
-    start: int  # the first layer of their branches
-
-
-def branch_groups(names: list[str], starts: list[int], layers) -> tuple[BranchGroup, ...]:
-    """Group the active adapters that have a branch (``starts[t] < len(layers)``) by the shape of their branch."""
-    groups: dict[tuple, list[int]] = {}
-    for t, (name, start) in enumerate(zip(names, starts)):
-        if start >= len(layers):
-            continue
-        shape = tuple(
-            (
-                layer.memory_tokens[name].shape[0] if name in layer.memory_tokens else 0,
-                layer.memory_layernorm.get(name, True),
-                tuple(layer.memory_branch_down[name].shape) if name in layer.memory_branch_down else None,
-            )
-            for layer in layers[start:]
-        )
-        groups.setdefault((start, shape), []).append(t)
-    return tuple(
-        BranchGroup(tuple(names[t] for t in tasks), tuple(tasks), start) for (start, _), tasks in groups.items()
-    )
+from .layer import attend
 
 
 def branch_rows(class_tokens: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -60,18 +29,18 @@ def branch_rows(class_tokens: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 def forward_branch(layer, x: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
     """x (G, B, n, D) through ``layer`` (a ``MemoryTokenLayer``) as each task's own copy of it -> (G, B, n, D)."""
-    return layer._checkpointed(_branch_layer, layer, x, names)
+    return layer.checkpointed(_branch_layer, layer, x, names)
 
 
 def _branch_layer(layer, x: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
     groups, batch, length, width = x.shape
-    parts, tokens = layer._resolved, groups * batch * length
+    parts, tokens = layer.parts, groups * batch * length
     rows = x.reshape(tokens, width)
     memory = None
     if names[0] in layer.memory_tokens:  # the group's tasks all have memory here, of one size
-        memory = torch.stack([layer._memory(name, x.dtype) for name in names])  # (G, m, D)
+        memory = torch.stack([layer.memory(name, x.dtype) for name in names])  # (G, m, D)
     through_norm = memory is not None and layer.memory_layernorm[names[0]]
-    normed = layer.norm_before(torch.cat([rows, memory.reshape(-1, width)]) if through_norm else rows)
+    normed = parts.norm_before(torch.cat([rows, memory.reshape(-1, width)]) if through_norm else rows)
     if memory is not None and not through_norm:
         normed = torch.cat([normed, memory.reshape(-1, width)])
     query, key, value = parts.query(normed[:tokens]), parts.key(normed), parts.value(normed)
@@ -86,7 +55,7 @@ def _branch_layer(layer, x: torch.Tensor, names: tuple[str, ...]) -> torch.Tenso
         return own.reshape(groups * batch, columns, -1)
 
     attended, _ = attend(parts, query.view(groups * batch, length, -1), per_task(key), per_task(value))
-    return layer._residual_and_mlp(x.reshape(groups * batch, length, width), attended).view(x.shape)
+    return layer.residual_and_mlp(x.reshape(groups * batch, length, width), attended).view(x.shape)
 
 
 def _with_low_rank_updates(layer, names, normed, query, value, tokens: int):
@@ -146,8 +115,9 @@ def run_masked(layers, layout, masks: dict, tokens, base, streams: bool, keep: b
             plan, mask = layout.plans[i], masks[layout.masks[i]]
             if cached is not None:
                 x = layer.forward_task_rows(x, cached[:, i, 0], cached[:, i, 1], plan, mask)
-            elif streams:
-                base, x = layer.forward_streams(base, x, plan, mask)
+            elif streams:  # training: the base rows out of autograd, only the class-token path differentiated
+                base, key, value = layer.forward_base(base)
+                x = layer.forward_task_rows(x, key, value, plan, mask)
             else:
                 x, _ = layer.forward_rows(x, plan, mask)
         for g in branches:

@@ -7,30 +7,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from peft.config import PeftConfig
-from peft.utils import PeftType
 
 from .errors import AdapterFileError, InputError, MemoryPeftError
+from .peft_integration import MEMORY_TOKENS, PEFT_TYPE_NAME
 from .storage import CONFIG_FILE, WEIGHTS_FILE, adapter_file, read_config_file, verify_weights
 
-PEFT_TYPE_NAME = "MEMORY_TOKENS"
-
-
-def _add_peft_type_member(name: str) -> PeftType:
-    """peft's ``register_peft_method`` needs ``name`` to be a ``PeftType`` member already, and an outside package cannot
-    edit that enum's source: add the member the way ``enum`` builds members, once (upstream: one line in peft)."""
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = member._value_ = name
-    member.__objclass__ = PeftType
-    member.__init__(name)
-    type.__setattr__(PeftType, name, member)
-    PeftType._member_map_[name] = PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    return member
-
-
-MEMORY_TOKENS = _add_peft_type_member(PEFT_TYPE_NAME)
 MODES = ("full", "masked")
 # the integer fields: (least value, None allowed, what they count), checked alike
 _COUNTS = {
@@ -224,13 +205,20 @@ class MemoryTokenConfig(PeftConfig):
             if self.branch_layers and getattr(self, other) is not None:
                 raise InputError(f"MemoryTokenConfig.branch_layers cannot be combined with {other} (not supported).")
 
-    def branch_start(self, num_layers: int) -> int:
-        """The first layer of the task's branch (``num_layers``: no branch), checked against the backbone's depth."""
+    def check_depth(self, num_layers: int) -> None:
+        """Range checks against the backbone's depth, before anything is created."""
+        self.memory_layers(num_layers)
         if self.branch_layers > num_layers:
             raise InputError(
                 f"MemoryTokenConfig.branch_layers={self.branch_layers}, but the backbone has {num_layers} layers."
             )
-        return num_layers - self.branch_layers
+
+    @property
+    def branch_start(self) -> int:
+        """The first layer of the task's branch (the depth: none), on the backbone the tuner recorded."""
+        if not self.backbone:
+            raise InputError("MemoryTokenConfig.branch_start is known once the adapter is on a model.")
+        return self.backbone["num_layers"] - self.branch_layers
 
     def branch_scale(self) -> float:
         """The low-rank updates' scale, alpha / rank."""

@@ -1,6 +1,8 @@
-"""The layout of a set of active adapters: which memories each layer reads and in which column order, the task-mask
-rows of masked mode, and the task branches grouped to run batched. Planned at activation, outside any forward (no
-forward creates state that outlives it); the forward only reads it.
+"""The layout of a set of active adapters, planned at activation (outside any forward; the forward only reads it):
+which memories each layer reads in which column order, the task-mask rows of masked mode, and the task branches
+grouped to run batched.
+
+Shapes: n = 1 + N base tokens, T active tasks, M memory rows of a layer.
 """
 
 from __future__ import annotations
@@ -9,10 +11,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import task_mask_rows
-from .branch import BranchGroup, branch_groups
 from .errors import InputError
 from .layer import MemoryPlan
+
+
+@dataclass(frozen=True)
+class BranchGroup:
+    """Tasks whose branches have one shape (start, memory rows per layer, updates or not): they run batched."""
+
+    names: tuple[str, ...]
+    tasks: tuple[int, ...]  # their positions among the active adapters
+    start: int  # the first layer of their branches
 
 
 @dataclass(frozen=True)
@@ -22,43 +31,43 @@ class Layout:
     names: tuple[str, ...]
     masked: bool
     plans: tuple[MemoryPlan, ...]  # per layer
-    masks: tuple[str | None, ...]  # per layer: name of its task-mask rows in ``tuner.task_masks`` (masked mode)
+    masks: tuple[str | None, ...]  # per layer: the name of its task-mask rows (masked mode)
     starts: tuple[int, ...] = ()  # per task: the first layer of its branch (the number of layers: none)
-    groups: tuple[BranchGroup, ...] = ()  # the tasks with a branch, grouped to run batched
+    groups: tuple[BranchGroup, ...] = ()
 
 
-def plan_layout(backbone, configs: dict, names: list[str], reference: torch.Tensor):
-    """(layout, {buffer name: task-mask rows (1 + T, T + M)}) of the adapters ``names`` (their ``configs``) on
-    ``backbone`` (``backbone.Backbone``); None while an extended adapter is not loaded (the forward will say so).
-    ``reference``: a class token, whose device the mask rows take."""
-    layers = backbone.layers
+def plan_layout(layers, configs: dict, names: list[str], dtype: torch.dtype, device: torch.device):
+    """(layout, {mask name: task-mask rows (1 + T, T + M)}) of the adapters ``names`` on ``layers`` (the
+    ``MemoryTokenLayer``s), or None while an adapter they extend is not loaded (the forward then says so)."""
     masked = configs[names[0]].mode == "masked"
     try:
         memory_names, reads = memory_reads(configs, names) if masked else (list(names), [])
     except InputError:
         return None
     # a task's memory in its branch layers is read by its branch (branch.py), not by its row among the masked ones
-    starts = tuple(configs[n].branch_start(len(layers)) if masked else len(layers) for n in names)
-    branched = [{n for n, start in zip(names, starts) if start <= i} for i in range(len(layers))]
-    plans = tuple(layer.plan([n for n in memory_names if n not in branched[i]]) for i, layer in enumerate(layers))
+    starts = tuple(configs[n].branch_start if masked else len(layers) for n in names)
+    plans = tuple(
+        layer.plan([n for n in memory_names if n not in names or starts[names.index(n)] > i])
+        for i, layer in enumerate(layers)
+    )
     masks, rows = [], {}
-    if masked:
-        dtype = backbone.final_norm.weight.dtype
-        # structure only: never on the meta device (low_cpu_mem_usage), whatever the weights are on
-        device = reference.device if not reference.is_meta else torch.device("cpu")
-        keys = {}  # layers that read the same memories share their mask
-        for plan in plans:
-            if plan not in keys:
-                keys[plan] = f"rows_{len(keys)}"
-                blocks = [
-                    [plan.names.index(memory_names[i]) for i in task_reads if memory_names[i] in plan.names]
-                    for task_reads in reads
-                ]
-                rows[keys[plan]] = task_mask_rows(len(names), list(plan.sizes), blocks, dtype, device)
-            masks.append(keys[plan])
-    groups = branch_groups(list(names), list(starts), layers)
-    layout = Layout(tuple(names), masked, plans, tuple(masks) if masked else (None,) * len(plans), starts, groups)
-    return layout, rows
+    for plan in plans if masked else ():
+        if plan not in rows:  # layers that read the same memories share their mask
+            blocks = [
+                [plan.names.index(memory_names[i]) for i in task_reads if memory_names[i] in plan.names]
+                for task_reads in reads
+            ]
+            rows[plan] = task_mask_rows(len(names), list(plan.sizes), blocks, dtype, device)
+        masks.append(f"rows_{list(rows).index(plan)}")
+    layout = Layout(
+        tuple(names),
+        masked,
+        plans,
+        tuple(masks) if masked else (None,) * len(plans),
+        starts,
+        branch_groups(list(names), list(starts), layers),
+    )
+    return layout, {f"rows_{i}": value for i, value in enumerate(rows.values())}
 
 
 def memory_reads(configs: dict, adapter_names: list[str]) -> tuple[list[str], list[list[int]]]:
@@ -76,3 +85,48 @@ def memory_reads(configs: dict, adapter_names: list[str]) -> tuple[list[str], li
         memory_names += [s for s in extends if s not in memory_names]
         reads.append([memory_names.index(name)] + [memory_names.index(s) for s in extends])
     return memory_names, reads
+
+
+def branch_groups(names: list[str], starts: list[int], layers) -> tuple[BranchGroup, ...]:
+    """Group the adapters that have a branch (``starts[t] < len(layers)``) by the shape of their branch."""
+    groups: dict[tuple, list[int]] = {}
+    for t, (name, start) in enumerate(zip(names, starts)):
+        if start < len(layers):
+            shape = tuple(
+                (
+                    layer.memory_tokens[name].shape[0] if name in layer.memory_tokens else 0,
+                    layer.memory_layernorm.get(name, True),
+                    tuple(layer.memory_branch_down[name].shape) if name in layer.memory_branch_down else None,
+                )
+                for layer in layers[start:]
+            )
+            groups.setdefault((start, shape), []).append(t)
+    return tuple(BranchGroup(tuple(names[t] for t in ts), tuple(ts), start) for (start, _), ts in groups.items())
+
+
+def task_mask_rows(num_tasks: int, memory_sizes: list[int], reads: list[list[int]], dtype, device) -> torch.Tensor:
+    """Additive mask rows (1 + T, T + M) over the columns [task class tokens (T); memory blocks side by side].
+
+    Row 0 is every base row's: it reads none of these columns. Row 1 + t is task t's: its own class token and the
+    memory blocks listed in ``reads[t]``. The base columns in front, readable by every row, are added per forward by
+    ``with_base_columns`` (their count depends on the image size).
+    """
+    offsets = [num_tasks]
+    for size in memory_sizes:
+        offsets.append(offsets[-1] + size)
+    allowed = torch.zeros(1 + num_tasks, offsets[-1], dtype=torch.bool)
+    for t in range(num_tasks):
+        allowed[1 + t, t] = True
+        for block in reads[t]:
+            allowed[1 + t, offsets[block] : offsets[block + 1]] = True
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min).to(device)
+
+
+def with_base_columns(rows: torch.Tensor, num_base: int, base_rows: bool) -> torch.Tensor:
+    """``task_mask_rows`` -> the additive mask over [base (n); task class tokens; memories]: (n + T, n + T + M) with
+    the n base rows first when ``base_rows``, else (T, n + T + M), the task rows only. Two ops at most."""
+    padded = torch.nn.functional.pad(rows, (num_base, 0))  # every row reads the base columns
+    if not base_rows:
+        return padded[1:]
+    return torch.cat([padded[:1].expand(num_base, -1), padded[1:]])

@@ -1,8 +1,7 @@
 """Every change this package makes to peft, in one place: what peft offers an outside tuner no hook for. Each part says
 which peft hook would replace it if the tuner went upstream as ``src/peft/tuners/memory_tokens/``.
 
-1. ``MEMORY_TOKENS``: a member added to peft's ``PeftType`` enum (upstream: one line in ``peft/utils/peft_types.py``);
-   it lives in ``config.py``, beside the config it types, so that the config imports nothing of the forward.
+1. ``MEMORY_TOKENS``: a member added to peft's ``PeftType`` enum (upstream: one line in ``peft/utils/peft_types.py``).
 2. ``install_forward``: a bound method on the base model instance that routes its forward to the tuner (upstream:
    ``PeftModel.forward`` calling the tuner's ``forward``, as prompt-learning methods are special-cased today).
 """
@@ -13,12 +12,34 @@ import inspect
 import types
 import weakref
 
+from peft.utils import PeftType
 from torch import nn
 
 from .errors import InputError
-from .forward import MemoryForward
 
 PREFIX = "memory_"
+
+
+# --- 1. the PeftType member ------------------------------------------------------------------------------------------
+PEFT_TYPE_NAME = "MEMORY_TOKENS"
+
+
+def _add_peft_type_member(name: str) -> PeftType:
+    """peft's ``register_peft_method`` needs ``name`` to be a ``PeftType`` member already, and an outside package cannot
+    edit that enum's source: add the member the way ``enum`` builds members, once (upstream: one line in peft)."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = member._value_ = name
+    member.__objclass__ = PeftType
+    member.__init__(name)
+    type.__setattr__(PeftType, name, member)
+    PeftType._member_map_[name] = PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    return member
+
+
+MEMORY_TOKENS = _add_peft_type_member(PEFT_TYPE_NAME)
 
 
 # --- 2. the base model's forward, routed to the tuner --------------------------------------------------------------
@@ -29,7 +50,7 @@ class _TunerRoute(nn.Module):
     same layout compile again, and with ``fullgraph=True`` the ninth in one process failed (dynamo's recompile
     limit)."""
 
-    def __init__(self, tuner: MemoryForward) -> None:
+    def __init__(self, tuner: nn.Module) -> None:
         super().__init__()
         self.tuner = weakref.ref(tuner)
 
@@ -50,17 +71,15 @@ def _routed_forward(route: _TunerRoute, *args, **kwargs):
     return tuner.memory_forward(*args, **kwargs)
 
 
-# transformers.Trainer keeps only the dataset columns named in forward's signature: show it the real one (a bound
-# method's signature drops the first parameter, here memory_forward's self)
-_routed_forward.__signature__ = inspect.signature(MemoryForward.memory_forward)
-
-
-def install_forward(model: nn.Module, tuner: MemoryForward) -> None:
+def install_forward(model: nn.Module, tuner: nn.Module) -> None:
     """peft's PeftModel calls the base model's ``forward`` directly: route it to the tuner (removed on ``unload``).
     A model wrapped again (e.g. after its first PeftModel was dropped) runs through the newest tuner."""
     installed = model.__dict__.get("forward")
     route = getattr(installed, "__self__", None)
     if not isinstance(route, _TunerRoute) or route.tuner() is not tuner:
+        # transformers.Trainer keeps only the dataset columns named in forward's signature: show it the tuner's (a
+        # bound method's signature drops the first parameter, here memory_forward's self)
+        _routed_forward.__signature__ = inspect.signature(type(tuner).memory_forward)
         model.__dict__["forward"] = types.MethodType(_routed_forward, _TunerRoute(tuner))
 
 
