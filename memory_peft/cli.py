@@ -187,16 +187,18 @@ def inspect(args) -> int:
         f"patch {backbone.get('patch_size')})"
     )
     print(
-        "| task | mode | m | layers | classes | trained at | parameters | size on disk |\n"
-        "|---|---|---|---|---|---|---|---|"
+        "| task | mode | m | layers | readout | classes | trained at | parameters | size on disk |\n"
+        "|---|---|---|---|---|---|---|---|---|"
     )
     for row in info["tasks"]:
         labels = row["labels"] or []
         named = f" ({', '.join(labels[:5])}{', ...' if len(labels) > 5 else ''})" if labels else ""
         size = f"{row['image_size']} px" if row["image_size"] else "?"
+        readout = row["readout"] if isinstance(row["readout"], str) else ",".join(map(str, row["readout"] or []))
+        readout = f"{readout}{' (probe)' if row['probe'] else ''}" if readout else "-"
         print(
-            f"| {row['task']} | {row['mode']} | {row['m']} | {row['layers']} | {row['classes']}{named} | {size} | "
-            f"{row['parameters']:,} | {row['bytes'] / 1e6:.3f} MB |"
+            f"| {row['task']} | {row['mode']} | {row['m']} | {row['layers']} | {readout} | {row['classes']}{named} | "
+            f"{size} | {row['parameters']:,} | {row['bytes'] / 1e6:.3f} MB |"
         )
     total = sum(r["parameters"] for r in info["tasks"])
     print(f"{len(info['tasks'])} task(s), {total:,} parameters, {sum(r['bytes'] for r in info['tasks']) / 1e6:.3f} MB")

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
+from .tuner import forward
 from .tuner.backbone import describe_backbone
+from .tuner.config import MemoryTokenConfig
 from .tuner.errors import InputError
 
 # the probe's default grid: AdamW LRs for standardised features, and decoupled weight decays (shrink lr * wd a step)
@@ -49,19 +51,13 @@ def chosen_layers(num_layers: int, layers: str | int | Sequence[int]) -> list[in
 def layer_features(model: nn.Module, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """A supported backbone's (``tuner/backbone.py``) frozen features of every layer: pixels (B, C, H, W) -> (B,
     num_layers, 2, D) on the CPU, in the model's dtype: per layer output, the final-normed class token and the mean
-    of the final-normed patch tokens (tokens after the class token and any distillation token)."""
+    of the final-normed patch tokens (``tuner.forward.features_of``: what readout heads read)."""
     backbone = describe_backbone(model)
-    skip = 1 + backbone.architecture.extra_tokens
     device, dtype = backbone.final_norm.weight.device, backbone.final_norm.weight.dtype
     out = []
     for start in range(0, len(pixel_values), batch_size):
         pixels = backbone.check_pixels(pixel_values[start : start + batch_size].to(device, dtype), True)
-        x, per_layer = backbone.embed(pixels, True), []
-        for layer in backbone.layers:
-            x = layer(x, None)  # no attention mask (CLIP's layers require the argument)
-            normed = backbone.final_norm(x)
-            per_layer.append(torch.stack([normed[:, 0], normed[:, skip:].mean(1)], 1))
-        out.append(torch.stack(per_layer, 1).cpu())
+        out.append(forward.layer_features(backbone, backbone.embed(pixels, True)).cpu())
     return torch.cat(out)
 
 
@@ -156,3 +152,31 @@ def flatten(features: torch.Tensor, layers: list[int], tokens: Sequence[int] = (
     """(B, num_layers, 2, D) from ``layer_features`` -> (B, F) of the chosen layers and tokens (0: the class token,
     1: the mean patch token)."""
     return features[:, layers][:, :, list(tokens)].flatten(1)
+
+
+def probe_adapter(model, adapter_name: str, probe: LinearProbe, layers: Sequence[int]) -> None:
+    """Make a fitted probe of ``layers`` (``flatten`` of them, both tokens) a servable task of ``model`` (a
+    ``PeftModel`` of memory adapters): a pure readout adapter (``MemoryTokenConfig(m=0, mode="masked",
+    readout_layers=layers, readout_class_token=False)``) with the probe's statistics and weights, whose logits
+    equal the probe's. It saves, merges and serves as any masked task, at about a head's cost."""
+    config = MemoryTokenConfig(
+        m=0,
+        mode="masked",
+        num_labels=probe.linear.out_features,
+        readout_layers=list(layers),
+        readout_class_token=False,
+    )
+    model.add_adapter(adapter_name, config)
+    tuner = model.base_model
+    if tuner.memory_head[adapter_name].in_features != probe.linear.in_features:
+        model.delete_adapter(adapter_name)
+        raise InputError(
+            f"The probe reads {probe.linear.in_features} features, but layers {list(layers)} of this backbone give "
+            f"{2 * tuner.backbone.hidden_size * len(layers)}: pass the layers it was fitted on."
+        )
+    with torch.no_grad():
+        readout, head = tuner.memory_readout[adapter_name], tuner.memory_head[adapter_name]
+        readout.mean.copy_(probe.mean)
+        readout.std.copy_(probe.std)
+        head.weight.copy_(probe.linear.weight)
+        head.bias.copy_(probe.linear.bias)

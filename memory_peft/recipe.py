@@ -46,6 +46,7 @@ def paper_recipe(
     head_lr: float | None = None,
     optimizer: str = "sgd",
     class_token_lr: float | None = None,
+    head_weight_decay: float = 0.0,
 ) -> Recipe:
     """SGD (momentum 0.9; ``optimizer="adamw"``: AdamW, betas 0.9/0.999, no weight decay) over the parameters that
     require gradients, with a cosine schedule of ``total_steps`` after ``warmup_steps`` of linear warmup (steps as the
@@ -55,7 +56,9 @@ def paper_recipe(
     an LR ~100 x that of memory and class token (this repo's sweeps: 1.0 vs 0.01); with one LR, a head started from
     the frozen-feature probe hardly follows the features that memory moves. ``class_token_lr``: the task class
     tokens' own LR (None: ``lr``): under AdamW every entry moves by ~the LR per step, and a class token sits in the
-    residual stream unnormalised, where the memory is read through the layers' LayerNorm."""
+    residual stream unnormalised, where the memory is read through the layers' LayerNorm. ``head_weight_decay``: weight
+    decay of the task heads alone (AdamW's decoupled decay; SGD's L2), what a head over many standardised readout
+    features (``readout_layers``) wants, as a converged probe does."""
     if optimizer not in OPTIMIZERS:
         raise InputError(f"Unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}.")
     make = (
@@ -79,6 +82,14 @@ def paper_recipe(
             )
         groups.append({"params": [p for p in trainable if id(p) in ids], "lr": part_lr})
         taken |= ids
+    if head_weight_decay:
+        heads = {id(p) for name, p in model.named_parameters() if p.requires_grad and HEAD in name.split(".")}
+        if not heads:
+            raise InputError("head_weight_decay was given, but the model has no trainable task head (memory_head).")
+        if head_lr is None:
+            groups.insert(0, {"params": [p for p in trainable if id(p) in heads], "lr": lr})
+            taken |= heads
+        groups[0]["weight_decay"] = head_weight_decay  # the heads' group comes first
     rest = {"params": [p for p in trainable if id(p) not in taken], "lr": lr}
     optimizer = make([g for g in [rest, *groups] if g["params"]])
     return Recipe(trainable, optimizer, get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps))

@@ -26,7 +26,8 @@ def describe(source: str) -> dict:
     for task in tasks:
         with from_hub(source):
             config, config_path, weights = verify_adapter(source, subfolder=task)
-        parameters = sum(math.prod(shape) for shape in weight_shapes(weights).values())
+        shapes = weight_shapes(weights)  # the readout's statistics are stored, not trained
+        parameters = sum(math.prod(shape) for key, shape in shapes.items() if "memory_readout" not in key)
         rows.append(
             {
                 "task": task or "default",
@@ -36,6 +37,8 @@ def describe(source: str) -> dict:
                 "classes": config["num_labels"],
                 "extends": config.get("extends"),
                 "top_k": config.get("top_k"),
+                "readout": config.get("readout_layers"),
+                "probe": config.get("readout_class_token") is False,
                 "parameters": parameters,
                 "image_size": config.get("image_size"),
                 "labels": config.get("label_names"),

@@ -88,6 +88,16 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     )
     p.add_argument("--branch_rank", type=int, default=0, help="rank of q/v updates inside the branch (0: none)")
     p.add_argument(
+        "--readout_layers",
+        default=None,
+        help="memory-masked: the head also reads the base class and mean patch tokens of these layers ('all', or "
+        "indices such as 8,9,10,11), standardised with statistics of the training images; with --m 0 a "
+        "multi-layer probe (default: the task's class token only)",
+    )
+    p.add_argument(
+        "--weight_decay", type=float, default=0.0, help="weight decay of the task head (decoupled under AdamW)"
+    )
+    p.add_argument(
         "--optimizer",
         default=DEFAULT_OPTIMIZER,
         choices=OPTIMIZERS,
@@ -202,6 +212,15 @@ def _check_numbers(args) -> None:
         raise InputError(f"--grad_clip {args.grad_clip}: give a gradient norm, or 0 for no clipping.")
     if not 0 <= args.train_val_split < 1:
         raise InputError(f"--train_val_split {args.train_val_split}: give a fraction in [0, 1), e.g. 0.15.")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise InputError(f"--weight_decay {args.weight_decay}: give a weight decay >= 0.")
+    if args.readout_layers not in (None, "all"):
+        try:
+            args.readout_layers = [int(i) for i in args.readout_layers.split(",")]
+        except ValueError:
+            raise InputError(
+                f"--readout_layers {args.readout_layers}: give 'all' or layer indices separated by commas (8,9,10,11)."
+            ) from None
 
 
 def parse_args(argv=None, prog=None):
@@ -211,6 +230,13 @@ def parse_args(argv=None, prog=None):
         raise InputError(
             "--cache_base needs --setting memory-masked: only there are the base rows' keys/values "
             "functions of the image alone."
+        )
+    if args.readout_layers is not None and (args.setting or args.mode) != "memory-masked":
+        raise InputError("--readout_layers needs --setting memory-masked: the head reads the unchanged base rows.")
+    if args.readout_layers is not None and args.cache_base:
+        raise InputError(
+            "--readout_layers trains on the images: a --cache_base cache holds the base keys/values, not the base "
+            "features the head reads. Drop --cache_base."
         )
     if (args.branch_layers or args.branch_rank) and (args.setting or args.mode) != "memory-masked":
         raise InputError(

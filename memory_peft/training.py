@@ -141,7 +141,10 @@ def train(args):
             if args.branch_layers or args.branch_rank
             else {}
         ),
+        **({"readout_layers": args.readout_layers} if args.readout_layers is not None else {}),
     )
+    if model.peft_config["default"].readout:  # its standardisation, fixed from the training images first
+        readout_statistics(model, data, processor, args.batch_size, accelerator.device)
     if args.cache_base:  # before any cast: the cache holds what the stored weights compute
         cache = base_cache(args, model, data, processor, accelerator)
         train_loader = DataLoader(cache, shuffle=True, drop_last=True, collate_fn=cache.collate, **loader_args)
@@ -151,7 +154,12 @@ def train(args):
     # accelerate steps a prepared scheduler once per process at each optimizer step: count in those units
     processes = accelerator.num_processes
     trainable, optimizer, scheduler = paper_recipe(
-        model, args.lr, args.warmup_steps * processes, total_steps * processes, optimizer=args.optimizer
+        model,
+        args.lr,
+        args.warmup_steps * processes,
+        total_steps * processes,
+        optimizer=args.optimizer,
+        head_weight_decay=args.weight_decay,
     )
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
@@ -223,6 +231,22 @@ def train(args):
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return scores
+
+
+@torch.no_grad()
+def readout_statistics(model, data, processor, batch_size: int, device) -> None:
+    """A readout head's standardisation: the mean and standard deviation of the features it reads over the training
+    images (without augmentation), accumulated in float64 batch by batch, fixed before training."""
+    images = data.train.with_transform(image_transform(processor, data.image_column, data.label_column))
+    tuner, config = model.base_model, model.peft_config["default"]
+    total, squares, count = 0.0, 0.0, 0
+    for batch in DataLoader(images, batch_size=batch_size, collate_fn=default_data_collator):
+        features = tuner.base_features(batch["pixel_values"].to(device), interpolate_pos_encoding=True)
+        features = features[:, list(config.readout)].flatten(1).double()
+        total, squares, count = total + features.sum(0), squares + (features**2).sum(0), count + len(features)
+    mean = total / count
+    std = ((squares - count * mean**2).clamp_min(0) / max(count - 1, 1)).sqrt()
+    tuner.set_readout_statistics("default", mean, std)
 
 
 def make_accelerator(args, output_dir: Path) -> Accelerator:

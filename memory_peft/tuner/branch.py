@@ -87,10 +87,11 @@ def run_masked(layers, layout, masks: dict, tokens, base, streams: bool, keep: b
     branches' first layer. ``keep``: the base rows are wanted to the last layer (else they stop where the last branch
     starts, when every task has one). -> (the base rows after the last layer they ran through (None from a cache),
     the task rows (B, T, D), each branched task's its branch's class token, before the final norm; with ``hidden``
-    (one stream) the rows (B, n + T, D) entering each layer and leaving the last, else None).
+    (one stream) the rows (B, n + T, D) entering each layer and leaving the last, else None; the base rows after
+    each layer of ``layout.readout`` (none from a cache)).
     """
     num_tasks, num_layers = tokens.shape[1], len(layers)
-    stop = num_layers if keep or num_layers in layout.starts else max(layout.starts)
+    stop = num_layers if keep or layout.readout or num_layers in layout.starts else max(layout.starts)
     one_stream = not streams and cached is None
     x = torch.cat([base, tokens], 1) if one_stream else tokens
     branches: dict[int, torch.Tensor] = {}  # group -> (G, B, n, D)
@@ -105,7 +106,7 @@ def run_masked(layers, layout, masks: dict, tokens, base, streams: bool, keep: b
             rows = torch.stack([own[t] if t in own else rows[:, t] for t in range(num_tasks)], 1)
         return front, rows
 
-    states = [x] if hidden else None
+    states, read = [x] if hidden else None, []
     for i, layer in enumerate(layers):
         for g, group in enumerate(layout.groups):
             if group.start == i:
@@ -120,9 +121,11 @@ def run_masked(layers, layout, masks: dict, tokens, base, streams: bool, keep: b
                 x = layer.forward_task_rows(x, key, value, plan, mask)
             else:
                 x, _ = layer.forward_rows(x, plan, mask)
+            if i in layout.readout and cached is None:
+                read.append(parts()[0])
         for g in branches:
             branches[g] = forward_branch(layer, branches[g], layout.groups[g].names)
         if hidden:
             states.append(torch.cat(split(), 1))
     front, rows = split()
-    return None if cached is not None else front, rows, tuple(states) if hidden else None
+    return None if cached is not None else front, rows, tuple(states) if hidden else None, read

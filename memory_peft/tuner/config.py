@@ -51,6 +51,10 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
@@ -90,6 +94,14 @@ class MemoryTokenConfig(PeftConfig):
         branch_rank: rank of low-rank updates of the query and value projections inside the branch (LoRA's
             ``B @ A`` scaled by ``branch_alpha / branch_rank``, ``B`` from zero); 0: memory only.
         branch_alpha: scale numerator of those updates (None: ``2 * branch_rank``, as LoRA's r=8, alpha=16).
+        readout_layers: masked mode, beyond the paper (a Head2Toe / VQT-style readout): the head also reads, at each
+            of these layers (``"all"`` or layer indices), the base class token and the mean of the base patch tokens
+            after the final norm, standardised with statistics saved in the adapter (``set_readout_statistics``).
+            They are rows of the shared forward, so base outputs and concatenation stay exact. None (the default):
+            the head reads the task's class token only.
+        readout_class_token: the head reads the task's own final class token (the default). ``False``, with
+            ``m=0`` and readout layers: a pure multi-layer probe, with no row of its own in the forward (about a
+            head's cost).
         target_modules: peft's field, unused by memory tokens (which layers are a ViT's is known from its class,
             ``backbone.py``; ``layers`` selects among them); leave it None.
         label_names: the head's class names, in order (implies ``num_labels``); read by pipelines and ``predict``.
@@ -126,6 +138,11 @@ class MemoryTokenConfig(PeftConfig):
     branch_layers: int = field(default=0, metadata={"help": "masked mode: the last k layers as the task's branch"})
     branch_rank: int = field(default=0, metadata={"help": "rank of q/v updates inside the branch (0: none)"})
     branch_alpha: float | None = field(default=None, metadata={"help": "scale numerator (None: 2 * branch_rank)"})
+    readout_layers: list[int] | str | None = field(
+        default=None,
+        metadata={"help": "masked mode: layers whose base features the head also reads ('all' or indices)"},
+    )
+    readout_class_token: bool = field(default=True, metadata={"help": "the head reads the task's class token"})
     label_names: list[str] | None = field(default=None, metadata={"help": "class names of the head, in order"})
     image_size: int | None = field(default=None, metadata={"help": "input size the adapter was trained at"})
     dataset: str | None = field(default=None, metadata={"help": "Hub id or folder of the training dataset"})
@@ -162,7 +179,7 @@ class MemoryTokenConfig(PeftConfig):
             isinstance(self.branch_alpha, bool) or not isinstance(self.branch_alpha, (int, float))
         ):
             raise InputError(f"MemoryTokenConfig.branch_alpha must be None or a number, got {self.branch_alpha!r}.")
-        for flag in ("train_class_token", "memory_layernorm"):
+        for flag in ("train_class_token", "memory_layernorm", "readout_class_token"):
             if not isinstance(getattr(self, flag), bool):
                 raise InputError(f"MemoryTokenConfig.{flag} must be true or false, got {getattr(self, flag)!r}.")
         for name, fits, what in _OTHER_FIELDS:
@@ -201,13 +218,36 @@ class MemoryTokenConfig(PeftConfig):
             raise InputError(f"MemoryTokenConfig.{needs_masked[0]} needs mode='masked'.")
         if self.branch_rank and not self.branch_layers:
             raise InputError("MemoryTokenConfig.branch_rank needs branch_layers >= 1: the updates live in the branch.")
-        for other in ("extends", "top_k"):
+        for other in ("extends", "top_k", "readout_layers"):
             if self.branch_layers and getattr(self, other) is not None:
                 raise InputError(f"MemoryTokenConfig.branch_layers cannot be combined with {other} (not supported).")
+        self._validate_readout()
+
+    def _validate_readout(self) -> None:
+        readout = self.readout_layers
+        if readout is not None:
+            if isinstance(readout, (list, tuple)) and readout and all(_index(i) for i in readout):
+                self.readout_layers = sorted(set(readout))
+            elif readout != "all":
+                raise InputError(
+                    f"MemoryTokenConfig.readout_layers must be None, 'all' or a list of layer indices, got {readout!r}."
+                )
+            if self.mode != "masked":
+                raise InputError("MemoryTokenConfig.readout_layers needs mode='masked' (it reads the base rows).")
+        if not self.readout_class_token and (readout is None or self.m or self.extends):
+            raise InputError(
+                "MemoryTokenConfig.readout_class_token=False makes a pure probe: it needs readout_layers, m=0 and no "
+                "extends (nothing else would read the memory)."
+            )
 
     def check_depth(self, num_layers: int) -> None:
         """Range checks against the backbone's depth, before anything is created."""
         self.memory_layers(num_layers)
+        if isinstance(self.readout_layers, list) and not 0 <= self.readout_layers[-1] < num_layers:
+            raise InputError(
+                f"MemoryTokenConfig.readout_layers {self.readout_layers} out of range: the backbone has {num_layers} "
+                f"layers (0..{num_layers - 1})."
+            )
         if self.branch_layers > num_layers:
             raise InputError(
                 f"MemoryTokenConfig.branch_layers={self.branch_layers}, but the backbone has {num_layers} layers."
@@ -216,9 +256,20 @@ class MemoryTokenConfig(PeftConfig):
     @property
     def branch_start(self) -> int:
         """The first layer of the task's branch (the depth: none), on the backbone the tuner recorded."""
+        return self.depth - self.branch_layers
+
+    @property
+    def readout(self) -> tuple[int, ...]:
+        """The layers whose base features the head reads (none: ``()``), on the backbone the tuner recorded."""
+        if self.readout_layers is None:
+            return ()
+        return tuple(range(self.depth)) if self.readout_layers == "all" else tuple(self.readout_layers)
+
+    @property
+    def depth(self) -> int:
         if not self.backbone:
-            raise InputError("MemoryTokenConfig.branch_start is known once the adapter is on a model.")
-        return self.backbone["num_layers"] - self.branch_layers
+            raise InputError("A MemoryTokenConfig's layers are known once the adapter is on a model.")
+        return self.backbone["num_layers"]
 
     def branch_scale(self) -> float:
         """The low-rank updates' scale, alpha / rank."""

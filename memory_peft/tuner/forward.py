@@ -23,9 +23,43 @@ from .outputs import MultiTaskImageClassifierOutput
 
 class Encoded(NamedTuple):
     base: torch.Tensor | None  # (B, n, D) final-normed base rows (masked mode, when asked for), else None
-    features: torch.Tensor  # (B, T, D) final-normed task class tokens
+    features: torch.Tensor  # (B, T, D) final-normed class tokens of the tasks with a row
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    read: torch.Tensor | None = None  # (B, K, 2, D) base features of the layout's readout layers
+
+
+class Readout(nn.Module):
+    """A task's standardisation of the base features its head reads: (B, K, 2, D) -> (B, K * 2 * D). The statistics
+    are buffers, saved with the adapter (identity until ``MemoryTokenModel.set_readout_statistics``)."""
+
+    def __init__(self, width: int, device=None) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width, device=device))
+        self.register_buffer("std", torch.ones(width, device=device))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return (features.flatten(1) - self.mean) / self.std
+
+
+def features_of(backbone, rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """Base rows K x (B, n, D) -> (B, K, 2, D): per layer the final-normed class token and the mean of the
+    final-normed patch tokens (after any distillation token); what probes and readout heads read."""
+    if not rows:
+        return None
+    normed = backbone.final_norm(torch.stack(rows, 1))
+    skip = 1 + backbone.architecture.extra_tokens
+    return torch.stack([normed[:, :, 0], normed[:, :, skip:].mean(2)], 2)
+
+
+@torch.no_grad()
+def layer_features(backbone, x: torch.Tensor) -> torch.Tensor:
+    """The embeddings (B, n, D) through the stock layers -> (B, L, 2, D), ``features_of`` every layer's output."""
+    rows = []
+    for layer in backbone.layers:
+        x = layer(x, None)  # no attention mask (CLIP's layers require the argument)
+        rows.append(x)
+    return features_of(backbone, rows)
 
 
 def interpolates(backbone, configs: dict, names, pixel_values, asked: bool | None, warned: set) -> bool:
@@ -69,8 +103,14 @@ def run(backbone, layout: Layout, rows: nn.Module, tokens, embedded, with_base: 
     n = embedded.shape[1]
     if not layout.masked:
         x = torch.cat([tokens[0], embedded[:, 1:]], dim=1)
-        x, states, probabilities = run_rows(backbone.layers, layout, x, {None: None}, hidden, weights)
+        x, states, probabilities, _ = run_rows(backbone.layers, layout, x, {None: None}, hidden, weights)
         return Encoded(None, backbone.final_norm(x[:, :1]), states, probabilities)
+    if not layout.rows:  # pure probes only: the stock rows, out of autograd unless the backbone trains
+        with torch.set_grad_enabled(torch.is_grad_enabled() and backbone.layers[0].attention_weights_train()):
+            masks = dict.fromkeys(layout.masks)
+            x, states, probabilities, read = run_rows(backbone.layers, layout, embedded, masks, hidden, weights)
+            x = backbone.final_norm(x)
+        return Encoded(x, x[:, n:], states, probabilities, features_of(backbone, read))
     streams = torch.is_grad_enabled() and not backbone.layers[0].attention_weights_train() and not hidden
     streams = streams and not weights
     masks = task_masks(rows, layout, n, embedded, base_rows=not streams)
@@ -81,31 +121,34 @@ def run(backbone, layout: Layout, rows: nn.Module, tokens, embedded, with_base: 
         )
     if layout.groups or streams:
         tokens = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
-        base, tokens, states = run_masked(
+        base, tokens, states, read = run_masked(
             backbone.layers, layout, masks, tokens, embedded, streams, with_base or hidden, hidden
         )
-        if with_base:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not streams):  # base rows: out of autograd
-                base = backbone.final_norm(base)
-        return Encoded(base if with_base else None, backbone.final_norm(tokens), states)
-    x, states, probabilities = run_rows(
-        backbone.layers, layout, torch.cat([embedded, *tokens], dim=1), masks, hidden, weights
-    )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not streams):  # base rows: out of autograd
+            base = backbone.final_norm(base) if with_base else None
+            read = features_of(backbone, read)
+        return Encoded(base, backbone.final_norm(tokens), states, None, read)
+    x = torch.cat([embedded, *tokens], dim=1)
+    x, states, probabilities, read = run_rows(backbone.layers, layout, x, masks, hidden, weights)
     x = backbone.final_norm(x)
-    return Encoded(x[:, :n], x[:, n:], states, probabilities)
+    return Encoded(x[:, :n], x[:, n:], states, probabilities, features_of(backbone, read))
 
 
 def run_rows(layers, layout: Layout, x: torch.Tensor, masks: dict, hidden: bool, weights: bool):
     """x (B, L, D) through every layer as one stream -> (x, the rows entering each layer and leaving the last
-    (``hidden``), each layer's attention probabilities (``weights``)); what is not asked for is None."""
-    states, probabilities = [x] if hidden else None, [] if weights else None
-    for layer, plan, mask in zip(layers, layout.plans, layout.masks):
+    (``hidden``), each layer's attention probabilities (``weights``), the base rows after each readout layer); what
+    is not asked for is None."""
+    states, probabilities, read = [x] if hidden else None, [] if weights else None, []
+    num_base = x.shape[1] - len(layout.rows) if layout.masked else x.shape[1]
+    for i, (layer, plan, mask) in enumerate(zip(layers, layout.plans, layout.masks)):
         x, layer_weights = layer.forward_rows(x, plan, masks[mask], weights)
         if hidden:
             states.append(x)
         if weights:
             probabilities.append(layer_weights)
-    return x, tuple(states) if hidden else None, tuple(probabilities) if weights else None
+        if i in layout.readout:
+            read.append(x[:, :num_base])
+    return x, tuple(states) if hidden else None, tuple(probabilities) if weights else None, read
 
 
 @torch.no_grad()
@@ -122,9 +165,10 @@ def keys_values(layers, base: torch.Tensor, rows_at: tuple[int, ...] = ()):
     return (keys_values, torch.stack([rows[i] for i in rows_at], 1)) if rows_at else keys_values
 
 
-def run_cached(backbone, layout: Layout, rows: nn.Module, tokens, cached, base_rows) -> torch.Tensor:
-    """tokens (T, D), cached (B, L, 2, n, D) base keys/values, base_rows (B, n, D) or None -> the final-normed task
-    class tokens (B, T, D): only the class-token path runs, with the forward's result (up to the cache's precision)."""
+def run_cached(backbone, layout: Layout, rows: nn.Module, tokens, cached, base_rows, base_features) -> Encoded:
+    """tokens (T, D) of the tasks with a row, cached (B, L, 2, n, D) base keys/values, base_rows (B, n, D) or None,
+    base_features (B, L, 2, D) or None (``layer_features``) -> ``Encoded`` without base rows: only the class-token
+    path runs, with the forward's result (up to the cache's precision)."""
     if not layout.masked:
         raise InputError(
             f"Adapter(s) {list(layout.names)} use full attention: their class token changes the base rows, so base "
@@ -147,18 +191,45 @@ def run_cached(backbone, layout: Layout, rows: nn.Module, tokens, cached, base_r
             f"base_keys_values must be (batch, {len(backbone.layers)} layers, 2, tokens, width), "
             f"got {tuple(cached.shape)}."
         )
+    if layout.readout and base_features is None:
+        raise InputError(
+            f"Adapter(s) {list(layout.names)} read base features (readout_layers), which base keys/values do not "
+            "hold: pass base_features too (the tuner's base_features(pixel_values)), or train on the images."
+        )
     dtype = backbone.final_norm.weight.dtype
     cached = cached.to(dtype)
+    read = base_features[:, list(layout.readout)].to(dtype) if layout.readout else None
+    if not layout.rows:
+        return Encoded(None, cached.new_zeros(cached.shape[0], 0, cached.shape[-1]), read=read)
     tokens = tokens.to(dtype).expand(cached.shape[0], -1, -1)
     masks = task_masks(rows, layout, cached.shape[3], tokens, base_rows=False)
     start = base_rows.to(dtype) if base_rows is not None else None
-    _, tokens, _ = run_masked(backbone.layers, layout, masks, tokens, start, streams=False, keep=False, cached=cached)
-    return backbone.final_norm(tokens)
+    _, tokens, _, _ = run_masked(backbone.layers, layout, masks, tokens, start, False, False, cached=cached)
+    return Encoded(None, backbone.final_norm(tokens), read=read)
+
+
+def head_inputs(layout: Layout, configs: dict, readouts: nn.ModuleDict, encoded: Encoded):
+    """What each task's head reads: ``encoded.features`` (B, T, D) as it is when every task reads its class token
+    alone (one batched GEMM for all heads), else per task (B, F_t): its class token, then its standardised readout."""
+    if not layout.readout and len(layout.rows) == len(layout.names):
+        return encoded.features
+    inputs = []
+    for name in layout.names:
+        config, parts = configs[name], []
+        if config.readout_class_token:
+            parts.append(encoded.features[:, layout.rows.index(name)])
+        if config.readout:
+            read = encoded.read
+            if config.readout != layout.readout:
+                read = read[:, [layout.readout.index(i) for i in config.readout]]
+            parts.append(readouts[name](read).to(encoded.features.dtype))
+        inputs.append(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
+    return inputs
 
 
 def task_outputs(heads: nn.ModuleDict, names, features, labels, num_items, hidden_states=None, attentions=None):
-    """features (B, T, D) -> each task's head, its loss where labels are given (a tensor for one task, else
-    ``{name: tensor}``), their sum."""
+    """features (``head_inputs``) -> each task's head, its loss where labels are given (a tensor for one task,
+    else ``{name: tensor}``), their sum."""
     if isinstance(labels, dict) and set(labels) - set(names):
         raise InputError(
             f"labels for {sorted(set(labels) - set(names))}, which are not active adapters: the "
@@ -177,7 +248,10 @@ def task_outputs(heads: nn.ModuleDict, names, features, labels, num_items, hidde
 
 
 def head_logits(heads: list[nn.Linear], features: torch.Tensor) -> list[torch.Tensor]:
-    """features (B, T, D) -> each task's logits (B, num_labels): heads of one shape run as one batched GEMM."""
+    """features (B, T, D) or per task (B, F_t) -> each task's logits (B, num_labels): heads of one shape on (B, T, D)
+    run as one batched GEMM."""
+    if isinstance(features, list):
+        return [head(f.to(head.weight.dtype)) for head, f in zip(heads, features)]
     features = features.to(heads[0].weight.dtype)
     if len(heads) == 1:
         return [heads[0](features[:, 0])]

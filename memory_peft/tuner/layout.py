@@ -32,14 +32,19 @@ class Layout:
     masked: bool
     plans: tuple[MemoryPlan, ...]  # per layer
     masks: tuple[str | None, ...]  # per layer: the name of its task-mask rows (masked mode)
-    starts: tuple[int, ...] = ()  # per task: the first layer of its branch (the number of layers: none)
+    starts: tuple[int, ...] = ()  # per task with a row: the first layer of its branch (the number of layers: none)
     groups: tuple[BranchGroup, ...] = ()
+    rows: tuple[str, ...] = ()  # the tasks with a class-token row (a pure probe has none), in ``names`` order
+    readout: tuple[int, ...] = ()  # the layers whose base features some task's head reads
 
 
 def plan_layout(layers, configs: dict, names: list[str], dtype: torch.dtype, device: torch.device):
     """(layout, {mask name: task-mask rows (1 + T, T + M)}) of the adapters ``names`` on ``layers`` (the
-    ``MemoryTokenLayer``s), or None while an adapter they extend is not loaded (the forward then says so)."""
+    ``MemoryTokenLayer``s; T: the tasks with a row), or None while an adapter they extend is not loaded (the forward
+    then says so)."""
     masked = configs[names[0]].mode == "masked"
+    all_names, names = names, [n for n in names if configs[n].readout_class_token]
+    readout = tuple(sorted({i for n in all_names for i in configs[n].readout}))
     try:
         memory_names, reads = memory_reads(configs, names) if masked else (list(names), [])
     except InputError:
@@ -60,12 +65,14 @@ def plan_layout(layers, configs: dict, names: list[str], dtype: torch.dtype, dev
             rows[plan] = task_mask_rows(len(names), list(plan.sizes), blocks, dtype, device)
         masks.append(f"rows_{list(rows).index(plan)}")
     layout = Layout(
-        tuple(names),
+        tuple(all_names),
         masked,
         plans,
         tuple(masks) if masked else (None,) * len(plans),
         starts,
         branch_groups(list(names), list(starts), layers),
+        tuple(names),
+        readout,
     )
     return layout, {f"rows_{i}": value for i, value in enumerate(rows.values())}
 

@@ -65,7 +65,8 @@ class MemoryTokenModel(BaseTuner):
         self._base_classifier = base_classifier(getattr(model, "config", None))
         self._warned_sizes: set = set()
         self.memory_class_token = nn.ParameterDict()  # adapter -> (D,): embedding output at position 0
-        self.memory_head = nn.ModuleDict()  # adapter -> Linear(D, num_labels)
+        self.memory_head = nn.ModuleDict()  # adapter -> Linear(D or D + K * 2 * D, num_labels)
+        self.memory_readout = nn.ModuleDict()  # adapter -> forward.Readout: its K readout layers' statistics
         self.task_masks = nn.Module()  # non-persistent buffers: the active layout's task-mask rows
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
@@ -80,7 +81,11 @@ class MemoryTokenModel(BaseTuner):
         with torch.no_grad():
             start = backbone.initial_class_token()
         self.memory_class_token[adapter_name] = nn.Parameter(start)
-        head = nn.Linear(backbone.hidden_size, config.num_labels, device=start.device, dtype=torch.float32)
+        width, read = backbone.hidden_size, 2 * backbone.hidden_size * len(config.readout)
+        if read:
+            self.memory_readout[adapter_name] = run.Readout(read, device=start.device)
+        width = width * config.readout_class_token + read
+        head = nn.Linear(width, config.num_labels, device=start.device, dtype=torch.float32)
         self.memory_head[adapter_name] = head
         nn.init.zeros_(head.weight)  # a zero head starts every task at the uniform prediction
         nn.init.zeros_(head.bias)
@@ -88,7 +93,7 @@ class MemoryTokenModel(BaseTuner):
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
         except Exception:
-            del self.memory_class_token[adapter_name], self.memory_head[adapter_name]
+            self._drop_task_parts(adapter_name)
             raise
         self._memory_enabled = True
         install_forward(model, self)
@@ -127,7 +132,7 @@ class MemoryTokenModel(BaseTuner):
         state_dict = {relative_to_backbone(key, _MODEL_PREFIX, wrapper): value for key, value in state_dict.items()}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         own = re.compile(
-            rf"(^|\.)memory_(tokens|class_token|head|branch_down|branch_up)\.{re.escape(adapter_name)}(\.|$)"
+            rf"(^|\.)memory_(tokens|class_token|head|readout|branch_down|branch_up)\.{re.escape(adapter_name)}(\.|$)"
         )
         missing = [key for key in model.state_dict() if own.search(key) and key not in remapped]
         if missing:
@@ -195,9 +200,34 @@ class MemoryTokenModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        del self.memory_class_token[adapter_name], self.memory_head[adapter_name]
+        self._drop_task_parts(adapter_name)
         self.layout = None
         self._describe_classifier()
+
+    def _drop_task_parts(self, adapter_name: str) -> None:
+        for parts in (self.memory_class_token, self.memory_head, self.memory_readout):
+            if adapter_name in parts:
+                del parts[adapter_name]
+
+    @torch.no_grad()
+    def set_readout_statistics(self, adapter_name: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Fix the standardisation of an adapter's readout: ``mean``, ``std`` (K * 2 * D,) of the features it reads
+        (``base_features()[:, config.readout].flatten(1)`` over training images; std floored at 1e-6)."""
+        readout = self.memory_readout[adapter_name]
+        if mean.shape != readout.mean.shape or std.shape != readout.std.shape:
+            raise InputError(
+                f"Adapter '{adapter_name}' reads {readout.mean.shape[0]} features, got statistics of "
+                f"{tuple(mean.shape)} and {tuple(std.shape)}."
+            )
+        readout.mean.copy_(mean)
+        readout.std.copy_(std.clamp_min(1e-6))
+
+    def base_features(self, pixel_values, interpolate_pos_encoding: bool | None = None) -> torch.Tensor:
+        """(B, num_layers, 2, D): per layer, the final-normed base class token and mean patch token, what readout
+        heads and ``memory_peft.probe`` read (a training cache stores them beside ``base_keys_values``)."""
+        with torch.no_grad():
+            embedded = self._embed(pixel_values, self.active_adapters, interpolate_pos_encoding)
+        return run.layer_features(self.backbone, embedded)
 
     def _plan(self, names: list[str]) -> Layout | None:
         """Plan these adapters' layout (layout.py), its task-mask rows kept as buffers that follow ``.to()``."""
@@ -260,6 +290,7 @@ class MemoryTokenModel(BaseTuner):
         return_dict: bool | None = None,
         base_keys_values: torch.Tensor | None = None,
         base_rows: torch.Tensor | None = None,
+        base_features: torch.Tensor | None = None,
         **kwargs,
     ):
         """The base model's forward (peft_integration routes it here): one active adapter gives the stock
@@ -272,14 +303,16 @@ class MemoryTokenModel(BaseTuner):
             kwargs.update({"labels": labels} if labels is not None else {})
             stock = type(self.model).forward
             return stock(self.model, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **flags, **kwargs)
-        if base_rows is not None and base_keys_values is None:
-            raise InputError("base_rows (a task branch's cached start) comes with base_keys_values, from one cache.")
+        if (base_rows is not None or base_features is not None) and base_keys_values is None:
+            raise InputError("base_rows and base_features come with base_keys_values, from one cache.")
         if base_keys_values is None:
             output = self.forward_tasks(pixel_values, labels, interpolate_pos_encoding, **flags, **kwargs)
         elif pixel_values is not None or output_attentions or output_hidden_states:
             raise InputError("base_keys_values replaces pixel_values (and gives no hidden states or attentions).")
         else:
-            output = self.forward_cached(base_keys_values, labels, base_rows=base_rows, **kwargs)
+            output = self.forward_cached(
+                base_keys_values, labels, base_rows=base_rows, base_features=base_features, **kwargs
+            )
         if len(output.tasks) == 1:
             output = single_task(output)
             return output if return_dict is not False else output.to_tuple()
@@ -305,7 +338,8 @@ class MemoryTokenModel(BaseTuner):
         hidden = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         weights = output_attentions if output_attentions is not None else config.output_attentions
         out = self._encode(pixel_values, names, interpolate_pos_encoding, False, hidden, weights)
-        return run.task_outputs(self.memory_head, names, out.features, labels, num_items_in_batch, *out[2:])
+        inputs = run.head_inputs(self._layout_for(names), self.peft_config, self.memory_readout, out)
+        return run.task_outputs(self.memory_head, names, inputs, labels, num_items_in_batch, *out[2:4])
 
     def encode(self, pixel_values: torch.Tensor, adapter_names: list[str], interpolate_pos_encoding=None):
         """Run the backbone once for these adapters -> (base (B, 1 + N, D): the unadapted model's final-normed output
@@ -315,8 +349,8 @@ class MemoryTokenModel(BaseTuner):
 
     def _encode(self, pixel_values, names, interpolate_pos_encoding, with_base, hidden=False, weights=False):
         layout, embedded = self._layout_for(names), self._embed(pixel_values, names, interpolate_pos_encoding)
-        tokens = [self.memory_class_token[name] for name in names]  # T x (D,)
-        if tokens[0].dtype != embedded.dtype:
+        tokens = [self.memory_class_token[name] for name in layout.rows]  # T x (D,)
+        if tokens and tokens[0].dtype != embedded.dtype:
             tokens = list(torch.stack(tokens).to(embedded.dtype))
         tokens = [token.expand(embedded.shape[0], 1, -1) for token in tokens]
         return run.run(self.backbone, layout, self.task_masks, tokens, embedded, with_base, hidden, weights)
@@ -338,15 +372,21 @@ class MemoryTokenModel(BaseTuner):
             embedded = self._embed(pixel_values, self.active_adapters, interpolate_pos_encoding)
         return run.keys_values(self.backbone.layers, embedded, tuple(rows_at))
 
-    def forward_cached(self, base_keys_values, labels=None, num_items_in_batch=None, base_rows=None):
+    def forward_cached(
+        self, base_keys_values, labels=None, num_items_in_batch=None, base_rows=None, base_features=None
+    ):
         """Masked adapters from cached base keys/values (any float dtype): only the class-token path runs, with the
         forward's result. Adapters with task branches (starting at one layer) also take ``base_rows`` (B, n, D),
-        the base rows entering that layer (``base_keys_values(..., rows_at=(start,))``)."""
+        the base rows entering that layer (``base_keys_values(..., rows_at=(start,))``); readout adapters take
+        ``base_features`` (``base_features()``)."""
         names = self._active()
-        tokens = torch.stack([self.memory_class_token[name] for name in names])
         layout = self._layout_for(names)
-        features = run.run_cached(self.backbone, layout, self.task_masks, tokens, base_keys_values, base_rows)
-        return run.task_outputs(self.memory_head, names, features, labels, num_items_in_batch)
+        tokens = [self.memory_class_token[name] for name in layout.rows]
+        tokens = torch.stack(tokens) if tokens else None
+        cached, rows, features = base_keys_values, base_rows, base_features
+        encoded = run.run_cached(self.backbone, layout, self.task_masks, tokens, cached, rows, features)
+        inputs = run.head_inputs(layout, self.peft_config, self.memory_readout, encoded)
+        return run.task_outputs(self.memory_head, names, inputs, labels, num_items_in_batch)
 
 
 def _names(model: nn.Module, module: nn.Module) -> list[str]:
