@@ -80,6 +80,7 @@ def fit(
     index_device=None,
     optimizer: str = "sgd",
     class_token_lr=None,
+    head_weight_decay: float = 0.0,
 ) -> None:
     """The paper's recipe over ``epochs`` seeded passes of ``n`` examples; ``loss_of(model, indices)``, the indices on
     ``index_device`` (default: the CPU). Data and indices on the GPU keep every step free of host-device copies: a
@@ -87,7 +88,14 @@ def fit(
     queue kernels ahead."""
     steps_per_epoch = n // args.batch_size
     trainable, optimizer, scheduler = paper_recipe(
-        model, lr, args.warmup_steps, args.epochs * steps_per_epoch, head_lr, optimizer, class_token_lr
+        model,
+        lr,
+        args.warmup_steps,
+        args.epochs * steps_per_epoch,
+        head_lr,
+        optimizer,
+        class_token_lr,
+        head_weight_decay,
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(seed)
@@ -178,13 +186,16 @@ def run_setting(
     rows_index=None,
     class_token_path=None,
     class_token_lr=None,
+    features=None,
+    head_weight_decay=0.0,
     **overrides,
 ):
     """Train one setting (``overrides``: MemoryTokenConfig fields; ``head_lr``, ``class_token_lr``: the head's and
     the class token's own LRs;
     ``class_token_path``: ``add_class_token_path_updates``' keyword arguments, caches only); ``cache``
     (memory-masked only): the training images' base keys/values, read instead of running the base rows at every
-    step; ``rows_index``: a task branch's start among the cache's ``rows_at``."""
+    step; ``rows_index``: a task branch's start among the cache's ``rows_at``; ``features``: the splits' base features
+    (``layer_features``, in the cache's order) that a readout head reads, its statistics from the training split's."""
     torch.manual_seed(seed)
     model = apply_setting(
         copy.deepcopy(vit),
@@ -201,6 +212,10 @@ def run_setting(
         add_class_token_path_updates(model, **class_token_path)
     if probe is not None:
         initialise_head(model, "default", probe)
+    readout = model.peft_config["default"].readout
+    if readout:
+        read = features["train"][:, list(readout)].flatten(1).double()
+        model.base_model.set_readout_statistics("default", read.mean(0), read.std(0))
     if accelerator.mixed_precision in ("bf16", "fp16"):
         # as train.py: autocast would cast every frozen weight at every use (bf16, 12 layers: 650 -> 504 ops per head +
         # class token step, 1106 -> 816 masked); the returned model keeps accelerate's autocast forward for scoring
@@ -214,6 +229,8 @@ def run_setting(
             inputs = {"base_keys_values": rows["base_keys_values"].to(device)}
             if rows_index is not None:
                 inputs["base_rows"] = rows["base_rows"][:, rows_index].to(device)
+            if readout:
+                inputs["base_features"] = features["train"][idx].to(device)
             idx = idx.to(device)
         else:
             inputs = {"pixel_values": x[idx], "interpolate_pos_encoding": True}  # idx already on x's device
@@ -231,6 +248,7 @@ def run_setting(
         index_device=None if cache is not None else x.device,
         optimizer=optimizer,
         class_token_lr=class_token_lr,
+        head_weight_decay=head_weight_decay,
     )
     # scored eagerly (batches of every size, no gradients: graphs that no training step would use again)
     return accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -351,15 +369,18 @@ def base_cache(vit, data, args, folder: Path, split: str = "train", rows_at=()):
 
 
 @torch.no_grad()
-def cached_accuracy(model, cache, device, batch: int = 128, rows_index=None) -> float:
+def cached_accuracy(model, cache, device, batch: int = 128, rows_index=None, features=None) -> float:
     """Top-1 of (masked) adapters scored from a split's cached base keys/values instead of its images (task branches:
-    and the cached base rows at ``rows_index`` among the cache's ``rows_at``)."""
+    and the cached base rows at ``rows_index`` among the cache's ``rows_at``; readout heads: and the split's base
+    ``features``, in the cache's order)."""
     correct = 0
     for start in range(0, len(cache), batch):
         rows = cache.batch(range(start, min(start + batch, len(cache))))
         inputs = {"base_keys_values": rows["base_keys_values"].to(device)}
         if rows_index is not None:
             inputs["base_rows"] = rows["base_rows"][:, rows_index].to(device)
+        if features is not None:
+            inputs["base_features"] = features[start : start + batch].to(device)
         logits = model(**inputs).logits
         correct += int((logits.argmax(-1).cpu() == rows["labels"]).sum())
     return correct / len(cache)

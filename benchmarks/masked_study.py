@@ -249,6 +249,23 @@ EXPERIMENTS = {
         {"head_init": "zero", "optimizer": "adamw", "cache": True},
         [0.001, 0.003],
     ),
+    # a readout of several layers of the shared forward inside the masked task (issue 49): its head also reads the
+    # base class and mean patch tokens of every layer (of the last 4), standardised; the head's weight decay is the
+    # one validation chose for the probe of the same layers (a zero head, as the probes)
+    "masked m=5 + readout every layer, adamw": (
+        "memory-masked",
+        5,
+        {"readout_layers": "all"},
+        {"head_init": "zero", "optimizer": "adamw", "weight_decay_of": "linear probe, every layer"},
+        [0.001, 0.003],
+    ),
+    "masked m=5 + readout last 4 layers, adamw": (
+        "memory-masked",
+        5,
+        {"readout_layers": [8, 9, 10, 11]},
+        {"head_init": "zero", "optimizer": "adamw", "weight_decay_of": "linear probe, last 4 layers"},
+        [0.001, 0.003],
+    ),
 }
 
 # linear probes trained to convergence (memory_peft.probe): AdamW with weight decay on standardised frozen features,
@@ -474,7 +491,7 @@ def run_study(args) -> None:
     if any(rows_start(e, layers) is not None for e in on_caches):
         cached["rows"] = caches(vit, data, args, out, rows_at)
     for name in (e for e in args.experiments if e in EXPERIMENTS):
-        run_experiment(name, args, out, vit, data, cached, probe, accelerator)
+        run_experiment(name, args, out, vit, data, cached, probe, accelerator, every_layer)
     print(report(out, args), flush=True)
 
 
@@ -512,11 +529,17 @@ def cached_setting(name: str) -> bool:
     return row is not None and (row[0] == "memory-masked" or bool(row[3].get("cache")))
 
 
-def run_experiment(name: str, args, out: Path, vit, data, cached, probe, accelerator) -> None:
+def run_experiment(name: str, args, out: Path, vit, data, cached, probe, accelerator, every_layer) -> None:
     """One experiment: its LR sweep at seed 0 (runs already recorded are reused), then the other seeds at the
     chosen LR."""
     device = accelerator.device
     setting, m, overrides, recipe, _ = EXPERIMENTS[name]
+    weight_decay, features = 0.0, None
+    if "weight_decay_of" in recipe:  # a readout head: the probe of its layers chose its weight decay
+        probe_row = recipe["weight_decay_of"]
+        run_probe(probe_row, args, out, every_layer, data)
+        sweep = {h: r["val"] for (e, h, seed), r in recorded_runs(out).items() if e == probe_row and seed == 0}
+        weight_decay, features = max(sweep, key=sweep.get)[1], every_layer
     run_args = copy.copy(args)
     run_args.warmup_steps = recipe.get("warmup_steps", args.warmup_steps)
     init = None if recipe.get("head_init") == "zero" else probe.trained
@@ -553,6 +576,8 @@ def run_experiment(name: str, args, out: Path, vit, data, cached, probe, acceler
                 rows_index,
                 recipe.get("class_token_path"),
                 lr * recipe["class_token_lr_scale"] if "class_token_lr_scale" in recipe else None,
+                features,
+                weight_decay,
                 **overrides,
             )
         fitted = {}
@@ -562,7 +587,8 @@ def run_experiment(name: str, args, out: Path, vit, data, cached, probe, acceler
             )
         elif cache is not None:  # scored from the caches; train accuracy too (cheap here), to see overfitting
             val, test, fitted["train"] = (
-                cached_accuracy(model, splits[s], device, rows_index=rows_index) for s in ("val", "test", "train")
+                cached_accuracy(model, splits[s], device, rows_index=rows_index, features=(features or {}).get(s))
+                for s in ("val", "test", "train")
             )
         else:  # train accuracy as well (seconds beside the run): how far a setting fits what it trains on
             val, test, fitted["train"] = (

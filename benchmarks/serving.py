@@ -82,10 +82,20 @@ def big_masked_forward(tuner, pixels, names):
     return vit.layernorm(x)
 
 
-def masked_tasks_model(vit, count, device):
+READOUT = {  # readout tasks (issue 49), every layer: with memory m=5 and their class token, and pure probes
+    "readout": dict(m=5, readout_layers="all"),
+    "probe": dict(m=0, readout_layers="all", readout_class_token=False),
+}
+
+
+def masked_tasks_model(vit, count, device, readout: bool = False):
+    """``count`` masked tasks (m=5) task0, task1, ...; with ``readout`` also ``count`` of each kind of READOUT."""
     model = get_peft_model(vit, MemoryTokenConfig(m=5, num_labels=100, mode="masked"), adapter_name="task0")
     for t in range(1, count):
         model.add_adapter(f"task{t}", MemoryTokenConfig(m=5, num_labels=100, mode="masked"))
+    for kind, fields in READOUT.items() if readout else ():
+        for t in range(count):
+            model.add_adapter(f"{kind}{t}", MemoryTokenConfig(num_labels=100, mode="masked", **fields))
     return model.to(device).eval()
 
 
@@ -96,7 +106,7 @@ def inference(args, batch, device, dtype):
     stock = copy.deepcopy(vit).to(device, dtype)
     full = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=5, num_labels=100, mode="full")).to(device, dtype)
     full.eval()
-    merged = masked_tasks_model(copy.deepcopy(vit), max(args.tasks), device).to(dtype)
+    merged = masked_tasks_model(copy.deepcopy(vit), max(args.tasks), device, readout=True).to(dtype)
     names = [f"task{t}" for t in range(max(args.tasks))]
     pixels = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
 
@@ -113,11 +123,12 @@ def inference(args, batch, device, dtype):
         "full m=5": (nothing, lambda: run["full"](pixel_values=pixels), lambda: full(pixel_values=pixels)),
     }
     for count in args.tasks:
-        configs[f"merged T={count}"] = (
-            lambda c=count: activate(merged, names[:c]),
-            lambda: run["merged"](pixel_values=pixels),
-            lambda: merged(pixel_values=pixels),
-        )
+        for kind in ("", *READOUT):
+            configs[f"merged {kind} T={count}".replace("  ", " ")] = (
+                lambda c=count, k=kind: activate(merged, [f"{k or 'task'}{t}" for t in range(c)]),
+                lambda: run["merged"](pixel_values=pixels),
+                lambda: merged(pixel_values=pixels),
+            )
     if args.compile == "none":
         large = {
             k: get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(m=256, top_k=k, num_labels=100))
@@ -371,6 +382,17 @@ def inference_lines(args, batch, device, dtype) -> list[str]:
         if eager:
             row += f" {count * ratio['merged T=1']:.2f} x | {ratio[f'big mask T={count}']:.3f} x |"
         lines.append(row)
+    lines += [
+        "",
+        "Readout tasks (every layer's base class and mean patch tokens, standardised) in one forward: m=5 with the "
+        "task's class token, and pure probes (m=0, no row of their own):",
+        "",
+        "| T | m=5 + readout | eager ops | pure probes | eager ops |",
+        "|---|---|---|---|---|",
+    ]
+    for count in args.tasks:
+        readout, probe = f"merged readout T={count}", f"merged probe T={count}"
+        lines.append(f"| {count} | {ratio[readout]:.3f} x | {ops[readout]} | {ratio[probe]:.3f} x | {ops[probe]} |")
     lines += [
         "",
         f"Full-attention memory adapter (m=5) vs base forward: {ratio['full m=5']:.3f} x "

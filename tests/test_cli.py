@@ -65,7 +65,7 @@ def test_merge_inspect_split(tmp_path, capsys):
     table = capsys.readouterr().out
     assert (
         "adapter on None (hidden 32, 2 layers, patch 8)" in table
-        and "| default | masked | 3 | all | 10 | ? | 554 |" in table
+        and "| default | masked | 3 | all | - | 10 | ? | 554 |" in table
     )
     save_adapter(vit, tmp_path / "named", 2, m=1, num_labels=6, image_size=56, label_names=list("abcdef"))
     assert main(["inspect", str(tmp_path / "named")]) == 0

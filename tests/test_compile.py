@@ -101,8 +101,9 @@ def test_training_forward_is_one_graph(setting):
 
 
 @pytest.mark.parametrize("count", [1, 10])
-def test_merged_forward_adds_at_most_three_ops_per_layer(count):
-    """Stock 12-layer ViT vs the same with `count` merged masked tasks (heads, class tokens and masks included)."""
+def test_merged_forward_adds_three_ops_per_layer_and_a_few_per_forward(count):
+    """Stock 12-layer ViT vs the same with `count` merged masked tasks: per layer the row, key and value
+    concatenations; per forward the class tokens, the mask and the heads (at most 6)."""
     vit = tiny_vit(layers=12)
     stock = copy.deepcopy(vit)
     model = merged(vit, count, num_labels=(10,))
@@ -112,7 +113,7 @@ def test_merged_forward_adds_at_most_three_ops_per_layer(count):
         extra = sum(count_ops(lambda: model(pixel_values=pixels)).values())
         extra -= sum(count_ops(lambda: stock(pixels)).values())
         ops = count_ops(lambda: model(pixel_values=pixels))
-    assert extra <= 3 * 12, extra
+    assert extra <= 3 * 12 + 6, extra
     # no other GEMM than the stock ones (6 per layer), plus the heads (one batched GEMM for several)
     assert ops["addmm.default"] == 6 * 12 + (1 if count == 1 else 0)
     assert ops["baddbmm.default"] == (0 if count == 1 else 1)

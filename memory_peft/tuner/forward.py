@@ -41,6 +41,16 @@ class Readout(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return (features.flatten(1) - self.mean) / self.std
 
+    @torch.no_grad()
+    def fix(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Set the statistics (``std`` floored at 1e-6), of the shape the head reads."""
+        if mean.shape != self.mean.shape or std.shape != self.std.shape:
+            raise InputError(
+                f"A readout of {self.mean.shape[0]} features got statistics of {tuple(mean.shape)}, {tuple(std.shape)}."
+            )
+        self.mean.copy_(mean)
+        self.std.copy_(std.clamp_min(1e-6))
+
 
 def features_of(backbone, rows: list[torch.Tensor]) -> torch.Tensor | None:
     """Base rows K x (B, n, D) -> (B, K, 2, D): per layer the final-normed class token and the mean of the

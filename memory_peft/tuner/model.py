@@ -3,7 +3,6 @@ plans the active adapters' layout at activation and runs the forward (``forward.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -13,7 +12,7 @@ from torch import nn
 from . import forward as run
 from .backbone import check_signature, describe_backbone, layer_parts, relative_to_backbone
 from .config import MemoryTokenConfig
-from .errors import AdapterFileError, InputError
+from .errors import InputError
 from .layer import NOT_MERGEABLE, MemoryTokenLayer
 from .layout import Layout, memory_reads, plan_layout
 from .outputs import (
@@ -24,6 +23,7 @@ from .outputs import (
     single_task,
 )
 from .peft_integration import PREFIX, install_forward, remove_forward
+from .storage import check_complete
 
 _MODEL_PREFIX = "base_model.model."  # where a PeftModel's state dict keeps the base model's entries
 
@@ -116,30 +116,18 @@ class MemoryTokenModel(BaseTuner):
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         setattr(parent, child_name, new_module)  # a whole layer swapped as is (peft's copies Linear weights)
 
-    # --- files: memory keys relative to the backbone, so that an adapter loads onto any supported class of it -------
+    # --- files: keys relative to the backbone, so that an adapter loads onto any supported class of it -------------
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """peft's selection, each key as if the backbone were the whole model ('model.vit.layers.0' ->
-        'model.layers.0'): ViTModel and ViTForImageClassification save the same file."""
         entries = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         return {relative_to_backbone(key, _MODEL_PREFIX): value for key, value in entries.items()}
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Backbone-relative keys to where this model keeps its layers, then peft's remapping; a missing tensor is an
-        error (peft would only warn, and the adapter would run with untrained tensors)."""
         wrapper = model.base_model.backbone.architecture.wrapper
         state_dict = {relative_to_backbone(key, _MODEL_PREFIX, wrapper): value for key, value in state_dict.items()}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        own = re.compile(
-            rf"(^|\.)memory_(tokens|class_token|head|readout|branch_down|branch_up)\.{re.escape(adapter_name)}(\.|$)"
-        )
-        missing = [key for key in model.state_dict() if own.search(key) and key not in remapped]
-        if missing:
-            raise AdapterFileError(
-                f"The adapter's weights lack {len(missing)} of its tensors (e.g. {missing[:2]}): its file does not "
-                "match its adapter_config.json or this backbone. Save or download it again."
-            )
+        check_complete(model.state_dict(), remapped, adapter_name)  # peft would only warn
         return remapped
 
     # --- which adapters run and train --------------------------------------------------------------------------------
@@ -209,18 +197,10 @@ class MemoryTokenModel(BaseTuner):
             if adapter_name in parts:
                 del parts[adapter_name]
 
-    @torch.no_grad()
     def set_readout_statistics(self, adapter_name: str, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Fix the standardisation of an adapter's readout: ``mean``, ``std`` (K * 2 * D,) of the features it reads
-        (``base_features()[:, config.readout].flatten(1)`` over training images; std floored at 1e-6)."""
-        readout = self.memory_readout[adapter_name]
-        if mean.shape != readout.mean.shape or std.shape != readout.std.shape:
-            raise InputError(
-                f"Adapter '{adapter_name}' reads {readout.mean.shape[0]} features, got statistics of "
-                f"{tuple(mean.shape)} and {tuple(std.shape)}."
-            )
-        readout.mean.copy_(mean)
-        readout.std.copy_(std.clamp_min(1e-6))
+        """Fix an adapter's readout standardisation: ``mean``, ``std`` (K * 2 * D,) of the features it reads
+        (``base_features()[:, config.readout].flatten(1)`` over training images), saved with the adapter."""
+        self.memory_readout[adapter_name].fix(mean, std)
 
     def base_features(self, pixel_values, interpolate_pos_encoding: bool | None = None) -> torch.Tensor:
         """(B, num_layers, 2, D): per layer, the final-normed base class token and mean patch token, what readout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -109,3 +110,17 @@ def read_config_file(path: Path) -> dict:
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path} must hold a JSON object, got {type(config).__name__}.")
     return config
+
+
+def check_complete(model_state: dict, remapped: dict, adapter_name: str) -> None:
+    """Every tensor of ``adapter_name`` the model holds is among the loaded ones (``remapped``), else an error: peft
+    would only warn, and the adapter would run with untrained tensors."""
+    own = re.compile(
+        rf"(^|\.)memory_(tokens|class_token|head|readout|branch_down|branch_up)\.{re.escape(adapter_name)}(\.|$)"
+    )
+    missing = [key for key in model_state if own.search(key) and key not in remapped]
+    if missing:
+        raise AdapterFileError(
+            f"The adapter's weights lack {len(missing)} of its tensors (e.g. {missing[:2]}): its file does not "
+            "match its adapter_config.json or this backbone. Save or download it again."
+        )
