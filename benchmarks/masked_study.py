@@ -605,6 +605,7 @@ def run_experiment(name: str, args, out: Path, vit, data, cached, probe, acceler
                 **fitted,
                 trainable=trainable_parameters(model),
                 seconds=round(time.perf_counter() - started),
+                **({"head_weight_decay": weight_decay} if weight_decay else {}),
             ),
         )
         print(

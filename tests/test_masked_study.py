@@ -341,3 +341,24 @@ def test_a_row_with_an_lr_scale_trains_that_part_at_that_multiple_of_each_swept_
     for lr, (rest, scaled) in zip(grid, rows, strict=True):
         assert rest == (pytest.approx(lr), {False})  # memory and the other part at the swept LR
         assert scaled == (pytest.approx(scale * lr), {True})
+
+
+def test_the_readout_row_takes_its_weight_decay_from_the_probe_of_its_layers(tmp_path, monkeypatch):
+    """The masked study's readout row trains on caches with the splits' base features, its head's weight decay the one
+    validation chose for the probe of the same layers (run first when missing), and records it."""
+    if not (SHARED / "data" / "cifar10").is_dir():
+        pytest.skip("bundled CIFAR-10 not found")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import masked_study
+
+    monkeypatch.setattr(masked_study, "PROBE_LRS", (1e-3,))
+    monkeypatch.setattr(masked_study, "PROBE_WEIGHT_DECAYS", (0.1, 3.0))
+    row, probe = "masked m=5 + readout last 4 layers, adamw", "linear probe, last 4 layers"
+    tiny = [*TINY, "--train_size", "128", "--max_extensions", "0"]  # a probe's batch is 128; one LR
+    masked_study.main([*tiny, "--output_dir", str(tmp_path), "--experiments", row, "--lr", f"{row}=0.001"])
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    probes = {r["weight_decay"]: r["val"] for r in runs if r["experiment"] == probe and r["seed"] == 0}
+    chosen = max(probes, key=probes.get)
+    mine = [r for r in runs if r["experiment"] == row]
+    assert sorted(r["seed"] for r in mine if r["lr"] == 0.001) == [0, 1]
+    assert all(r["head_weight_decay"] == chosen and 0 <= r["test"] <= 1 for r in mine)
