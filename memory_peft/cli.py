@@ -260,7 +260,7 @@ def evaluate(args) -> int:
     info = describe(args.source)
     tasks = args.task or [row["task"] for row in info["tasks"]]
     datasets = task_datasets(info, tasks, args.dataset or [])  # checked before anything is loaded
-    model, backbone_id = load_source(args.source, args.backbone, tasks)
+    model, backbone_id = load_source(args.source, args.backbone, tasks, info)  # described once
     base = model.get_base_model()
     accelerator = Accelerator()  # accelerate picks the device (CUDA, MPS, XPU, else CPU)
     report = {}

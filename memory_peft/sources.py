@@ -84,13 +84,13 @@ def named_sources(items: list[str], usage: str) -> dict[str, str]:
     return named
 
 
-def load_source(source: str, backbone=None, tasks=None):
+def load_source(source: str, backbone=None, tasks=None, info: dict | None = None):
     """An adapter or an artifact (its ``tasks``, default all) on its base model (or ``backbone``), in eval mode:
-    (model, the base model's Hub id or folder)."""
+    (model, the base model's Hub id or folder). ``info``: ``describe(source)``, when the caller has it already."""
     from .artifact import load_multitask
     from .multitask import load_adapters
 
-    info = describe(source)
+    info = info or describe(source)
     backbone_id = backbone or info["base_model"]
     if not backbone_id:
         raise InputError(f"{source} does not name its base model; pass --backbone.")

@@ -232,7 +232,7 @@ def test_training_under_autocast_casts_the_frozen_weights_once_and_trains_the_sa
         assert cast_logits.dtype == torch.float32 and torch.equal(cast_logits, plain_logits)
 
 
-def test_compiled_runs_train_as_eager_ones_and_each_setting_compiles_once(monkeypatch):
+def test_compiled_runs_train_as_eager_ones_and_each_setting_compiles_once():
     """--compile: every run's model is compiled, and one graph per setting serves all of its LRs and seeds (a new
     PeftModel per run does not recompile); the models come back uncompiled for scoring, trained as eager ones."""
     import copy
@@ -262,7 +262,8 @@ def test_compiled_runs_train_as_eager_ones_and_each_setting_compiles_once(monkey
             "32",
         ]
     )
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)  # restored
+    # restored in the finally below (monkeypatch's undo would delete the key from dynamo's config module)
+    recompile_limit = torch._dynamo.config.recompile_limit
     runs, references = {}, {}
     AcceleratorState._reset_state(True)
     try:
@@ -288,6 +289,7 @@ def test_compiled_runs_train_as_eager_ones_and_each_setting_compiles_once(monkey
     finally:
         AcceleratorState._reset_state(True)
         torch._dynamo.reset()
+        torch._dynamo.config.recompile_limit = recompile_limit
     assert graphs == 2  # one per setting, not one per run
     for key, model in runs.items():
         assert type(model).__name__ == "PeftModel"  # not the compiled wrapper

@@ -91,7 +91,8 @@ def test_a_merged_artifact_of_readout_probe_and_plain_tasks_equals_each_alone(re
     model = readout_model(copy.deepcopy(real_vit_cached), list(TASKS))
     expected = {}
     with torch.no_grad():
-        stock = real_vit_cached.double()(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
+        stock = copy.deepcopy(real_vit_cached).double()(pixel_values=pixels, interpolate_pos_encoding=True)
+        stock = stock.last_hidden_state
         for name in TASKS:
             activate(model, [name])
             expected[name] = model(pixel_values=pixels, interpolate_pos_encoding=True).logits
