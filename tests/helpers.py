@@ -80,6 +80,20 @@ def randomise_task(model, name, seed):
         tuner.memory_class_token[name].add_(torch.randn(tuner.memory_class_token[name].shape, generator=generator))
 
 
+def masked_tasks(vit, tasks: dict, names, randomise):
+    """A float64 PeftModel in eval mode of the masked adapters ``names`` (``tasks[name]``: their config fields; 5
+    classes, memory from N(0, 0.5)), each given non-trivial weights by ``randomise(model, name, seed)``."""
+    model = None
+    for seed, name in enumerate(names):
+        config = MemoryTokenConfig(num_labels=5, mode="masked", init_std=0.5, **tasks[name])
+        if model is None:
+            model = get_peft_model(vit, config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+        randomise(model, name, seed)
+    return model.double().eval()
+
+
 def memories_of(model, name):
     """{layer index: (m, D) memory} of one adapter."""
     return {

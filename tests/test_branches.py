@@ -3,7 +3,7 @@ bundled ViT-S/14 with sdpa; base outputs unchanged; tasks with mixed branch dept
 
 import pytest
 import torch
-from helpers import assert_identical, memories_of, randomise_task
+from helpers import assert_identical, masked_tasks, memories_of, randomise_task
 from peft import PeftModel, get_peft_model
 from reference import reference_branch_model
 
@@ -31,15 +31,7 @@ def randomise_branch(model, name, seed):
 
 
 def branch_model(vit, names):
-    model = None
-    for seed, name in enumerate(names):
-        config = MemoryTokenConfig(num_labels=5, mode="masked", init_std=0.5, **TASKS[name])
-        if model is None:
-            model = get_peft_model(vit, config, adapter_name=name)
-        else:
-            model.add_adapter(name, config)
-        randomise_branch(model, name, seed)
-    return model.double().eval()
+    return masked_tasks(vit, TASKS, names, randomise_branch)
 
 
 def updates_of(model, name):

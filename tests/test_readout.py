@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_identical, memories_of, randomise_task
+from helpers import assert_identical, masked_tasks, memories_of, randomise_task
 from peft import get_peft_model
 from reference import reference_masked_model
 
@@ -21,21 +21,18 @@ TASKS = {  # name -> config: memory + readout of every layer, a pure probe of th
 }
 
 
+def randomise_readout(model, name, seed):
+    """A non-trivial head and class token, and non-trivial readout statistics."""
+    randomise_task(model, name, seed)
+    if name in model.base_model.memory_readout:
+        readout = model.base_model.memory_readout[name]
+        generator = torch.Generator().manual_seed(50 + seed)
+        mean = torch.randn(readout.mean.shape, generator=generator) * 0.1
+        model.base_model.set_readout_statistics(name, mean, torch.rand(mean.shape, generator=generator) + 0.5)
+
+
 def readout_model(vit, names):
-    model = None
-    for seed, name in enumerate(names):
-        config = MemoryTokenConfig(num_labels=5, mode="masked", init_std=0.5, **TASKS[name])
-        if model is None:
-            model = get_peft_model(vit, config, adapter_name=name)
-        else:
-            model.add_adapter(name, config)
-        randomise_task(model, name, seed)
-        if name in model.base_model.memory_readout:  # non-trivial statistics
-            readout = model.base_model.memory_readout[name]
-            generator = torch.Generator().manual_seed(50 + seed)
-            mean = torch.randn(readout.mean.shape, generator=generator) * 0.1
-            model.base_model.set_readout_statistics(name, mean, torch.rand(mean.shape, generator=generator) + 0.5)
-    return model.double().eval()
+    return masked_tasks(vit, TASKS, names, randomise_readout)
 
 
 def stock_features(vit, pixels):
