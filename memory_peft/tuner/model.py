@@ -317,18 +317,20 @@ class MemoryTokenModel(BaseTuner):
         config, names = self.model.config, self._active()
         hidden = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         weights = output_attentions if output_attentions is not None else config.output_attentions
-        out = self._encode(pixel_values, names, interpolate_pos_encoding, False, hidden, weights)
-        inputs = run.head_inputs(self._layout_for(names), self.peft_config, self.memory_readout, out)
+        layout = self._layout_for(names)
+        out = self._encode(pixel_values, names, layout, interpolate_pos_encoding, False, hidden, weights)
+        inputs = run.head_inputs(layout, self.peft_config, self.memory_readout, out)
         return run.task_outputs(self.memory_head, names, inputs, labels, num_items_in_batch, *out[2:4])
 
     def encode(self, pixel_values: torch.Tensor, adapter_names: list[str], interpolate_pos_encoding=None):
         """Run the backbone once for these adapters -> (base (B, 1 + N, D): the unadapted model's final-normed output
         (masked mode; None in full mode), features (B, T, D): the final-normed task class tokens)."""
-        encoded = self._encode(pixel_values, list(adapter_names), interpolate_pos_encoding, True)
+        names = list(adapter_names)
+        encoded = self._encode(pixel_values, names, self._layout_for(names), interpolate_pos_encoding, True)
         return encoded.base, encoded.features
 
-    def _encode(self, pixel_values, names, interpolate_pos_encoding, with_base, hidden=False, weights=False):
-        layout, embedded = self._layout_for(names), self._embed(pixel_values, names, interpolate_pos_encoding)
+    def _encode(self, pixel_values, names, layout, interpolate_pos_encoding, with_base, hidden=False, weights=False):
+        embedded = self._embed(pixel_values, names, interpolate_pos_encoding)
         tokens = [self.memory_class_token[name] for name in layout.rows]  # T x (D,)
         if tokens and tokens[0].dtype != embedded.dtype:
             tokens = list(torch.stack(tokens).to(embedded.dtype))
