@@ -24,9 +24,10 @@ from timing import steady_pairs  # noqa: E402
 from memory_peft.assets import default_backbone, default_dataset  # noqa: E402
 from memory_peft.cache import build_cache, cache_bytes_per_image  # noqa: E402
 from memory_peft.data import image_processor, image_transform, load_image_data  # noqa: E402
-from memory_peft.recipe import paper_recipe  # noqa: E402
+from memory_peft.recipe import optimizer_steps, paper_recipe  # noqa: E402
 from memory_peft.settings import apply_setting  # noqa: E402
 from memory_peft.sources import load_backbone  # noqa: E402
+from memory_peft.training import make_accelerator  # noqa: E402
 
 
 def main(argv=None):
@@ -43,7 +44,7 @@ def main(argv=None):
     processor = image_processor(backbone, args.image_size)
     to_pixels = image_transform(processor, data.image_column, data.label_column)
     model = apply_setting(load_backbone(backbone), "memory-masked", num_labels=data.num_labels, m=5)
-    _, optimizer, _ = paper_recipe(model, lr=0.01, warmup_steps=0, total_steps=1000)
+    recipe, accelerator = paper_recipe(model, lr=0.01, warmup_steps=0, total_steps=1000), make_accelerator()
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         cache = build_cache(
@@ -54,11 +55,8 @@ def main(argv=None):
         model.train()
         batches = range(0, len(cache) - args.batch_size + 1, args.batch_size)
 
-        def step(inputs, labels):
-            loss = model(**inputs, labels=labels).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        def step(inputs, labels):  # one step of the library's loop
+            next(optimizer_steps(model, [inputs], lambda m, batch: m(**batch, labels=labels).loss, recipe, accelerator))
 
         def on_images(start):
             batch = to_pixels(data.train[start : start + args.batch_size])  # decoded and processed, as a loader would

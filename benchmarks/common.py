@@ -18,7 +18,7 @@ from torch import nn
 
 from memory_peft.cache import build_cache
 from memory_peft.data import image_transform, load_image_data
-from memory_peft.recipe import GRAD_CLIP, paper_recipe
+from memory_peft.recipe import Recipe, optimizer_steps, paper_recipe
 from memory_peft.settings import apply_setting, cast_frozen_weights
 from memory_peft.tuner.backbone import describe_backbone
 
@@ -82,7 +82,8 @@ def fit(
     class_token_lr=None,
     head_weight_decay: float = 0.0,
 ) -> None:
-    """The paper's recipe over ``epochs`` seeded passes of ``n`` examples; ``loss_of(model, indices)``, the indices on
+    """The paper's recipe over ``epochs`` seeded passes of ``n`` examples, through the library's loop
+    (``recipe.optimizer_steps``); ``loss_of(model, indices)``, the indices on
     ``index_device`` (default: the CPU). Data and indices on the GPU keep every step free of host-device copies: a
     blocking copy per step (labels, or a CPU index into GPU pixels) waits for the step before, so the host could not
     queue kernels ahead."""
@@ -99,16 +100,16 @@ def fit(
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     generator = torch.Generator().manual_seed(seed)
+
+    def batches():
+        for _ in range(args.epochs):
+            order = torch.randperm(n, generator=generator).to(index_device)  # the same order wherever it is used
+            for step in range(steps_per_epoch):
+                yield order[step * args.batch_size : (step + 1) * args.batch_size]
+
     model.train()
-    for _ in range(args.epochs):
-        order = torch.randperm(n, generator=generator).to(index_device)  # the same order wherever it is used
-        for step in range(steps_per_epoch):
-            loss = loss_of(model, order[step * args.batch_size : (step + 1) * args.batch_size])
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(trainable, GRAD_CLIP)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
+    for _ in optimizer_steps(model, batches(), loss_of, Recipe(trainable, optimizer, scheduler), accelerator):
+        pass
     model.eval()
     accelerator.free_memory()  # the accelerator's references to this run's model and optimizer (state) go
 

@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+import tomllib
 import torch
-from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (  # noqa: E402
@@ -43,6 +43,7 @@ from common import (  # noqa: E402
     run_setting,
     trainable_parameters,
 )
+from sweep import sweep_learning_rate  # noqa: E402
 
 from memory_peft.assets import default_backbone, default_dataset, portable  # noqa: E402
 from memory_peft.cache import load_cache  # noqa: E402
@@ -59,222 +60,17 @@ from memory_peft.probe import (  # noqa: E402
 )
 from memory_peft.settings import apply_setting  # noqa: E402
 from memory_peft.sources import load_backbone  # noqa: E402
-from memory_peft.sweep import sweep_learning_rate  # noqa: E402
+from memory_peft.training import make_accelerator  # noqa: E402
 from memory_peft.tuner.errors import InputError  # noqa: E402
 
-# name -> (setting, m, MemoryTokenConfig overrides, recipe overrides, LR grid); every row but head starts from the
-# head-only solution (the probe) unless its recipe says head_init "zero"; head_lr "probe": the head trains at the LR
-# the probe chose (paper_recipe's head_lr), everything else at the row's LR; head_lr_scale (class_token_lr_scale):
-# the head (the class token) at that many times the row's LR
+# the experiments and probes, as data (masked_study.toml): name -> (setting, m, MemoryTokenConfig fields, recipe
+# fields, LR grid) and name -> (layers, tokens)
+TABLE = tomllib.loads((Path(__file__).with_name("masked_study.toml")).read_text())
 EXPERIMENTS = {
-    "head+cls": ("head+cls", 0, {}, {}, [0.003, 0.01]),
-    "masked m=5 (paper recipe)": ("memory-masked", 5, {}, {}, [0.01, 0.03, 0.1, 0.3]),
-    "masked m=0 (class token only)": ("memory-masked", 0, {}, {}, [0.01, 0.03, 0.1]),
-    "masked m=5, zero head": ("memory-masked", 5, {}, {"head_init": "zero"}, [0.03, 0.1]),
-    "masked m=0, zero head": ("memory-masked", 0, {}, {"head_init": "zero"}, [0.003, 0.01]),
-    "masked m=5, head at the probe's LR": ("memory-masked", 5, {}, {"head_lr": "probe"}, [0.003, 0.01]),
-    "masked m=5, class token frozen": ("memory-masked", 5, {"train_class_token": False}, {}, [0.03, 0.1]),
-    "masked m=5, raw memory (no LayerNorm)": ("memory-masked", 5, {"memory_layernorm": False}, {}, [0.1, 0.3]),
-    "masked m=5, warmup 100": ("memory-masked", 5, {}, {"warmup_steps": 100}, [0.03, 0.1]),
-    "masked m=1": ("memory-masked", 1, {}, {}, [0.03, 0.1]),
-    "masked m=20": ("memory-masked", 20, {}, {}, [0.03, 0.1]),
-    # after the GPU table (full CIFAR-10: masked m=5 from a zero head 79.7 vs head + class token 83.4): what more
-    # memory, or a head that learns at the head-only LR, adds to the zero-head start
-    "masked m=20, zero head": ("memory-masked", 20, {}, {"head_init": "zero"}, [0.003, 0.01]),
-    "masked m=5, zero head, head at the probe's LR": (
-        "memory-masked",
-        5,
-        {},
-        {"head_init": "zero", "head_lr": "probe"},
-        [0.003, 0.01, 0.03],
-    ),
-    # the reference at the same start as the GPU table (on the images: ~17 min per run on 2 cores)
-    "head+cls, zero head": ("head+cls", 0, {}, {"head_init": "zero"}, [0.01, 0.03]),
-    # the rest of the paper's ordering at this budget, same start: full-attention memory and full fine-tuning (the
-    # gap-closure denominator); on the images, ~20 and ~29 min per run on 2 cores
-    "memory m=5, zero head": ("memory", 5, {}, {"head_init": "zero"}, [0.01, 0.03]),
-    "full, zero head": ("full", 0, {}, {"head_init": "zero"}, [0.001, 0.003]),
-    # full fine-tuning under one LR left its zero head at the backbone's small LR (60.3 %, below head-only): the same
-    # with the head at the head-only LR, the stronger full fine-tuning that gap closure is measured against
-    "full, zero head, head at the probe's LR": (
-        "full",
-        0,
-        {},
-        {"head_init": "zero", "head_lr": "probe"},
-        [0.001, 0.003],
-    ),
-    # full fine-tuning from the probe (LP-FT, the CPU table's start, calibrated in design.md): the start that keeps a
-    # zero head's first, random gradients from pulling the features apart
-    "full (from the probe)": ("full", 0, {}, {}, [0.001, 0.0003]),
-    # what PEFT users pick instead (issue: measured against LoRA), and each setting with AdamW, the optimizer LoRA's
-    # users train with (at 124 steps AdamW beat SGD by 5 points for full-attention memory); AdamW LRs are ~10-100x lower
-    "lora r=8 (q, v), adamw": ("lora", 0, {}, {"head_init": "zero", "optimizer": "adamw"}, [0.001, 0.003]),
-    "memory m=5, zero head, adamw": ("memory", 5, {}, {"head_init": "zero", "optimizer": "adamw"}, [0.001, 0.003]),
-    "masked m=5, zero head, adamw": (
-        "memory-masked",
-        5,
-        {},
-        {"head_init": "zero", "optimizer": "adamw"},
-        [0.001, 0.003],
-    ),
-    # why full-attention memory falls short of LoRA (at 124 steps, AdamW: 73.3 vs 79.0): more memory (m=20: 92 k
-    # memory parameters, still below LoRA's 151 k), or a head that learns faster than the memory it reads
-    "memory m=20, zero head, adamw": ("memory", 20, {}, {"head_init": "zero", "optimizer": "adamw"}, [0.001, 0.003]),
-    "memory m=5, zero head, adamw, head LR x10": (
-        "memory",
-        5,
-        {},
-        {"head_init": "zero", "optimizer": "adamw", "head_lr_scale": 10},
-        [0.001, 0.003],
-    ),
-    "head+cls, zero head, adamw": ("head+cls", 0, {}, {"head_init": "zero", "optimizer": "adamw"}, [0.001, 0.003]),
-    # at 1,240 steps memory with AdamW fits its training images completely and stays 1.3 below LoRA: a longer warmup
-    # (100 steps, 8 % of the run) keeps AdamW's first, largest steps from fixing the memory before the head has learnt
-    "memory m=5, zero head, adamw, warmup 100": (
-        "memory",
-        5,
-        {},
-        {"head_init": "zero", "optimizer": "adamw", "warmup_steps": 100},
-        [0.001, 0.003],
-    ),
-    # the same warmup for LoRA: the comparison stays one recipe against one recipe
-    "lora r=8 (q, v), adamw, warmup 100": (
-        "lora",
-        0,
-        {},
-        {"head_init": "zero", "optimizer": "adamw", "warmup_steps": 100},
-        [0.000333333, 0.001],
-    ),
-    # at 1,240 steps AdamW fell below SGD for head + class token (74.7 vs 76.0) where it helped at 124: under AdamW a
-    # class token moves ~the LR per entry and step, unnormalised in the residual stream. The class token at a tenth of
-    # the memory's LR, and frozen at its pretrained value: the LR split the LoRA issue asks about
-    "memory m=5, zero head, adamw, class token LR x0.1": (
-        "memory",
-        5,
-        {},
-        {"head_init": "zero", "optimizer": "adamw", "class_token_lr_scale": 0.1},
-        [0.001, 0.003],
-    ),
-    "memory m=5, zero head, adamw, class token frozen": (
-        "memory",
-        5,
-        {"train_class_token": False},
-        {"head_init": "zero", "optimizer": "adamw"},
-        [0.001, 0.003],
-    ),
-    # beyond the paper (design.md, "Exact task branches"): the last k layers as each task's own branch, memory m=5 at
-    # full attention there (and rank-8 updates of q and v: LoRA's targets); below it, masked memory. Trained and
-    # scored on caches that also hold the base rows entering layers 8, 10 and 11 (where branches of depth 4, 2, 1
-    # start). Beside them, LoRA on the same last k layers only: what the branch's low-rank part is alone, at T forwards
-    "masked branch k=1, adamw": (
-        "memory-masked",
-        5,
-        {"branch_layers": 1},
-        {"head_init": "zero", "optimizer": "adamw"},
-        [0.001, 0.003],
-    ),
-    "masked branch k=2, adamw": (
-        "memory-masked",
-        5,
-        {"branch_layers": 2},
-        {"head_init": "zero", "optimizer": "adamw"},
-        [0.001, 0.003],
-    ),
-    "masked branch k=2 r=8, adamw": (
-        "memory-masked",
-        5,
-        {"branch_layers": 2, "branch_rank": 8},
-        {"head_init": "zero", "optimizer": "adamw"},
-        [0.001, 0.003],
-    ),
-    "masked branch k=4, adamw": (
-        "memory-masked",
-        5,
-        {"branch_layers": 4},
-        {"head_init": "zero", "optimizer": "adamw"},
-        [0.001, 0.003],
-    ),
-    "masked branch k=4 r=8, adamw": (
-        "memory-masked",
-        5,
-        {"branch_layers": 4, "branch_rank": 8},
-        {"head_init": "zero", "optimizer": "adamw"},
-        [0.001, 0.003],
-    ),
-    # beyond the paper, measured before it would become an option: low-rank updates of the projections the masked
-    # class token passes (q and MLP: the class-token path alone; common.add_class_token_path_updates), on caches
-    "masked m=5, class-token path r=2 (q, MLP), adamw": (
-        "memory-masked",
-        5,
-        {},
-        {"head_init": "zero", "optimizer": "adamw", "class_token_path": {"rank": 2}},
-        [0.001, 0.003],
-    ),
-    "masked m=5, class-token path r=8 (q), adamw": (
-        "memory-masked",
-        5,
-        {},
-        {"head_init": "zero", "optimizer": "adamw", "class_token_path": {"rank": 8, "targets": ("query",)}},
-        [0.001, 0.003],
-    ),
-    # LoRA on the last k layers alone: trained and scored on the cached base rows entering its first adapted layer
-    # ("cache": the frozen layers below give the same rows whatever it learns: the same runs as on the images)
-    "lora r=8 (q, v) last 2 layers, adamw": (
-        "lora",
-        0,
-        {"layers_to_transform": [10, 11]},
-        {"head_init": "zero", "optimizer": "adamw", "cache": True},
-        [0.001, 0.003],
-    ),
-    "lora r=8 (q, v) last 4 layers, adamw": (
-        "lora",
-        0,
-        {"layers_to_transform": [8, 9, 10, 11]},
-        {"head_init": "zero", "optimizer": "adamw", "cache": True},
-        [0.001, 0.003],
-    ),
-    # three layers is the deepest branch within 1 + T * 3 / L of a base forward (3.5x for ten tasks on 12 layers):
-    # LoRA there on q and v, and on every linear layer (q, k, v, o, fc1, fc2: the capacity a branch could be given)
-    "lora r=8 (q, v) last 3 layers, adamw": (
-        "lora",
-        0,
-        {"layers_to_transform": [9, 10, 11]},
-        {"head_init": "zero", "optimizer": "adamw", "cache": True},
-        [0.001, 0.003],
-    ),
-    "lora r=8 (all linear) last 3 layers, adamw": (
-        "lora",
-        0,
-        {"layers_to_transform": [9, 10, 11], "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]},
-        {"head_init": "zero", "optimizer": "adamw", "cache": True},
-        [0.001, 0.003],
-    ),
-    # a readout of several layers of the shared forward inside the masked task (issue 49): its head also reads the
-    # base class and mean patch tokens of every layer (of the last 4), standardised; the head's weight decay is the
-    # one validation chose for the probe of the same layers (a zero head, as the probes)
-    "masked m=5 + readout every layer, adamw": (
-        "memory-masked",
-        5,
-        {"readout_layers": "all"},
-        {"head_init": "zero", "optimizer": "adamw", "weight_decay_of": "linear probe, every layer"},
-        [0.001, 0.003],
-    ),
-    "masked m=5 + readout last 4 layers, adamw": (
-        "memory-masked",
-        5,
-        {"readout_layers": [8, 9, 10, 11]},
-        {"head_init": "zero", "optimizer": "adamw", "weight_decay_of": "linear probe, last 4 layers"},
-        [0.001, 0.003],
-    ),
+    name: (row["setting"], row.get("m", 0), row.get("config", {}), row.get("recipe", {}), row["lrs"])
+    for name, row in TABLE["experiments"].items()
 }
-
-# linear probes trained to convergence (memory_peft.probe): AdamW with weight decay on standardised frozen features,
-# LR x weight decay chosen on validation. name -> (layers, tokens: 0 the final-normed class token, 1 the mean patch)
-PROBES = {
-    "linear probe (converged)": ("last", (0,)),
-    "linear probe, last 4 layers": (4, (0, 1)),
-    "linear probe, every layer": ("all", (0, 1)),
-}
+PROBES = {name: (row["layers"], tuple(row["tokens"])) for name, row in TABLE["probes"].items()}
 
 # the head probe is cheap (cached features) and is the start of every run "from the probe": it always sweeps this far
 PROBE_EXTENSIONS = 4
@@ -441,7 +237,7 @@ def run_study(args) -> None:
     claim_study(out, args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     device = accelerator.device
     vit = load_backbone(args.backbone).to(device).eval()
     data = prepare(args.dataset, args, image_processor(args.backbone, args.image_size))

@@ -34,9 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import tomllib
 import torch
 from accelerate import Accelerator
-from accelerate.utils import TorchDynamoPlugin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (  # noqa: E402
@@ -51,7 +51,9 @@ from common import (  # noqa: E402
     run_setting,
 )
 from paper_table_report import bar_plot, closures, markdown, sweep_plot  # noqa: E402
+from sweep import sweep_learning_rate  # noqa: E402
 
+from memory_peft import training  # noqa: E402
 from memory_peft.artifact import load_multitask, merge_adapters  # noqa: E402
 from memory_peft.assets import default_backbone, default_dataset, portable  # noqa: E402
 from memory_peft.data import image_processor  # noqa: E402
@@ -59,55 +61,11 @@ from memory_peft.files import write_text_atomically  # noqa: E402
 from memory_peft.recipe import OPTIMIZERS  # noqa: E402
 from memory_peft.reporting import model_card  # noqa: E402
 from memory_peft.sources import load_backbone  # noqa: E402
-from memory_peft.sweep import sweep_learning_rate  # noqa: E402
 from memory_peft.training import TEMPLATE  # noqa: E402
 
-# Chosen from a first run (benchmarks/results_paper_table.md history): full FT at 0.01 collapsed and 0.003 fell below
-# the head-only start, memory at 0.3 diverged, m=20 diverged at 0.1 on fashion_mnist; each grid now brackets its best.
-LR_GRIDS = {
-    "head": [0.3, 1.0, 3.0],
-    "head+cls": [0.01, 0.03],
-    "full": [0.0003, 0.001],
-    "memory": [0.03, 0.1],
-    "memory-masked": [0.03, 0.1],
-    "lora": [0.001, 0.003],  # AdamW whatever --optimizer says: LoRA's users' recipe (common.LORA)
-    "branch": [0.001, 0.003],  # AdamW whatever --optimizer says: its rank-r updates are LoRA's (masked study)
-}
-# --optimizer adamw: AdamW's steps are ~lr per entry whatever the gradient's scale, so its grids sit 10-100x lower
-# (the masked study's AdamW rows start from the same grid); full fine-tuning lower still, as its users run it
-ADAMW_LR_GRIDS = {
-    "head": [0.003, 0.01, 0.03],
-    "head+cls": [0.001, 0.003],
-    "full": [0.00003, 0.0001],
-    "memory": [0.001, 0.003],
-    "memory-masked": [0.001, 0.003],
-    "lora": [0.001, 0.003],
-    "branch": [0.001, 0.003],
-}
+TABLE = tomllib.loads(Path(__file__).with_name("paper_table.toml").read_text())  # LR grids and presets, as data
+LR_GRIDS, ADAMW_LR_GRIDS, PRESETS = TABLE["lrs"]["sgd"], TABLE["lrs"]["adamw"], TABLE["presets"]
 SETTINGS = ["head+cls", "memory-masked", "branch", "memory", "lora", "full"]
-# --preset: defaults for a whole run, each overridable by its own flag. "gpu": all images of a dataset, 4 epochs,
-# 3 seeds, bf16 autocast, batch 256, heads from zero as in the paper (at 10x the CPU table's steps, masked memory from
-# a zero head beat the same from the probe by 2.5 points: README, masked study). Measured on one H200 (README, "The
-# table on a GPU"): CIFAR-10's head + class token row took 96 s, memory-masked 124 s; head + class token's sweep rose
-# to 0.27 at its last extension and head-only's best was 0.3 (interior), hence their grids here. The five rows of
-# both datasets do not fit one 15-minute lease: --settings splits a table over calls.
-PRESETS = {
-    "cpu": {},
-    "gpu": dict(
-        train_size=0,
-        val_size=5000,
-        test_size=0,
-        epochs=4,
-        batch_size=256,
-        warmup_steps=50,
-        seeds=3,
-        memory_sizes=[5],
-        mixed_precision="bf16",
-        max_extensions=2,
-        head_init="zero",
-        lr=["head=0.1,0.3,1", "head+cls=0.1,0.3"],
-    ),
-}
 
 
 def parse_args(argv=None):
@@ -200,16 +158,13 @@ def parse_args(argv=None):
 
 
 def make_accelerator(args) -> Accelerator:
-    if not args.compile:
-        return Accelerator(mixed_precision=args.mixed_precision)
-    # one graph per setting and memory size, each reused by every run of it (a new PeftModel does not recompile),
-    # all through PeftModel.forward: a whole table (settings, memory sizes, cached masked inputs) can pass dynamo's
-    # default limit of graphs per function (8)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return Accelerator(
-        mixed_precision=args.mixed_precision,
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor", mode=args.compile, fullgraph=True),
-    )
+    """The library's accelerator (``training.make_accelerator``); compiled, with room for a whole table's graphs."""
+    if args.compile:
+        # one graph per setting and memory size, each reused by every run of it (a new PeftModel does not recompile),
+        # all through PeftModel.forward: a whole table (settings, memory sizes, cached masked inputs) can pass
+        # dynamo's default limit of graphs per function (8)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return training.make_accelerator(args.mixed_precision, args.compile)
 
 
 def table_for(data, vit, args, accelerator, log) -> dict:

@@ -30,8 +30,10 @@ from timing import interleaved, timed, without_foreign_load  # noqa: E402
 
 from memory_peft.assets import default_backbone, portable  # noqa: E402
 from memory_peft.files import write_text_atomically  # noqa: E402
+from memory_peft.recipe import optimizer_steps, paper_recipe  # noqa: E402
 from memory_peft.settings import apply_setting  # noqa: E402
 from memory_peft.sources import load_backbone  # noqa: E402
+from memory_peft.training import make_accelerator  # noqa: E402
 
 # row -> (setting, MemoryTokenConfig fields, trained on a cache: None, else its branch depth (0: no branch))
 ROWS = {
@@ -98,18 +100,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(0)
     vit = load_backbone(args.backbone).eval()
-    configs, facts = {}, {}
+    configs, facts, accelerator = {}, {}, make_accelerator()
     for name in args.rows:
         model, inputs = build(name, vit, args)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
+        recipe = paper_recipe(model, 1e-4, 0, 10**6, optimizer="adamw")
 
-        def step(model=model, inputs=inputs, trainable=trainable, optimizer=optimizer):
-            loss = model(**inputs).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        def step(model=model, inputs=inputs, recipe=recipe):  # one step of the library's loop
+            next(optimizer_steps(model, [inputs], lambda m, batch: m(**batch).loss, recipe, accelerator))
 
         configs[name] = (lambda: None, step)
         facts[name] = {"trainable": trainable_parameters(model), "bytes": adapter_bytes(model)}

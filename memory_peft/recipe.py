@@ -1,9 +1,10 @@
 """The optimisation recipe in one place: the paper's SGD with momentum 0.9 (or AdamW, what peft's LoRA users train
-with) on what trains, a cosine schedule with linear warmup, gradients clipped to norm 1.0 (the training script, the
-paper table and the benchmarks all use it)."""
+with) on what trains, a cosine schedule with linear warmup, gradients clipped to norm 1.0, and the one loop of
+optimizer steps that the training script and every benchmark (LoRA's rows included) train with."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -93,3 +94,28 @@ def paper_recipe(
     rest = {"params": [p for p in trainable if id(p) not in taken], "lr": lr}
     optimizer = make([g for g in [rest, *groups] if g["params"]])
     return Recipe(trainable, optimizer, get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps))
+
+
+def optimizer_steps(
+    model: nn.Module,
+    batches: Iterable,
+    loss_of: Callable[[nn.Module, object], torch.Tensor],
+    recipe: Recipe,
+    accelerator,
+    grad_clip: float = GRAD_CLIP,
+) -> Iterator[torch.Tensor]:
+    """The training loop: per batch, ``loss_of(model, batch)``, backward, gradients clipped to ``grad_clip`` (0: not
+    clipped) when they are synchronised, an optimizer and a scheduler step, under ``accelerator.accumulate``. Yields
+    each batch's loss (detached from nothing: the caller reads it when it logs); ``accelerator.sync_gradients`` then
+    says whether the batch ended an optimizer step. The caller owns epochs, logging, evaluation and checkpoints."""
+    trainable, optimizer, scheduler = recipe
+    for batch in batches:
+        with accelerator.accumulate(model):
+            loss = loss_of(model, batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and grad_clip > 0:
+                accelerator.clip_grad_norm_(trainable, grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        yield loss

@@ -25,7 +25,7 @@ from .data import image_processor, image_transform, load_image_data
 from .diagnostics import memory_attention_share
 from .files import write_atomically, write_text_atomically
 from .metrics import load_top_k_accuracy
-from .recipe import paper_recipe
+from .recipe import Recipe, optimizer_steps, paper_recipe
 from .reporting import JSONLinesTracker, model_card, plot_curves, plot_memory_attention, read_log
 from .settings import apply_setting, cast_frozen_weights
 from .sources import load_backbone
@@ -114,7 +114,7 @@ def train(args):
             file=sys.stderr,
         )
     check_batch_fits(args, len(data.train))  # before any folder is made
-    accelerator = make_accelerator(args, output_dir)
+    accelerator = make_accelerator(args.mixed_precision, args.compile, args.grad_accum, output_dir)
     set_seed(args.seed)
 
     vit = load_backbone(args.backbone)  # first: it says when the Hub cannot be reached (the processor's loader cannot)
@@ -164,6 +164,7 @@ def train(args):
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
+    recipe = Recipe(trainable, optimizer, scheduler)
     if args.overwrite and not args.resume and accelerator.is_main_process:
         # every check passed: the earlier run's checkpoints and log go now, its adapter only when the new one is saved
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
@@ -185,15 +186,7 @@ def train(args):
     while step < total_steps:
         train_loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss = model(**model_inputs(batch), labels=batch["labels"]).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.grad_clip > 0:
-                    accelerator.clip_grad_norm_(trainable, args.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+        for loss in optimizer_steps(model, batches, batch_loss, recipe, accelerator, args.grad_clip):
             batches_done += 1
             if not accelerator.sync_gradients:
                 continue
@@ -249,20 +242,24 @@ def readout_statistics(model, data, processor, batch_size: int, device) -> None:
     tuner.set_readout_statistics("default", mean, std)
 
 
-def make_accelerator(args, output_dir: Path) -> Accelerator:
-    """The run's Accelerator (the output folder checked before, ``check_output_dir``)."""
+def make_accelerator(
+    mixed_precision: str = "no", compile: str | None = None, grad_accum: int = 1, output_dir: Path | None = None
+) -> Accelerator:
+    """The Accelerator of a training run and of every benchmark: ``compile`` (a ``torch.compile`` mode) through
+    accelerate's dynamo plugin, one graph per forward (``fullgraph``); with ``output_dir``, metrics logged to its
+    ``metrics.jsonl`` (the folder checked before, ``check_output_dir``)."""
     # Several processes without CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on CPUs): accelerate
     # uses gloo only when told that the processes are CPU ones.
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     PartialState(cpu=cpu_processes)  # before the tracker, whose main-process check would set up the state first
     PartialState().wait_for_everyone()
-    compile_plugin = TorchDynamoPlugin(backend="inductor", mode=args.compile, fullgraph=True) if args.compile else None
+    compile_plugin = TorchDynamoPlugin(backend="inductor", mode=compile, fullgraph=True) if compile else None
     return Accelerator(
         cpu=cpu_processes,
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.grad_accum,
-        log_with=[JSONLinesTracker("memory-peft", output_dir)],
-        project_dir=str(output_dir),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        log_with=[JSONLinesTracker("memory-peft", output_dir)] if output_dir is not None else None,
+        project_dir=str(output_dir) if output_dir is not None else None,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         **({"dynamo_plugin": compile_plugin} if compile_plugin else {}),
     )
@@ -284,6 +281,10 @@ def check_batch_fits(args, images: int) -> None:
 def steps_per_epoch(args, train_loader, accelerator) -> int:
     """Optimizer steps in one pass over the training data (at least one: ``check_batch_fits``)."""
     return max(1, len(train_loader) // (args.grad_accum * accelerator.num_processes))
+
+
+def batch_loss(model, batch: dict) -> torch.Tensor:
+    return model(**model_inputs(batch), labels=batch["labels"]).loss
 
 
 def model_inputs(batch: dict) -> dict:

@@ -1,10 +1,14 @@
-"""LR sweeps extend themselves past a grid edge until the optimum is interior or a bound is reached."""
+"""benchmarks/sweep.py: LR sweeps extend themselves past a grid edge until the optimum is interior or a bound is
+reached."""
 
 import math
+import sys
 
 import pytest
+from conftest import ROOT
 
-from memory_peft.sweep import sweep_learning_rate
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from sweep import sweep_learning_rate  # noqa: E402
 
 
 def peaked_at(optimum):

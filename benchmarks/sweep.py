@@ -1,5 +1,5 @@
-"""Learning-rate sweeps that find their optimum: a grid whose best value sits at an edge is extended past that edge
-(by a constant factor, step by step) until the best is interior or a bound is reached."""
+"""Learning-rate sweeps that find their optimum (the benchmarks' tables): a grid whose best value sits at an edge is
+extended past that edge (by a constant factor, step by step) until the best is interior or a bound is reached."""
 
 from __future__ import annotations
 
