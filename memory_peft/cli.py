@@ -19,16 +19,14 @@ from pathlib import Path
 
 from .files import OutputExistsError
 from .sources import describe, load_source, named_sources, served_image_size
-from .train_args import DEFAULT_TRAIN_VAL_SPLIT, accept_both_spellings, quiet_foreign_noise
+from .train_args import DEFAULT_TRAIN_VAL_SPLIT, ArgumentParser, quiet_foreign_noise
 from .tuner.errors import InputError, MemoryPeftError
 
 PROG = "memory-peft"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser(
         "train", help="train an adapter or a fine-tune setting (all options: train --help)", add_help=False
@@ -101,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--task", action="append", default=None, help="artifact tasks to export (default: all)")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     batch = export.add_mutually_exclusive_group()
-    batch.add_argument(
+    batch.add_argument(  # a group's options are named here in both spellings (the parser's add_argument does it)
         "--static_batch",
+        "--static-batch",
         type=int,
         default=None,
         metavar="N",
@@ -110,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.add_argument(
         "--dynamic_batch",
+        "--dynamic-batch",
         action="store_true",
         help="any batch size: now the default, still accepted for scripts that pass it",
     )
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="tasks, m, layers, parameters, size on disk, base model")
     inspect.add_argument("source", help="adapter or merged artifact: local folder or Hub id")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return accept_both_spellings(parser)
+    return parser
 
 
 def main(argv=None) -> int:

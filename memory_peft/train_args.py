@@ -44,22 +44,25 @@ def quiet_foreign_noise() -> None:
     logging.disable_progress_bar()
 
 
-def accept_both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Every long option (of ``parser`` and its subcommands) also answers to its other spelling: ``--batch_size`` and
-    ``--batch-size``. The help shows the documented one, with underscores (as transformers' example scripts)."""
-    for action in parser._actions:
-        for option in list(action.option_strings):
-            if option.startswith("--"):
-                other = "--" + (option[2:].replace("_", "-") if "_" in option else option[2:].replace("-", "_"))
-                parser._option_string_actions.setdefault(other, action)
-        for subparser in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
-            accept_both_spellings(subparser)
-    return parser
+def other_spelling(option: str) -> str:
+    """``--batch_size`` <-> ``--batch-size``; an option without ``_`` or ``-`` inside is its own other spelling."""
+    name = option[2:]
+    return "--" + (name.replace("_", "-") if "_" in name else name.replace("-", "_"))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose every long option also answers to its other spelling, ``--batch_size`` and
+    ``--batch-size`` (as transformers' ``HfArgumentParser``); the documented one, with underscores, comes first.
+    Subcommands' parsers are of this class too (``add_subparsers`` makes its parent's class)."""
+
+    def add_argument(self, *names, **kwargs):
+        others = [other_spelling(n) for n in names if n.startswith("--") and other_spelling(n) not in names]
+        return super().add_argument(*names, *others, **kwargs)
 
 
 def build_parser(prog=None) -> argparse.ArgumentParser:
     """The training command's options (also rendered into the docs' command-line reference)."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default=None, help="Hub id or local folder of a ViT (default: bundled ViT-S/14)")
     p.add_argument("--dataset", default=None, help="Hub id or local folder in Hub layout (default: CIFAR-10)")
     p.add_argument("--image_column", default=None)
@@ -175,7 +178,7 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     )
     p.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
     p.add_argument("--private", action="store_true")
-    return accept_both_spellings(p)
+    return p
 
 
 # the integer options: (least value, greatest value or None, what to give), checked alike before any work

@@ -195,5 +195,10 @@ def test_every_long_option_answers_to_both_spellings():
     assert cli.parse_args(["merge", "a=b", "--output", "c", "--no-handler"]).handler is False
     train = train_parser()
     assert train.parse_args(["--batch-size", "4", "--train-size", "10"]).batch_size == 4
-    assert "--share_ready" in cli._subparsers._group_actions[0].choices["demo"].format_help()
-    assert "--share-ready" not in cli._subparsers._group_actions[0].choices["demo"].format_help()
+    help_text = cli._subparsers._group_actions[0].choices["demo"].format_help()
+    assert "--share_ready DIR, --share-ready DIR" in help_text  # the documented spelling first
+    assert train.parse_args(["--augment", "--cache-dtype", "float32"]).cache_dtype == "float32"
+    with pytest.raises(SystemExit):  # both spellings of one group's options stay exclusive
+        cli.parse_args(["export", "a", "--output", "b", "--static-batch", "2", "--dynamic_batch"])
+    source = (ROOT / "memory_peft" / "train_args.py").read_text() + (ROOT / "memory_peft" / "cli.py").read_text()
+    assert "_option_string_actions" not in source and "._actions" not in source  # nothing of argparse's is edited
