@@ -43,13 +43,21 @@ ROWS = {
     "masked branch k=2 r=8, adamw": ("branch k=2, r=8", "branch 2"),
     "masked branch k=4, adamw": ("branch k=4 (memory only)", "branch 4"),
     "masked branch k=4 r=8, adamw": ("branch k=4, r=8", "branch 4"),
+    # converged probes and readout heads (issue 49): ten last-layer probes share one forward (counted as 1 x);
+    # multi-layer probes and readouts are merged masked tasks, at the cost measured for them (probes of the last 4
+    # layers at that of every layer: an upper bound)
+    "linear probe (converged)": ("linear probe (converged)", 1.0),
+    "linear probe, last 4 layers": ("probe, last 4 layers", "probe"),
+    "linear probe, every layer": ("probe, every layer", "probe"),
+    "masked m=5 + readout every layer, adamw": ("masked m=5 + readout, every layer", "readout"),
+    "masked m=5 + readout last 4 layers, adamw": ("masked m=5 + readout, last 4", "readout_last_4"),
 }
 
 
 def measured_costs(path: str) -> dict:
     """serving.py's --frontier_json -> {cost key: T=10 cost relative to one base forward}."""
     record = json.loads(Path(path).read_text())
-    costs = {key: value for key, value in record.items() if isinstance(value, float)}
+    costs = {key: value for key, value in record.items() if isinstance(value, float)}  # readout, probe: issue 49
     costs.update({f"branch {k}": value for k, value in record["branches"].items()})
     return costs
 

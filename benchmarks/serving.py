@@ -178,6 +178,13 @@ def frontier(args, batch, device, dtype):
         for name in names[1:]:
             model.add_adapter(name, MemoryTokenConfig(**config))
         memory[k] = activate(model.to(device, dtype).eval(), names)
+    readouts = {}  # readout heads (issue 49): m=5 + every layer, m=5 + the last 4 layers, pure probes of every layer
+    for kind, fields in {**READOUT, "readout last 4": dict(m=5, readout_layers=[8, 9, 10, 11])}.items():
+        config = dict(num_labels=100, mode="masked", **fields)
+        model = get_peft_model(copy.deepcopy(vit), MemoryTokenConfig(**config), adapter_name=names[0])
+        for name in names[1:]:
+            model.add_adapter(name, MemoryTokenConfig(**config))
+        readouts[kind] = activate(model.to(device, dtype).eval(), names)
     lora = get_peft_model(copy.deepcopy(vit), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     for name in names[1:]:
         lora.add_adapter(name, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
@@ -191,6 +198,7 @@ def frontier(args, batch, device, dtype):
         f"lora mixed batch T={tasks}": lambda: lora(pixel_values=repeated, adapter_names=per_image),
         "lora merged T=1": lambda: merged_lora(pixel_values=pixels),
         **{f"memory k={k} T={tasks}": (lambda model=model: model(pixel_values=pixels)) for k, model in memory.items()},
+        **{f"{kind} T={tasks}": (lambda model=model: model(pixel_values=pixels)) for kind, model in readouts.items()},
     }
     with torch.no_grad():
         ops = {name: sum(count_ops(fn).values()) for name, fn in configs.items()}
@@ -212,6 +220,7 @@ def frontier_lines(args, batch, device, dtype) -> list[str]:
         "lora_forwards": tasks * ratio["lora, one adapter (unmerged)"],
         "lora_mixed_batch": ratio[f"lora mixed batch T={tasks}"],
         "lora_merged_one_task": ratio["lora merged T=1"],
+        **{kind.replace(" ", "_"): ratio[f"{kind} T={tasks}"] for kind in (*READOUT, "readout last 4")},
     }
     if args.frontier_json:  # what benchmarks/frontier.py plots accuracy against
         Path(args.frontier_json).write_text(json.dumps(record, indent=1) + "\n")
@@ -223,6 +232,9 @@ def frontier_lines(args, batch, device, dtype) -> list[str]:
         ),
         (f"LoRA r=8 (q, v), {tasks} forwards", None, tasks),
         (f"LoRA r=8 (q, v), mixed batch of {tasks} adapters", f"lora mixed batch T={tasks}", tasks),
+        ("masked m=5 + readout of every layer, one forward", f"readout T={tasks}", 1 + tasks / 50),
+        ("masked m=5 + readout of the last 4 layers, one forward", f"readout last 4 T={tasks}", 1 + tasks / 50),
+        ("pure probes of every layer (m=0, no row), one forward", f"probe T={tasks}", 1.0),
     ]
     lines = [
         f"### {tasks} tasks from one model, batch {batch}: cost relative to one base forward ({kept} of {total} "

@@ -65,7 +65,7 @@ def write_handler(folder: str | os.PathLike) -> None:
 def _read_adapter(name: str, source: str) -> dict:
     is_local(source)
     with from_hub(source):
-        config, config_path, weights_path = verify_adapter(source)
+        config, config_path, weights_path, _ = verify_adapter(source)
     class_token = [shape for key, shape in weight_shapes(weights_path).items() if key.endswith("memory_class_token")]
     hidden = class_token[0][0] if class_token else None
     return {
@@ -220,7 +220,8 @@ def split_artifact(
     out = {}
     for task in tasks:
         with from_hub(source):
-            files = verify_adapter(source, subfolder=task)[1:]
+            verified = verify_adapter(source, subfolder=task)
+        files = (verified.config_path, verified.weights_path)
 
         def fill(folder: Path, files=files):
             for path in files:

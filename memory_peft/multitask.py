@@ -37,16 +37,26 @@ def load_adapters(
         raise InputError("load_adapters needs at least one adapter {name: path or Hub id}.")
     subfolders = subfolders or {}
     items = [(name, path, subfolders.get(name)) for name, path in adapters.items()]
-    for _, path, subfolder in items:  # every adapter checked before anything is built
+    configs = {}
+    for name, path, subfolder in items:  # every adapter checked once, before anything is built
         is_local(path)  # a path that names nothing: said at once, not as a network error
         with from_hub(path):
-            verify_adapter(path, subfolder)
+            configs[name] = verify_adapter(path, subfolder).checked
     (first_name, first_path, first_subfolder), *rest = items
-    with from_hub(first_path):
+    with from_hub(first_path):  # built from the checked config: peft reads no config again
         model = PeftModel.from_pretrained(
-            base_model, first_path, subfolder=first_subfolder, adapter_name=first_name, is_trainable=is_trainable
+            base_model,
+            first_path,
+            subfolder=first_subfolder,
+            adapter_name=first_name,
+            is_trainable=is_trainable,
+            config=configs[first_name],
         )
     for name, path, subfolder in rest:
-        with from_hub(path):
+        configs[name].inference_mode = not is_trainable  # as peft's load_adapter sets a config it reads itself
+        model.add_adapter(name, configs[name])
+        if is_trainable:  # add_adapter leaves a new adapter frozen
+            model.set_requires_grad(name)
+        with from_hub(path):  # the weights of an adapter already added: peft loads them, reading no config
             model.load_adapter(path, adapter_name=name, subfolder=subfolder, is_trainable=is_trainable)
     return activate(model, [name for name, _, _ in items])

@@ -25,7 +25,7 @@ def describe(source: str) -> dict:
     rows = []
     for task in tasks:
         with from_hub(source):
-            config, config_path, weights = verify_adapter(source, subfolder=task)
+            config, config_path, weights, _ = verify_adapter(source, subfolder=task)
         shapes = weight_shapes(weights)  # the readout's statistics are stored, not trained
         parameters = sum(math.prod(shape) for key, shape in shapes.items() if "memory_readout" not in key)
         rows.append(

@@ -172,3 +172,29 @@ def test_merge_and_unload_points_to_unload():
         model.merge_and_unload()
     plain = model.unload()
     assert type(plain).__name__ == "ViTModel" and "forward" not in plain.__dict__
+
+
+def test_loading_adapters_verifies_each_once_and_builds_from_that_check(tmp_path, monkeypatch):
+    """load_adapters checks every adapter before building (config, header shapes), then builds from the checked
+    config: peft reads no config again, so each adapter's files are verified exactly once per load."""
+    from memory_peft import load_adapters
+    from memory_peft.tuner import config as config_module
+
+    model = get_peft_model(tiny_vit(), MemoryTokenConfig(m=2, num_labels=4, mode="masked"), adapter_name="a")
+    model.add_adapter("b", MemoryTokenConfig(m=3, num_labels=5, mode="masked"))
+    model.save_pretrained(tmp_path)  # into tmp_path / "a" and tmp_path / "b"
+    checks = []
+    real = config_module.verify_weights
+    monkeypatch.setattr(config_module, "verify_weights", lambda path, cfg: checks.append(path) or real(path, cfg))
+    for trainable in (False, True):
+        checks.clear()
+        loaded = load_adapters(tiny_vit(), {"a": tmp_path / "a", "b": tmp_path / "b"}, is_trainable=trainable)
+        assert sorted(p.parent.name for p in checks) == ["a", "b"]  # once each
+        assert [loaded.peft_config[n].inference_mode for n in "ab"] == [not trainable] * 2
+        saved = {k: v for k, v in model.state_dict().items() if "memory" in k}
+        for key, value in loaded.state_dict().items():
+            if key in saved:
+                assert torch.equal(value, saved[key]), key
+        assert len([k for k in loaded.state_dict() if k in saved]) == len(saved)
+        moving = {n for n, p in loaded.named_parameters() if p.requires_grad}
+        assert bool(moving) == trainable and all(".a" in n or ".b" in n for n in moving)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 from peft.config import PeftConfig
 
@@ -322,8 +323,16 @@ class MemoryTokenConfig(PeftConfig):
         return config
 
 
-def verify_adapter(source: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> tuple[dict, Path, Path]:
-    """Check a memory adapter (local folder or Hub id) before loading it: (config dict, config path, weights path)."""
+class VerifiedAdapter(NamedTuple):
+    config: dict  # adapter_config.json as written
+    config_path: Path
+    weights_path: Path
+    checked: MemoryTokenConfig  # the config built from it, its weights checked against it: what a load builds from
+
+
+def verify_adapter(source: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> VerifiedAdapter:
+    """Check a memory adapter (local folder or Hub id) before loading it: its config's keys and types, its weights'
+    names and shapes from the safetensors header."""
     config_path = adapter_file(source, CONFIG_FILE, subfolder, **hub_kwargs)
     config = read_config_file(config_path)
     if config.get("peft_type") != PEFT_TYPE_NAME:
@@ -342,4 +351,4 @@ def verify_adapter(source: str | os.PathLike, subfolder: str | None = None, **hu
         ) from None
     weights_path = adapter_file(source, WEIGHTS_FILE, subfolder, **hub_kwargs)
     verify_weights(weights_path, checked)
-    return config, config_path, weights_path
+    return VerifiedAdapter(config, config_path, weights_path, checked)
