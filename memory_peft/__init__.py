@@ -7,9 +7,6 @@ and never the other way round. Importing the package registers the tuner with pe
 "memory-image-classification" pipeline with transformers.
 """
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
-
 from .multitask import activate, load_adapters
 from .pipelines import register as register_pipeline
 from .settings import SETTINGS, make_setting
@@ -17,6 +14,7 @@ from .tuner import MemoryTokenConfig, MemoryTokenLayer, MemoryTokenModel
 from .tuner import register as register_tuner
 from .tuner.config import MEMORY_TOKENS
 from .tuner.outputs import MultiTaskImageClassifierOutput
+from .version import __version__
 
 
 def register() -> None:
@@ -34,12 +32,9 @@ __all__ = [
     "MemoryTokenModel",
     "MultiTaskImageClassifierOutput",
     "SETTINGS",
+    "__version__",
     "activate",
     "load_adapters",
     "make_setting",
     "register",
 ]
-try:  # one place, pyproject.toml, read from the installed package's metadata
-    __version__ = _version("memory-peft")
-except PackageNotFoundError:  # a checkout on sys.path that was never installed (pip install -e . gives the version)
-    __version__ = "0+unknown"

@@ -29,6 +29,7 @@ from .recipe import UNRECORDED_OPTIMIZER
 from .tuner.config import verify_adapter
 from .tuner.errors import InputError
 from .tuner.storage import CONFIG_FILE, adapter_file, read_config_file, weight_shapes
+from .version import __version__
 
 FORMAT = "memory-peft-multitask"
 INDEX = "memory_tasks.json"
@@ -53,7 +54,6 @@ class EndpointHandler(MemoryEndpointHandler):
 
 def write_handler(folder: str | os.PathLike) -> None:
     """Write ``handler.py`` and ``requirements.txt`` for Inference Endpoints into an artifact or adapter folder."""
-    from . import __version__
 
     folder = Path(folder)
     (folder / HANDLER_FILE).write_text(HANDLER_SOURCE)

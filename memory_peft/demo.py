@@ -25,6 +25,7 @@ from .pipelines import MemoryImageClassificationPipeline
 from .reporting import plot_memory_attention
 from .sources import load_source
 from .tuner.errors import InputError
+from .version import __version__
 
 SPACE_APP = '''"""Gradio Space written by `memory-peft demo --share_ready`: every task of {source} from one forward."""
 
@@ -132,7 +133,6 @@ def write_space(source: str, folder: str | os.PathLike, backbone: str | None = N
     """A self-contained Space folder: app.py (the same app), requirements.txt, README.md with the Space metadata,
     the adapter or artifact itself (a local source is copied in; a Hub id is loaded from the Hub) and the examples."""
     gr = _gradio()
-    from . import __version__
 
     demo = Demo(source, backbone)  # loads now: a source or backbone that does not load fails before writing
     base = backbone or demo.backbone
