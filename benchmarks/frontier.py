@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import mean_and_error  # noqa: E402
-from masked_study import summarise  # noqa: E402
+from masked_study import hyper, summarise  # noqa: E402
 
 # the rows that answer "which setting": each at its better start and optimizer; label, T=10 cost: a number, or the key
 # of the measured figure in serving.py's --frontier_json
@@ -74,35 +74,31 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="docs/images/frontier_cifar10.png")
     args = p.parse_args(argv)
     lines = Path(args.runs).read_text().splitlines()
-    runs = {(r["experiment"], r["lr"], r["seed"]): r for r in map(json.loads, filter(str.strip, lines))}
+    runs = {(r["experiment"], hyper(r), r["seed"]): r for r in map(json.loads, filter(str.strip, lines))}
     summary = summarise(runs)
     measured = measured_costs(args.serving)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    below, left = ("k=2 (memory only)", "k=4", "SGD"), ("k=1", "k=4 (memory only)")
-    for name, (label, cost) in ROWS.items():
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^v<>"
+    for index, (name, (label, cost)) in enumerate(ROWS.items()):
         if name not in summary:
             continue
         tests = summary[name][0]
         mean, error = mean_and_error(tests)
         cost = measured[cost] if isinstance(cost, str) else cost
-        ax.errorbar(cost, 100 * mean, yerr=100 * error if len(tests) > 1 else None, fmt="o", capsize=3)
-        ax.annotate(
-            f"{label} ({len(tests)} seed{'s' if len(tests) > 1 else ''})",
-            (cost, 100 * mean),
-            textcoords="offset points",
-            # k=1 sits beside memory-masked and k=2 memory only, k=4 beside LoRA on the last 4 layers, k=4 memory only
-            # beside LoRA on the last 2, SGD memory under AdamW memory: their labels go below the point (some left)
-            xytext=(-6, -12)
-            if any(k in label for k in left)
-            else (6, -12)
-            if any(k in label for k in below)
-            else (6, 4),
-            ha="right" if any(k in label for k in left) else "left",
-            fontsize=8,
+        ax.errorbar(
+            cost,
+            100 * mean,
+            yerr=100 * error if len(tests) > 1 else None,
+            fmt=markers[index % len(markers)],
+            color=colours[index % len(colours)],
+            capsize=3,
+            label=f"{label}: {100 * mean:.1f} ({len(tests)} seed{'s' if len(tests) > 1 else ''})",
         )
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_xscale("log")
     ax.set_xticks([1, 2, 5, 10], ["1x", "2x", "5x", "10x"])
-    ax.set_xlim(0.8, 30)
+    ax.set_xlim(0.8, 14)
     ax.set_xlabel("cost of serving 10 tasks, relative to one base forward")
     ax.set_ylabel("test accuracy, %")
     ax.set_title(args.title, fontsize=9)
