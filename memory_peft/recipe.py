@@ -106,8 +106,8 @@ def optimizer_steps(
 ) -> Iterator[torch.Tensor]:
     """The training loop: per batch, ``loss_of(model, batch)``, backward, gradients clipped to ``grad_clip`` (0: not
     clipped) when they are synchronised, an optimizer and a scheduler step, under ``accelerator.accumulate``. Yields
-    each batch's loss (detached from nothing: the caller reads it when it logs); ``accelerator.sync_gradients`` then
-    says whether the batch ended an optimizer step. The caller owns epochs, logging, evaluation and checkpoints."""
+    each batch's loss, not detached (read it only to log); ``accelerator.sync_gradients`` then says whether the batch
+    ended an optimizer step. The caller owns epochs, logging, evaluation and checkpoints."""
     trainable, optimizer, scheduler = recipe
     for batch in batches:
         with accelerator.accumulate(model):

@@ -243,9 +243,10 @@ def readout_statistics(model, data, processor, batch_size: int, device) -> None:
 
 
 def make_accelerator(
-    mixed_precision: str = "no", compile: str | None = None, grad_accum: int = 1, output_dir: Path | None = None
+    mixed_precision: str | None = None, compile: str | None = None, grad_accum: int = 1, output_dir: Path | None = None
 ) -> Accelerator:
-    """The Accelerator of a training run and of every benchmark: ``compile`` (a ``torch.compile`` mode) through
+    """The Accelerator of a training run and of every benchmark (``mixed_precision`` None: accelerate's default, as
+    ``Accelerator()``); ``compile`` (a ``torch.compile`` mode) through
     accelerate's dynamo plugin, one graph per forward (``fullgraph``); with ``output_dir``, metrics logged to its
     ``metrics.jsonl`` (the folder checked before, ``check_output_dir``)."""
     # Several processes without CUDA (e.g. `accelerate launch --multi_gpu --num_processes 2` on CPUs): accelerate
